@@ -309,7 +309,8 @@ class DiskImage(io.RawIOBase):
             finally:
                 try:
                     fd, self._fd = self._fd, -1
-                    os.close(fd)
+                    if fd >= 0:  # views over another image (partitions) own no descriptor
+                        os.close(fd)
                 finally:
                     if self.parent is not None:
                         self.parent.close()
