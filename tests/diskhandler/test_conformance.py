@@ -1,0 +1,172 @@
+"""One conformance suite every format passes: the stream contract, writes against a model, children.
+
+Images are created through the public API (``create_image``) for every format and subformat
+diskhandler writes, then checked against an in-memory model and against qemu's own reading of them
+(``qemu-img check`` and ``qemu-img convert``). Format-specific behaviour lives in test_<format>.py.
+"""
+
+from __future__ import annotations
+
+import errno
+import hashlib
+import mmap
+import random
+from pathlib import Path
+from typing import Any
+
+import pytest
+
+from diskhandler import DiskImage, ReadOnlyImageError, create_image, open_image
+from tests.diskhandler.imagetools import compare_with_raw, qemu_check, qemu_flatten
+
+MiB = 1 << 20
+
+# (id, format, qemu's name for it or None when qemu cannot read it, options)
+CASES: list[tuple[str, str, str | None, dict[str, Any]]] = [
+    ("raw", "raw", "raw", {}),
+    ("vdi-dynamic", "vdi", "vdi", {}),
+    ("vdi-fixed", "vdi", "vdi", {"subformat": "fixed"}),
+    ("vdi-qemu-header", "vdi", "vdi", {"header": "qemu"}),
+    ("vhd-dynamic", "vhd", "vpc", {}),
+    ("vhd-fixed", "vhd", "vpc", {"subformat": "fixed"}),
+    ("vmdk-monolithicSparse", "vmdk", "vmdk", {}),
+    ("vmdk-twoGbMaxExtentSparse", "vmdk", "vmdk", {"subformat": "twoGbMaxExtentSparse"}),
+    ("vmdk-monolithicFlat", "vmdk", "vmdk", {"subformat": "monolithicFlat"}),
+    ("vmdk-twoGbMaxExtentFlat", "vmdk", "vmdk", {"subformat": "twoGbMaxExtentFlat"}),
+    ("qcow2-v3", "qcow2", "qcow2", {}),
+    ("qcow2-v2", "qcow2", "qcow2", {"version": 2}),
+    ("qcow2-4k-clusters", "qcow2", "qcow2", {"cluster_size": 4096}),
+]
+CHECKABLE = {"vdi", "vmdk", "qcow2"}  # formats `qemu-img check` knows
+SIZE = 20 * MiB
+
+case_params = [pytest.param(fmt, qfmt, opts, id=cid) for cid, fmt, qfmt, opts in CASES]
+child_formats = ["vdi", "vhd", "vmdk", "qcow2"]
+
+
+def _new(tmp_path: Path, fmt: str, opts: dict[str, Any], size: int = SIZE, name: str = "disk") -> DiskImage:
+    return create_image(tmp_path / f"{name}.{fmt}", size, fmt, **opts)
+
+
+def _random_writes(image: DiskImage, model: bytearray, rng: random.Random, count: int) -> None:
+    for _ in range(count):
+        length = rng.choice([1, 511, 512, 4096, 65537, rng.randrange(1, 3 * MiB)])
+        offset = rng.randrange(0, len(model) - length)
+        data = rng.randbytes(length)
+        image.seek(offset)
+        assert image.write(data) == length
+        model[offset : offset + length] = data
+
+
+@pytest.mark.parametrize(("fmt", "qfmt", "opts"), case_params)
+def test_new_image_reads_as_zeros(tmp_path: Path, fmt: str, qfmt: str | None, opts: dict[str, Any]) -> None:
+    with _new(tmp_path, fmt, opts) as image:
+        assert image.format == fmt
+        assert image.size == SIZE
+        assert image.writable()
+        assert image.read_at(SIZE - 4096, 8192) == bytes(4096)
+    with open_image(tmp_path / f"disk.{fmt}") as image:
+        assert image.format == fmt
+        assert image.size == SIZE
+        assert not image.writable()
+        assert image.read() == bytes(SIZE)
+
+
+@pytest.mark.parametrize(("fmt", "qfmt", "opts"), case_params)
+def test_random_writes_match_model_and_qemu(
+    tmp_path: Path, fmt: str, qfmt: str | None, opts: dict[str, Any]
+) -> None:
+    rng = random.Random(f"conformance-{fmt}-{sorted(opts.items())}")
+    model = bytearray(SIZE)
+    with _new(tmp_path, fmt, opts) as image:
+        _random_writes(image, model, rng, 40)
+        image.seek(0)
+        assert image.read() == model, "read-after-write in the same session differs"
+    path = tmp_path / f"disk.{fmt}"
+    with open_image(path, writable=True) as image:  # a second session appends to the first
+        _random_writes(image, model, rng, 10)
+    with open_image(path) as image:
+        assert hashlib.sha256(image.read()).digest() == hashlib.sha256(model).digest()
+    if qfmt is not None:
+        if fmt in CHECKABLE:
+            qemu_check(path, qfmt)
+        flat = qemu_flatten(path, qfmt, tmp_path / "flat.raw")
+        assert flat.read_bytes() == model, "qemu reads the image differently"
+        compare_with_raw(path, flat)
+
+
+@pytest.mark.parametrize(("fmt", "qfmt", "opts"), case_params)
+def test_stream_contract(tmp_path: Path, fmt: str, qfmt: str | None, opts: dict[str, Any]) -> None:
+    image = _new(tmp_path, fmt, opts)
+    assert image.seekable()
+    assert image.readable()
+    assert image.seek(0, 2) == SIZE
+    assert image.read(10) == b""  # at the end: nothing, like a file
+    assert image.seek(-3, 1) == SIZE - 3
+    assert image.write(b"xyz") == 3
+    assert image.tell() == SIZE
+    with pytest.raises(OSError, match="past the end") as excinfo:
+        image.write(b"!")  # a disk does not grow
+    assert excinfo.value.errno == errno.ENOSPC
+    image.seek(SIZE - 5)
+    assert image.read(100) == b"\0\0xyz"  # a short read at the end
+    with pytest.raises(ValueError, match="negative"):
+        image.seek(-1)
+    buf = mmap.mmap(-1, MiB)  # page-aligned buffers, as fast readers use
+    image.seek(SIZE - MiB)
+    assert image.readinto(buf) == MiB
+    assert buf[-3:] == b"xyz"
+    assert image.chain == (tmp_path / f"disk.{fmt}",)
+    assert fmt in repr(image)
+    image.close()
+    image.close()  # closing twice is harmless
+    assert image.closed
+    with pytest.raises(ValueError, match="closed"):
+        image.read(1)
+
+    with open_image(tmp_path / f"disk.{fmt}") as ro:
+        assert ro.read_at(SIZE - 3, 3) == b"xyz"
+        with pytest.raises(ReadOnlyImageError):
+            ro.write_at(0, b"no")
+        with pytest.raises(OSError, match="read-only"):  # an io.UnsupportedOperation, so an OSError
+            ro.write(b"no")
+    assert ro.closed
+
+
+@pytest.mark.parametrize("fmt", child_formats)
+def test_child_reads_through_and_leaves_parent_untouched(tmp_path: Path, fmt: str) -> None:
+    rng = random.Random(f"child-{fmt}")
+    model = bytearray(SIZE)
+    base_path = tmp_path / f"base.{fmt}"
+    with create_image(base_path, SIZE) as base:
+        _random_writes(base, model, rng, 15)
+    base_digest = hashlib.sha256(base_path.read_bytes()).hexdigest()
+
+    child_path = tmp_path / f"child.{fmt}"
+    with create_image(child_path, parent=base_path) as child:
+        assert child.size == SIZE
+        assert child.chain == (child_path, base_path)
+        assert child.read() == model  # an empty child reads as its parent
+        _random_writes(child, model, rng, 15)
+
+    grandchild_path = tmp_path / f"grandchild.{fmt}"
+    with create_image(grandchild_path, parent=child_path) as grandchild:
+        _random_writes(grandchild, model, rng, 10)
+
+    with open_image(grandchild_path) as image:
+        assert image.chain == (grandchild_path, child_path, base_path)
+        assert image.parent is not None
+        assert not image.parent.writable()
+        assert image.read() == model
+    assert hashlib.sha256(base_path.read_bytes()).hexdigest() == base_digest
+
+
+@pytest.mark.parametrize(("fmt", "qfmt", "opts"), case_params)
+def test_create_refuses_to_overwrite(
+    tmp_path: Path, fmt: str, qfmt: str | None, opts: dict[str, Any]
+) -> None:
+    path = tmp_path / f"disk.{fmt}"
+    path.write_bytes(b"precious")
+    with pytest.raises(FileExistsError):
+        create_image(path, SIZE, fmt, **opts)
+    assert path.read_bytes() == b"precious"
