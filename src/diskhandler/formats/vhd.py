@@ -307,7 +307,6 @@ class VHDImage(DiskImage):
         header: VHDDynamicHeader | None,
         bat: array[int] | None,
         next_block: int,
-        file_end: int,
         parent: DiskImage | None = None,
     ) -> None:
         super().__init__(path, fd, size=size, writable=writable, parent=parent)
@@ -317,7 +316,6 @@ class VHDImage(DiskImage):
         self._bat = bat
         self._footer_bytes = _sealed_footer(footer) if writable else b""
         self._next_block = next_block
-        self._file_end = file_end
         self._differencing = footer.disk_type == DISK_DIFFERENCING
         if header is not None:
             self.block_size = header.block_size
@@ -379,7 +377,7 @@ class VHDImage(DiskImage):
 
         header: VHDDynamicHeader | None = None
         bat: array[int] | None = None
-        next_block = file_end = 0
+        next_block = 0
         if footer.disk_type == DISK_FIXED:
             data_end = file_size - trailing_len
             if size > data_end:
@@ -403,7 +401,6 @@ class VHDImage(DiskImage):
             if vhd_checksum(raw_header, _HEADER_CHECKSUM_AT) != header.checksum:
                 stale.append("dynamic disk header")
             bat, next_block = cls._read_bat(fd, path, footer, header, size, file_size, trailing_len)
-            file_end = file_size
 
         if stale:
             what = (
@@ -439,7 +436,6 @@ class VHDImage(DiskImage):
                 header=header,
                 bat=bat,
                 next_block=next_block,
-                file_end=file_end,
                 parent=parent,
             )
         except BaseException:
@@ -766,10 +762,7 @@ class VHDImage(DiskImage):
         new_end = data_at + self.block_size
         # 1. the footer at the new end: from here on the file always ends in a footer
         pwrite_all(fd, self._footer_bytes, new_end)
-        # 2. whatever was in the block's place before (a crashed writer's leftovers) reads as zeros
-        if self._file_end > data_at:
-            zero_fill_file(fd, data_at, min(self._file_end, new_end) - data_at)
-        # 3. data, then the bitmap: dynamic disks mark every sector used (unwritten ones are zeros),
+        # 2. data, then the bitmap: dynamic disks mark every sector used (unwritten ones are zeros),
         #    differencing disks only the sectors written, so the rest still reads from the parent
         pwrite_all(fd, chunk, data_at + within)
         bitmap = bytearray(self._bitmap_size)
@@ -778,23 +771,12 @@ class VHDImage(DiskImage):
         else:
             bitmap[:] = b"\xff" * self._bitmap_size
         pwrite_all(fd, bitmap, block_at)
-        # 4. the BAT entry last: only now does the block exist
+        # 3. the BAT entry last: only now does the block exist
         pwrite_all(fd, (block_at // SECTOR).to_bytes(4, "big"), self._bat_offset + 4 * index)
         self._bat[index] = block_at // SECTOR
         self._next_block = new_end
-        self._file_end = max(self._file_end, new_end + FOOTER_SIZE)
         self._bitmaps[index] = bitmap
         self._runs.pop(index, None)
-
-
-def zero_fill_file(fd: int, offset: int, length: int) -> None:
-    """Write ``length`` zero bytes at ``offset``."""
-    chunk = bytes(min(length, 1 << 20))
-    done = 0
-    while done < length:
-        n = min(len(chunk), length - done)
-        pwrite_all(fd, memoryview(chunk)[:n], offset + done)
-        done += n
 
 
 def _set_bits(bitmap: bytearray, first: int, last: int) -> tuple[int, int]:
