@@ -20,6 +20,7 @@ import sys
 import tempfile
 import time
 from collections.abc import Callable
+from functools import partial
 from pathlib import Path
 
 from diskhandler import create_image, open_image
@@ -63,6 +64,11 @@ def _write_all(raw: Path, dest: Path, size: int, subformat: str) -> None:
     view.release()
 
 
+def _qemu_write(raw: Path, dest: Path, opts: str) -> None:
+    dest.unlink(missing_ok=True)
+    _run("qemu-img", "convert", "-f", "raw", "-O", "vpc", "-o", opts, raw, dest)
+
+
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--size-mib", type=int, default=512)
@@ -87,33 +93,18 @@ def main(argv: list[str] | None = None) -> int:
             opts = f"subformat={subformat},force_size=on"
             _run("qemu-img", "convert", "-f", "raw", "-O", "vpc", "-o", opts, raw, img)
             _warm(img)
-            ours = _best(args.repeat, lambda img=img: _read_all(img))
+            ours = _best(args.repeat, partial(_read_all, img))
             qemu_read = ["qemu-img", "convert", "-n", "-f", "vpc", str(img), "--target-image-opts"]
             qemu_read.append(f"driver=null-co,size={size}")
-            theirs = _best(args.repeat, lambda cmd=qemu_read: _run(*cmd))
+            theirs = _best(args.repeat, partial(_run, *qemu_read))
             print(f"{'read ' + subformat:<28}{mb / ours:>18.0f}{mb / theirs:>16.0f}{theirs / ours:>8.2f}")
 
             _warm(raw)
             out = work / f"out-{subformat}.vhd"
-            ours = _best(args.repeat, lambda s=subformat, o=out: _write_all(raw, o, size, s))
+            ours = _best(args.repeat, partial(_write_all, raw, out, size, subformat))
             qout = work / f"qemu-{subformat}.vhd"
 
-            def qemu_write(s: str = subformat, q: Path = qout) -> None:
-                q.unlink(missing_ok=True)
-                _run(
-                    "qemu-img",
-                    "convert",
-                    "-f",
-                    "raw",
-                    "-O",
-                    "vpc",
-                    "-o",
-                    f"subformat={s},force_size=on",
-                    raw,
-                    q,
-                )
-
-            theirs = _best(args.repeat, qemu_write)
+            theirs = _best(args.repeat, partial(_qemu_write, raw, qout, opts))
             print(f"{'write ' + subformat:<28}{mb / ours:>18.0f}{mb / theirs:>16.0f}{theirs / ours:>8.2f}")
             for p in (out, qout, img):
                 p.unlink(missing_ok=True)
@@ -126,7 +117,7 @@ def main(argv: list[str] | None = None) -> int:
             for off in range(0, size, 4 * MiB):  # every other 2 MiB block gets one sector of its own
                 image.write_at(off + 4096, b"\xff" * 512)
         _warm(base)
-        ours = _best(args.repeat, lambda: _read_all(child))
+        ours = _best(args.repeat, partial(_read_all, child))
         print(f"{'read differencing chain':<28}{mb / ours:>18.0f}{'-':>16}{'-':>8}")
     finally:
         shutil.rmtree(work, ignore_errors=True)
