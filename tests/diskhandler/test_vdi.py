@@ -228,9 +228,9 @@ def test_disk_size_not_a_multiple_of_512(tmp_path: Path) -> None:
 # -- differencing chains ----------------------------------------------------------------------------
 
 
-def _vm_with_snapshots(tmp_path: Path, rng: random.Random, size: int) -> tuple[list[Path], bytearray]:
+def _vm_with_snapshots(tmp_path: Path, rng: random.Random, size: int) -> tuple[list[Path], list[bytearray]]:
     """A VirtualBox-style machine folder: VM/base.vdi, VM/Snapshots/{uuid}.vdi twice; returns the
-    files base first and the model of what the leaf shows."""
+    files base first and a model of what each level shows."""
     vm = tmp_path / "VM"
     (vm / "Snapshots").mkdir(parents=True)
     model = bytearray(size)
@@ -239,6 +239,7 @@ def _vm_with_snapshots(tmp_path: Path, rng: random.Random, size: int) -> tuple[l
         assert isinstance(image, VDIImage)
         random_writes(image, model, rng, 25, MiB)
     files = [base]
+    models = [bytearray(model)]
     for _ in range(2):
         tmp = vm / "Snapshots" / "new.vdi"
         with create_image(tmp, parent=files[-1]) as child:
@@ -248,14 +249,20 @@ def _vm_with_snapshots(tmp_path: Path, rng: random.Random, size: int) -> tuple[l
             name = f"{{{child.uuid}}}.vdi"
         final = tmp.rename(tmp.with_name(name))
         files.append(final)
-    return files, model
+        models.append(bytearray(model))
+    return files, models
 
 
 def test_virtualbox_style_chain_three_levels(tmp_path: Path) -> None:
     rng = random.Random("chain")
     size = 20 * MiB
-    files, model = _vm_with_snapshots(tmp_path, rng, size)
+    files, models = _vm_with_snapshots(tmp_path, rng, size)
     base, diff1, diff2 = files
+    model = models[-1]
+    for level, (path, expect) in enumerate(zip(files, models, strict=True)):
+        with open_image(path) as image:
+            assert len(image.chain) == level + 1
+            assert image.read() == expect, f"level {level} reads wrong"
     for child, parent in ((diff1, base), (diff2, diff1)):
         assert u32(child, 0x48) == 400
         assert u32(child, OFF_TYPE) == 4
@@ -267,7 +274,6 @@ def test_virtualbox_style_chain_three_levels(tmp_path: Path) -> None:
     with open_image(diff2) as image:
         assert image.chain == (diff2, diff1, base)
         assert image.read() == model
-    # each level flattened on its own also matches what was written through it
     with open_image(diff2, writable=True) as leaf:
         modify_before = raw16(diff2, OFF_UUID_MODIFY)
         random_writes(leaf, model, rng, 30, MiB)
@@ -302,8 +308,6 @@ def test_diff_zero_and_free_blocks(tmp_path: Path) -> None:
     with open_image(child) as image:
         assert image.read() == expect
     # a zero block in a base image stays unallocated
-    with open_image(base, writable=True) as image:
-        pass
     other = tmp_path / "other.vdi"
     with create_image(other, 2 * MiB) as image:
         image.write_at(0, bytes(MiB))
@@ -771,3 +775,37 @@ def test_readers_of_a_fully_written_image_agree(tmp_path: Path) -> None:
     assert hashlib.sha256(qemu_flatten(path, "vdi", tmp_path / "f.raw").read_bytes()).digest() == (
         hashlib.sha256(model).digest()
     )
+
+
+def test_registry_may_name_a_base_of_another_format(tmp_path: Path) -> None:
+    """VirtualBox snapshots of a VHD (or VMDK) disk are VDI diffs; only the registry says where the
+    base is and what format it has."""
+    vhd = tmp_path / "base.vhd"
+    with create_image(vhd, 2 * MiB) as image:
+        image.write_at(0, b"\x71" * (2 * MiB))
+    scratch_parent, child = tmp_path / "scratch.vdi", tmp_path / "child.vdi"
+    create_image(scratch_parent, 2 * MiB).close()
+    create_image(child, parent=scratch_parent).close()
+    scratch_parent.unlink()
+    vhd_uuid = uuid.uuid4()
+    patch(child, OFF_UUID_LINKAGE, vhd_uuid.bytes_le)
+    media = f"""<HardDisk uuid="{{{vhd_uuid}}}" location="base.vhd" format="VHD">
+          <HardDisk uuid="{{{uuid.uuid4()}}}" location="child.vdi" format="VDI"/></HardDisk>"""
+    (tmp_path / "vm.vbox").write_text(_vbox_xml(media, ""))
+    with open_image(child, writable=True) as image:
+        image.write_at(MiB, b"\x72" * 10)  # the rest of the new block comes from the VHD
+    with open_image(child) as image:
+        assert image.chain == (child, vhd)
+        assert image.parent is not None
+        assert image.parent.format == "vhd"
+        assert image.read_at(MiB - 1, 12) == b"\x71" + b"\x72" * 10 + b"\x71"
+
+
+def test_machine_state_file(tmp_path: Path) -> None:
+    from diskhandler.formats._vbox import machine_state_file
+
+    vbox = tmp_path / "vm.vbox"
+    vbox.write_text(_vbox_xml("", ""))
+    assert machine_state_file(vbox) is None
+    vbox.write_text(_vbox_xml("", "").replace('name="vm"', 'name="vm" stateFile="Snapshots/x.sav"'))
+    assert machine_state_file(vbox) == tmp_path / "Snapshots" / "x.sav"

@@ -26,6 +26,7 @@ from diskhandler.errors import ImageFormatError, ImageWarning
 __all__ = [
     "VBoxMedium",
     "current_disks",
+    "machine_state_file",
     "media_near",
     "read_media_registry",
     "registries_near",
@@ -168,6 +169,21 @@ def current_disks(vbox_path: str | os.PathLike[str]) -> list[Path]:
                                 )
                             disks.append(medium.location)
     return disks
+
+
+def machine_state_file(vbox_path: str | os.PathLike[str]) -> Path | None:
+    """The saved-state file (``.sav``) of a machine that was saved rather than shut down, else ``None``.
+
+    While a machine has a saved state its disks must not change: the saved RAM holds the guest's view
+    of them (caches, filesystem state), and resuming over modified disks corrupts them.
+    """
+    vbox = Path(vbox_path)
+    root = _load(vbox)
+    for machine in _children(root, "Machine"):
+        state = machine.get("stateFile")
+        if state:
+            return _location(state, vbox, "Machine stateFile")
+    return None
 
 
 def _int(text: str | None) -> int:
