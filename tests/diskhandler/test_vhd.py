@@ -8,6 +8,7 @@ real images, against a small independent parser of the BAT and bitmaps written o
 from __future__ import annotations
 
 import hashlib
+import itertools
 import random
 import shutil
 import struct
@@ -31,7 +32,7 @@ from diskhandler import (
     detect_format,
     open_image,
 )
-from diskhandler.formats.vhd import VHDImage, vhd_checksum
+from diskhandler.formats.vhd import VHDImage, _bitmap_runs, vhd_checksum
 from tests.diskhandler.imagetools import (
     REAL_IMAGES,
     assert_reads_like_qemu,
@@ -645,3 +646,31 @@ def test_unique_id_is_a_uuid(tmp_path: Path) -> None:
     ua, ub = uuid.UUID(bytes=_footer(a)[68:84]), uuid.UUID(bytes=_footer(b)[68:84])
     assert ua != ub
     assert ua.version == 4
+
+
+def test_writing_a_block_another_tool_allocated_sets_its_bitmap_bits(tmp_path: Path) -> None:
+    path = tmp_path / "d.vhd"
+    with create_image(path, 4 * MiB) as image:
+        image.write_at(0, b"a" * 512)
+    data = path.read_bytes()
+    bitmap_at = struct.unpack_from(">I", data, 1536)[0] * 512
+    _patch(path, bitmap_at, bytes(512))  # as Windows leaves it: no sector marked used yet
+    with open_image(path, writable=True) as image:
+        image.write_at(512 * 17 + 3, b"b" * 10)
+    bitmap = path.read_bytes()[bitmap_at : bitmap_at + 512]
+    assert bitmap[2] == 0x40  # sector 17, MSB first
+    assert bitmap.count(0) == 511
+
+
+@settings(deadline=None, max_examples=200)
+@given(bitmap=st.binary(min_size=4, max_size=4), sectors=st.integers(min_value=1, max_value=32))
+def test_bitmap_runs_match_the_bits(bitmap: bytes, sectors: int) -> None:
+    runs = _bitmap_runs(bitmap, sectors)
+    bits = [bool(bitmap[s // 8] & (0x80 >> (s % 8))) for s in range(sectors)]
+    assert runs[0][0] == 0
+    assert runs[-1][1] == sectors
+    for (_, end, before), (start, _, after) in itertools.pairwise(runs):
+        assert end == start
+        assert before != after
+    for first, last, present in runs:
+        assert bits[first:last] == [present] * (last - first)

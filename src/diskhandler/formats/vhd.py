@@ -780,17 +780,19 @@ class VHDImage(DiskImage):
 
 
 def _set_bits(bitmap: bytearray, first: int, last: int) -> tuple[int, int]:
-    """Set the bits of sectors ``first..last-1`` (MSB first); the byte range that changed."""
-    lo = hi = -1
-    for s in range(first, last):
-        byte = s >> 3
-        bit = 0x80 >> (s & 7)
-        if not bitmap[byte] & bit:
-            bitmap[byte] |= bit
-            if lo < 0:
-                lo = byte
-            hi = byte + 1
-    if lo < 0:
+    """Set the bits of sectors ``first..last-1`` (MSB first); the byte range that changed, or (0, 0)."""
+    lo = first >> 3
+    hi = (last + 7) >> 3
+    before = bytes(bitmap[lo:hi])
+    head_mask = 0xFF >> (first & 7)
+    tail_mask = (0xFF << (8 - (last & 7))) & 0xFF if last & 7 else 0xFF
+    if hi - lo == 1:
+        bitmap[lo] |= head_mask & tail_mask
+    else:
+        bitmap[lo] |= head_mask
+        bitmap[lo + 1 : hi - 1] = b"\xff" * (hi - lo - 2)
+        bitmap[hi - 1] |= tail_mask
+    if bitmap[lo:hi] == before:
         return 0, 0
     return lo, hi
 
