@@ -595,6 +595,16 @@ def test_crash_between_map_and_header_leaks_but_never_overwrites(tmp_path: Path)
         assert image.read_at(MiB, 10) == b"\x02" * 10
         assert image.read_at(2 * MiB, 10) == b"\x03" * 10
     assert block_map(path)[:3] == [0, 1, 2]
+    # a leaked slot (data written, map entry never) is reused once the slots run out
+    patch(path, u32(path, OFF_BLOCKS) + 4, struct.pack("<I", BLOCK_FREE))
+    with open_image(path, writable=True) as image:
+        image.write_at(3 * MiB + 1, b"\x04")
+        image.write_at(MiB + 1, b"\x05")
+    assert block_map(path) == [0, 1, 2, 3]  # block 3 takes the next slot, block 1 the leaked one
+    with open_image(path) as image:
+        assert image.read_at(MiB, 3) == b"\0\x05\0"
+        assert image.read_at(3 * MiB, 3) == b"\0\x04\0"
+    qemu_check(path, "vdi")
 
 
 # -- legacy and damaged images ------------------------------------------------------------------------

@@ -613,9 +613,7 @@ class VDIImage(DiskImage):
             return  # FREE in a base image and ZERO both read as zeros already
         slot = self._next_slot
         if slot >= self.header.blocks:
-            raise ImageFormatError(
-                self.path, "cBlocksAllocated", f"no free block slot left ({slot} of {self.header.blocks})"
-            )
+            slot = self._reusable_slot()
         start = self.header.off_data + slot * self._stride
         extra = self.header.block_extra
         if whole:
@@ -632,9 +630,23 @@ class VDIImage(DiskImage):
             view[extra + within : extra + within + len(chunk)] = chunk
             pwrite_all(self._fd, block, start)
         # data first, then the map entry, then the header: a crash leaves at worst a leaked block
-        self._next_slot = slot + 1
+        self._next_slot = max(self._next_slot, slot + 1)
         self._set_entry(index, slot)
         pwrite_all(self._fd, struct.pack("<I", self._next_slot), _OFF_BLOCKS_ALLOCATED)
+
+    def _reusable_slot(self) -> int:
+        """A slot no map entry references (left by an interrupted allocation), once the slots
+        after the last one in use have run out."""
+        used = bytearray(self.header.blocks)
+        for entry in self._map:
+            if entry < BLOCK_ZERO:
+                used[entry] = 1
+        slot = used.find(0)
+        if slot < 0:
+            raise ImageFormatError(
+                self.path, "cBlocksAllocated", f"all {self.header.blocks} block slots are in use"
+            )
+        return slot
 
     def _set_entry(self, index: int, value: int) -> None:
         self._map[index] = value
