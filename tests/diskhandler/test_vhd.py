@@ -674,3 +674,85 @@ def test_bitmap_runs_match_the_bits(bitmap: bytes, sectors: int) -> None:
         assert before != after
     for first, last, present in runs:
         assert bits[first:last] == [present] * (last - first)
+
+
+def _windows_style_child(parent: Path, child: Path, parent_windows_path: str) -> None:
+    """A differencing child laid out as Windows 10 writes one (dfvfs's fat-differential.vhd): BAT at
+    0x2000, block data 4 KiB-aligned, locators with their space in bytes, full path in the name field."""
+    pfoot = _footer(parent)
+    size = struct.unpack_from(">Q", pfoot, 48)[0]
+    block = 2 * MiB
+    entries = -(-size // block)
+    w2ku = parent_windows_path.encode("utf-16-le")
+    w2ru = (".\\" + parent_windows_path.rsplit("\\", 1)[-1]).encode("utf-16-le")
+    out = bytearray(0x2000 + _round(entries * 4, 4096))
+    out[0x2000 : 0x2000 + entries * 4] = b"\xff" * (entries * 4)
+    w2ku_at = len(out)
+    out += w2ku + bytes(4096 - len(w2ku))
+    w2ru_at = len(out)
+    out += w2ru + bytes(65536 - len(w2ru))
+    out += bytes(4096 - 512)  # the first block's bitmap ends on a 4 KiB boundary
+    bitmap_at = len(out)
+    bitmap = bytearray(512)
+    bitmap[0] = 0b0010_0000  # sector 2 only
+    out += bitmap + bytes(block)
+    out[bitmap_at + 512 + 1024 : bitmap_at + 512 + 1536] = b"W" * 512
+    struct.pack_into(">I", out, 0x2000, bitmap_at // 512)
+    foot = bytearray(pfoot)
+    foot[28:32] = b"win "
+    struct.pack_into(">I", foot, 60, 4)
+    foot[68:84] = uuid.uuid4().bytes
+    struct.pack_into(">I", foot, 64, vhd_checksum(foot, 64))
+    hdr = bytearray(1024)
+    struct.pack_into(">8sQQIII", hdr, 0, b"cxsparse", 2**64 - 1, 0x2000, 0x10000, entries, block)
+    hdr[40:56] = pfoot[68:84]
+    name = parent_windows_path.encode("utf-16-be")
+    hdr[64 : 64 + len(name)] = name
+    struct.pack_into(">4sIIIQ", hdr, 576, b"W2ku", 4096, len(w2ku), 0, w2ku_at)
+    struct.pack_into(">4sIIIQ", hdr, 600, b"W2ru", 65536, len(w2ru), 0, w2ru_at)
+    struct.pack_into(">I", hdr, 36, vhd_checksum(hdr, 36))
+    out[0:512] = foot
+    out[512:1536] = hdr
+    out += foot
+    child.write_bytes(bytes(out))
+
+
+def _round(value: int, to: int) -> int:
+    return -(-value // to) * to
+
+
+def test_windows_made_differencing_layout(tmp_path: Path) -> None:
+    parent = tmp_path / "fat-parent.vhd"
+    with create_image(parent, 4 * MiB) as image:
+        image.write_at(0, b"P" * 4096)
+    child = tmp_path / "fat-differential.vhd"
+    _windows_style_child(parent, child, "C:\\Users\\someone\\Desktop\\fat-parent.vhd")
+    expect = bytearray(b"P" * 4096 + bytes(4 * MiB - 4096))
+    expect[1024:1536] = b"W" * 512
+    with open_image(child) as image:
+        assert image.chain == (child, parent)
+        assert image.read() == expect
+    assert _flatten_chain([child, parent], 4 * MiB) == expect
+    # writing: a one-byte write completes its sector from the parent, a new block goes after the last
+    with open_image(child, writable=True) as image:
+        image.write_at(5, b"!")
+        image.write_at(3 * MiB, b"N" * 600)
+    expect[5] = ord("!")
+    expect[3 * MiB : 3 * MiB + 600] = b"N" * 600
+    with open_image(child) as image:
+        assert image.read() == expect
+    assert _flatten_chain([child, parent], 4 * MiB) == expect
+    data = child.read_bytes()
+    assert data[:512] == data[-512:]
+
+
+def test_qemu_reads_the_sectors_a_child_holds(tmp_path: Path) -> None:
+    """qemu ignores a differencing VHD's parent, but it must still parse our child's own blocks."""
+    base = tmp_path / "base.vhd"
+    with create_image(base, 8 * MiB) as image:
+        image.write_at(0, b"\x11" * 8 * MiB)
+    child = tmp_path / "child.vhd"
+    with create_image(child, parent=base) as image:
+        image.write_at(4096, b"\x22" * 8192)
+        image.write_at(5 * MiB, b"\x33" * 512)
+    qemu_io(child, "vpc", ["read -P 0x22 4096 8192", f"read -P 0x33 {5 * MiB} 512"])
