@@ -295,15 +295,15 @@ def test_diff_zero_and_free_blocks(tmp_path: Path) -> None:
         image.write_at(MiB, bytes(MiB))  # whole block of zeros: ZERO entry, no allocation
         image.write_at(2 * MiB + 10, b"\x22" * 10)  # partial write into FREE: rest from the parent
         image.write_at(MiB + 5, b"\x33")  # partial write into ZERO: rest is zeros, not the parent
+        image.write_at(3 * MiB + 7, bytes(100))  # zeros into FREE over the parent: allocates
+        image.write_at(MiB + 9, bytes(10))  # zeros into an allocated block: in place
     entries = block_map(child)
-    assert entries[0] == BLOCK_FREE
-    assert entries[3] == BLOCK_FREE
-    assert entries[1] == 1  # allocated second (after block 2)
-    assert entries[2] == 0
-    assert u32(child, OFF_ALLOCATED) == 2
+    assert entries == [BLOCK_FREE, 1, 0, 2]  # block 2 was allocated first, then 1, then 3
+    assert u32(child, OFF_ALLOCATED) == 3
     expect = bytearray(b"\x11" * (4 * MiB))
     expect[MiB : 2 * MiB] = bytes(MiB)
     expect[MiB + 5] = 0x33
+    expect[3 * MiB + 7 : 3 * MiB + 107] = bytes(100)
     expect[2 * MiB + 10 : 2 * MiB + 20] = b"\x22" * 10
     with open_image(child) as image:
         assert image.read() == expect
@@ -311,6 +311,7 @@ def test_diff_zero_and_free_blocks(tmp_path: Path) -> None:
     other = tmp_path / "other.vdi"
     with create_image(other, 2 * MiB) as image:
         image.write_at(0, bytes(MiB))
+        image.write_at(MiB + 3, bytes(1000))  # partial zeros: nothing to store either
     assert block_map(other) == [BLOCK_FREE, BLOCK_FREE]
     # and a ZERO entry written by someone else reads as zeros in a base image
     patch(other, u32(other, OFF_BLOCKS), struct.pack("<I", BLOCK_ZERO))
@@ -564,8 +565,9 @@ def test_create_options(tmp_path: Path) -> None:
         create_image(tmp_path / "a.vdi", MiB, subformat="sparse")
     with pytest.raises(ValueError, match="header"):
         create_image(tmp_path / "a.vdi", MiB, header="vmware")
-    with pytest.raises(ValueError, match="block_extra"):
-        create_image(tmp_path / "a.vdi", MiB, block_extra=100)
+    for extra in (100, 1536, -512):
+        with pytest.raises(ValueError, match="block_extra"):
+            create_image(tmp_path / "a.vdi", MiB, block_extra=extra)
     with pytest.raises(TypeError, match="unknown VDI option"):
         create_image(tmp_path / "a.vdi", MiB, cluster_size=4096)
     assert not (tmp_path / "a.vdi").exists()

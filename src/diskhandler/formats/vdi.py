@@ -429,8 +429,8 @@ class VDIImage(DiskImage):
                 qemu opens only 1 MiB).
             header: ``"virtualbox"`` (default: 400-byte header, 1 MiB-aligned map and data, as
                 VirtualBox writes) or ``"qemu"`` (384-byte header, 512-byte alignment, as qemu writes).
-            block_extra: bytes of private prefix before each block (``cbBlockExtra``, default 0;
-                qemu ignores it and misreads such images).
+            block_extra: bytes of private prefix before each block (``cbBlockExtra``: 0, the
+                default, or a power of two from 512; qemu ignores it and misreads such images).
             comment: the header's comment (UTF-8, at most 255 bytes).
 
         With ``parent`` (a VDI), a differencing image (type 4) linked to it by UUID.
@@ -452,8 +452,14 @@ class VDIImage(DiskImage):
             or block_size & (block_size - 1)
         ):
             raise ValueError(f"block_size must be a power of two from 512 to 64 MiB, not {block_size!r}")
-        if not isinstance(block_extra, int) or not 0 <= block_extra <= MAX_BLOCK_EXTRA or block_extra % 512:
-            raise ValueError(f"block_extra must be a multiple of 512 up to 64 MiB, not {block_extra!r}")
+        if (
+            not isinstance(block_extra, int)
+            or not 0 <= block_extra <= MAX_BLOCK_EXTRA
+            or (block_extra and (block_extra < 512 or block_extra & (block_extra - 1)))
+        ):  # VirtualBox refuses a cbBlockExtra that is not a power of two
+            raise ValueError(
+                f"block_extra must be 0 or a power of two from 512 to 64 MiB, not {block_extra!r}"
+            )
         if len(comment) > 255:
             raise ValueError("the VDI comment holds at most 255 bytes of UTF-8")
 
@@ -607,7 +613,7 @@ class VDIImage(DiskImage):
         bs = self._mask + 1
         from_parent = entry == BLOCK_FREE and self.parent is not None
         whole = within == 0 and len(chunk) == bs
-        if whole and _is_zero(chunk):
+        if (whole or not from_parent) and _is_zero(chunk):
             if from_parent:  # a FREE block would show the parent: mark it ZERO instead
                 self._set_entry(index, BLOCK_ZERO)
             return  # FREE in a base image and ZERO both read as zeros already
