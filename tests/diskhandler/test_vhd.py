@@ -15,6 +15,7 @@ import struct
 import uuid
 import warnings
 from pathlib import Path
+from typing import Any
 
 import pytest
 from hypothesis import HealthCheck, given, settings
@@ -60,7 +61,7 @@ def _footer(path: Path) -> bytes:
 
 def _flatten_chain(files: list[Path], size: int) -> bytes:
     """Flatten a chain (leaf first) by the book: BAT sector numbers, MSB-first bitmaps, base = zeros."""
-    layers = []
+    layers: list[tuple[int, bytes, tuple[int, ...] | None, int]] = []
     for path in files:
         data = path.read_bytes()
         foot = _footer(path)
@@ -170,7 +171,7 @@ def test_qemu_writes_into_a_diskhandler_image(tmp_path: Path) -> None:
     [{}, {"subformat": "fixed"}, {"block_size": 512 * 1024}, {"subformat": "dynamic", "block_size": 4096}],
     ids=["dynamic", "fixed", "dynamic-512k", "dynamic-4k"],
 )
-def test_diskhandler_writes_read_back_through_qemu(tmp_path: Path, options: dict[str, object]) -> None:
+def test_diskhandler_writes_read_back_through_qemu(tmp_path: Path, options: dict[str, Any]) -> None:
     size = 24 * MiB + 3 * 512  # not a whole number of blocks
     path = tmp_path / "disk.vhd"
     rng = random.Random(f"vhd-{sorted(options.items())}")
@@ -256,7 +257,7 @@ def test_alias_vpc(tmp_path: Path) -> None:
     ],
 )
 def test_create_rejects_bad_options(
-    tmp_path: Path, kwargs: dict[str, object], error: type[Exception], match: str
+    tmp_path: Path, kwargs: dict[str, Any], error: type[Exception], match: str
 ) -> None:
     with pytest.raises(error, match=match):
         create_image(tmp_path / "x.vhd", 4 * MiB, **kwargs)
@@ -491,6 +492,7 @@ def test_saved_state_refuses_writing(tmp_path: Path) -> None:
     create_image(path, 4 * MiB).close()
     _patch_footers(path, 84, b"\x01")
     with open_image(path) as image:
+        assert isinstance(image, VHDImage)
         assert image.footer.saved_state == 1
     with pytest.raises(ImageInUseError, match="saved"):
         open_image(path, writable=True)
