@@ -72,16 +72,15 @@ def _flatten_chain(files: list[Path], size: int) -> bytes:
         hdr_at = struct.unpack_from(">Q", foot, 16)[0]
         (table,) = struct.unpack_from(">Q", data, hdr_at + 16)
         entries, block = struct.unpack_from(">II", data, hdr_at + 28)
-        bat = struct.unpack_from(f">{entries}I", data, table)
-        layers.append((disk_type, data, bat, block))
+        layers.append((disk_type, data, struct.unpack_from(f">{entries}I", data, table), block))
     out = bytearray(size)
     for s in range(size // 512):
-        for disk_type, data, bat, block in layers:
-            if bat is None:
+        for disk_type, data, table_entries, block in layers:
+            if table_entries is None:
                 out[s * 512 : s * 512 + 512] = data[s * 512 : s * 512 + 512]
                 break
             per = block // 512
-            entry = bat[s // per]
+            entry = table_entries[s // per]
             if entry == 0xFFFFFFFF:
                 if disk_type == 4:
                     continue
