@@ -1,0 +1,410 @@
+"""The one module that imports libvirt.
+
+It owns three things:
+
+* the libvirt event loop: ``virEventRegisterDefaultImpl()`` once, then a daemon thread looping
+  ``virEventRunDefaultImpl()``, both before the first ``libvirt.open`` (``qemu:///embed`` needs it to
+  watch its QEMU processes, remote URIs need it for keep-alives);
+* :class:`Connection`, an open hypervisor connection (context-managed, never closed by ``__del__``);
+* :func:`translate`, the single mapping from ``libvirt.libvirtError`` to :mod:`vmanager.errors`.
+
+Other vmanager modules reach libvirt objects (``virDomain``, ``virDomainSnapshot``) only through values
+this module hands out, typed as :data:`Domain` / :data:`DomainSnapshot`.
+"""
+
+from __future__ import annotations
+
+import os
+import threading
+import urllib.parse
+from pathlib import Path
+from types import TracebackType
+from typing import Any, Final, Literal, Self
+
+import libvirt
+
+from .errors import (
+    ConfigError,
+    DomainNotFoundError,
+    HypervisorConnectionError,
+    HypervisorError,
+    SnapshotNotFoundError,
+    UnsupportedOperationError,
+    VManagerError,
+    VMTimeoutError,
+)
+
+__all__ = [
+    "Connection",
+    "Hypervisor",
+    "LibvirtError",
+    "connect",
+    "default_uri",
+    "hypervisor_family",
+    "translate",
+]
+
+#: libvirt's exception class; other modules catch it only to pass it to :func:`translate`.
+LibvirtError: Final = libvirt.libvirtError
+
+#: libvirt objects have no type information; these aliases document what a value is.
+Domain = Any
+DomainSnapshot = Any
+RawConnection = Any
+
+Hypervisor = Literal["qemu", "kvm", "vbox", "xen", "test"]
+
+# Domain states (virDomainState), in the order libvirt numbers them.
+DOMAIN_STATES: Final = (
+    libvirt.VIR_DOMAIN_NOSTATE,
+    libvirt.VIR_DOMAIN_RUNNING,
+    libvirt.VIR_DOMAIN_BLOCKED,
+    libvirt.VIR_DOMAIN_PAUSED,
+    libvirt.VIR_DOMAIN_SHUTDOWN,
+    libvirt.VIR_DOMAIN_SHUTOFF,
+    libvirt.VIR_DOMAIN_CRASHED,
+    libvirt.VIR_DOMAIN_PMSUSPENDED,
+)
+
+UNDEFINE_FLAGS: Final = (
+    libvirt.VIR_DOMAIN_UNDEFINE_SNAPSHOTS_METADATA
+    | libvirt.VIR_DOMAIN_UNDEFINE_MANAGED_SAVE
+    | libvirt.VIR_DOMAIN_UNDEFINE_CHECKPOINTS_METADATA
+)
+UNDEFINE_NVRAM: Final = libvirt.VIR_DOMAIN_UNDEFINE_NVRAM
+REVERT_RUNNING: Final = libvirt.VIR_DOMAIN_SNAPSHOT_REVERT_RUNNING
+REVERT_PAUSED: Final = libvirt.VIR_DOMAIN_SNAPSHOT_REVERT_PAUSED
+LIST_ACTIVE: Final = libvirt.VIR_CONNECT_LIST_DOMAINS_ACTIVE
+
+_UNSUPPORTED_CODES: Final = frozenset(
+    {
+        libvirt.VIR_ERR_NO_SUPPORT,
+        libvirt.VIR_ERR_OPERATION_UNSUPPORTED,
+        libvirt.VIR_ERR_ARGUMENT_UNSUPPORTED,
+        libvirt.VIR_ERR_CONFIG_UNSUPPORTED,
+    }
+)
+_CONNECTION_CODES: Final = frozenset(
+    {
+        libvirt.VIR_ERR_NO_CONNECT,
+        libvirt.VIR_ERR_INVALID_CONN,
+        libvirt.VIR_ERR_RPC,
+        libvirt.VIR_ERR_AUTH_FAILED,
+        libvirt.VIR_ERR_AUTH_CANCELLED,
+        libvirt.VIR_ERR_AUTH_UNAVAILABLE,
+    }
+)
+_XML_CODES: Final = frozenset({libvirt.VIR_ERR_XML_ERROR, libvirt.VIR_ERR_XML_DETAIL})
+
+_MISSING_QEMU_USER = "Failed to parse user 'libvirt-qemu'"
+
+
+def translate(
+    exc: Exception,
+    *,
+    uri: str = "",
+    vm: str = "",
+    operation: str = "",
+    snapshot: str | None = None,
+    connecting: bool = False,
+) -> VManagerError:
+    """Map a ``libvirt.libvirtError`` to the most specific :class:`VManagerError`.
+
+    The caller raises the result ``from exc``. ``operation`` prefixes the message (``"start"``,
+    ``"snapshot"``...); ``connecting`` marks errors raised by ``libvirt.open``, which all mean the
+    hypervisor cannot be reached.
+    """
+    if not isinstance(exc, libvirt.libvirtError):  # pragma: no cover - programming error
+        raise TypeError(f"translate() takes a libvirtError, not {type(exc).__name__}")
+    code = exc.get_error_code()
+    message = exc.get_error_message() or str(exc)
+    where = f"{operation}: {message}" if operation else message
+    if _MISSING_QEMU_USER in message:
+        return HypervisorConnectionError(
+            uri,
+            f"{message}. libvirt's QEMU driver runs guests as the system user 'libvirt-qemu' when "
+            "started as root; create it with `useradd -r libvirt-qemu` (or run as an ordinary user)",
+        )
+    if connecting or code in _CONNECTION_CODES:
+        return HypervisorConnectionError(uri, message)
+    if code == libvirt.VIR_ERR_NO_DOMAIN:
+        return DomainNotFoundError(vm, uri)
+    if code == libvirt.VIR_ERR_NO_DOMAIN_SNAPSHOT:
+        return SnapshotNotFoundError(vm, snapshot or "?", ())
+    if code in _UNSUPPORTED_CODES:
+        return UnsupportedOperationError(f"VM {vm!r} on {uri!r}: {where}")
+    if code in _XML_CODES:
+        return ConfigError(None, where)
+    if code == libvirt.VIR_ERR_OPERATION_TIMEOUT:
+        return VMTimeoutError(vm, operation or "operation", 0.0, message)
+    return HypervisorError(f"VM {vm!r} on {uri!r}: {where}" if vm else where, code)
+
+
+# -- event loop ----------------------------------------------------------------------------------
+
+_loop_lock = threading.Lock()
+_loop_thread: threading.Thread | None = None
+
+
+def _run_event_loop() -> None:
+    while True:
+        libvirt.virEventRunDefaultImpl()
+
+
+def _ignore_libvirt_error(_ctx: object, _err: object) -> None:
+    """libvirt prints every error to stderr unless a handler is set; vmanager raises them instead."""
+
+
+def ensure_event_loop() -> None:
+    """Register libvirt's default event loop and start its daemon thread, once per process."""
+    global _loop_thread  # noqa: PLW0603 - one loop per process is libvirt's own rule
+    if _loop_thread is not None:
+        return
+    with _loop_lock:
+        if _loop_thread is not None:
+            return
+        libvirt.registerErrorHandler(_ignore_libvirt_error, None)
+        libvirt.virEventRegisterDefaultImpl()
+        thread = threading.Thread(target=_run_event_loop, name="libvirt-event-loop", daemon=True)
+        thread.start()
+        _loop_thread = thread
+
+
+# -- URIs ------------------------------------------------------------------------------------------
+
+
+def user_cache_dir() -> Path:
+    """``$XDG_CACHE_HOME`` or ``~/.cache``, read when called (never at import)."""
+    xdg = os.environ.get("XDG_CACHE_HOME")
+    return Path(xdg) if xdg else Path.home() / ".cache"
+
+
+def default_uri() -> str:
+    """``qemu:///embed?root=<user cache dir>/pyti/libvirt``: libvirt's QEMU driver inside the process."""
+    return embed_uri(user_cache_dir() / "pyti" / "libvirt")
+
+
+def embed_uri(root: str | Path) -> str:
+    """The ``qemu:///embed`` URI for an embedded-driver root directory."""
+    return "qemu:///embed?root=" + urllib.parse.quote(str(Path(root).absolute()), safe="/")
+
+
+def _embed_root(uri: str) -> Path | None:
+    parsed = urllib.parse.urlsplit(uri)
+    if parsed.scheme != "qemu" or parsed.path != "/embed":
+        return None
+    roots = urllib.parse.parse_qs(parsed.query).get("root")
+    return Path(roots[0]) if roots else None
+
+
+def _prepare_embed_root(root: Path) -> None:
+    """Write ``etc/qemu.conf`` so that serial logs are written by QEMU itself.
+
+    The embedded driver otherwise hands stdio and character-device logs to ``virtlogd``, a daemon that
+    an embedded setup does not have. An existing qemu.conf is left alone.
+    """
+    conf = root / "etc" / "qemu.conf"
+    if conf.exists():
+        return
+    conf.parent.mkdir(parents=True, exist_ok=True)
+    conf.write_text(
+        "# Written by vmanager: no virtlogd in an embedded driver, QEMU writes its logs itself.\n"
+        'stdio_handler = "file"\n'
+    )
+
+
+def hypervisor_family(uri: str) -> Hypervisor:
+    """The domain XML family for a URI, from its scheme (``qemu+ssh`` -> ``qemu``, ``libxl`` -> ``xen``)."""
+    scheme = urllib.parse.urlsplit(uri).scheme.split("+", 1)[0].lower()
+    if scheme == "qemu":
+        return "qemu"
+    if scheme in {"xen", "libxl"}:
+        return "xen"
+    if scheme == "vbox":
+        return "vbox"
+    if scheme == "test":
+        return "test"
+    raise ConfigError("uri", f"unsupported hypervisor URI {uri!r}; use qemu://, test://, vbox:// or xen://")
+
+
+def is_local_uri(uri: str) -> bool:
+    """True when the hypervisor sees this machine's files (no host part in the URI)."""
+    return not urllib.parse.urlsplit(uri).netloc
+
+
+# -- connections -----------------------------------------------------------------------------------
+
+
+class Connection:
+    """An open hypervisor connection.
+
+    ``Connection(uri)`` opens ``uri`` (``None``: :func:`default_uri`) and owns it: :meth:`close` (or
+    leaving the ``with`` block) closes it. :meth:`wrap` adopts a ``libvirt.virConnect`` the caller
+    opened; the caller keeps ownership and :meth:`close` leaves it open. Nothing is closed by ``__del__``.
+    """
+
+    __slots__ = ("_closed", "_owned", "family", "raw", "uri")
+
+    def __init__(self, uri: str | None = None) -> None:
+        uri = default_uri() if uri is None else uri
+        family = hypervisor_family(uri)
+        root = _embed_root(uri)
+        if root is not None:
+            _prepare_embed_root(root)
+        ensure_event_loop()
+        try:
+            raw = libvirt.open(uri)
+        except libvirt.libvirtError as exc:
+            raise translate(exc, uri=uri, connecting=True) from exc
+        self.uri: str = uri
+        self.family: Hypervisor = family
+        self.raw: RawConnection = raw
+        self._owned = True
+        self._closed = False
+
+    @classmethod
+    def wrap(cls, raw: RawConnection) -> Connection:
+        """Adopt an open ``libvirt.virConnect``; the caller keeps ownership."""
+        if not isinstance(raw, libvirt.virConnect):
+            raise TypeError(f"expected a libvirt.virConnect, got {type(raw).__name__}")
+        self = cls.__new__(cls)
+        try:
+            self.uri = raw.getURI()
+        except libvirt.libvirtError as exc:
+            raise translate(exc, connecting=True) from exc
+        self.family = hypervisor_family(self.uri)
+        self.raw = raw
+        self._owned = False
+        self._closed = False
+        return self
+
+    @property
+    def is_local(self) -> bool:
+        """True when the hypervisor runs on this machine (it sees the same files)."""
+        return is_local_uri(self.uri)
+
+    @property
+    def closed(self) -> bool:
+        return self._closed
+
+    def close(self) -> None:
+        """Close the connection if this object opened it; idempotent."""
+        if self._closed:
+            return
+        self._closed = True
+        if self._owned:
+            try:
+                self.raw.close()
+            except libvirt.libvirtError as exc:
+                raise translate(exc, uri=self.uri) from exc
+
+    def __enter__(self) -> Self:
+        return self
+
+    def __exit__(
+        self, exc_type: type[BaseException] | None, exc: BaseException | None, tb: TracebackType | None
+    ) -> None:
+        self.close()
+
+    def __repr__(self) -> str:
+        state = "closed" if self._closed else ("owned" if self._owned else "borrowed")
+        return f"<vmanager.Connection {self.uri!r} ({state})>"
+
+    # -- small helpers used by VirtualMachine ---------------------------------------------------
+
+    def lookup(self, name: str) -> Domain:
+        try:
+            return self.raw.lookupByName(name)
+        except libvirt.libvirtError as exc:
+            raise translate(exc, uri=self.uri, vm=name, operation="lookup") from exc
+
+    def find(self, name: str) -> Domain | None:
+        """The domain called ``name``, or ``None``."""
+        try:
+            return self.raw.lookupByName(name)
+        except libvirt.libvirtError as exc:
+            if exc.get_error_code() == libvirt.VIR_ERR_NO_DOMAIN:
+                return None
+            raise translate(exc, uri=self.uri, vm=name, operation="lookup") from exc
+
+    def define(self, name: str, xml: str) -> Domain:
+        try:
+            return self.raw.defineXML(xml)
+        except libvirt.libvirtError as exc:
+            raise translate(exc, uri=self.uri, vm=name, operation="define") from exc
+
+    def domains(self, *, active_only: bool = False) -> list[Domain]:
+        try:
+            return list(self.raw.listAllDomains(LIST_ACTIVE if active_only else 0))
+        except libvirt.libvirtError as exc:
+            raise translate(exc, uri=self.uri, operation="list domains") from exc
+
+    def capabilities(self) -> str:
+        try:
+            return str(self.raw.getCapabilities())
+        except libvirt.libvirtError as exc:
+            raise translate(exc, uri=self.uri, operation="capabilities") from exc
+
+
+def connect(uri: str | None = None) -> Connection:
+    """Open ``uri`` (default: :func:`default_uri`); use as ``with connect(...) as conn:``."""
+    return Connection(uri)
+
+
+# -- console stream --------------------------------------------------------------------------------
+
+
+class ConsoleStream:
+    """A non-blocking libvirt stream bound to a domain's serial console."""
+
+    __slots__ = ("_stream", "closed")
+
+    def __init__(self, conn: Connection, dom: Domain, vm: str) -> None:
+        try:
+            stream = conn.raw.newStream(libvirt.VIR_STREAM_NONBLOCK)
+            dom.openConsole(None, stream, libvirt.VIR_DOMAIN_CONSOLE_FORCE)
+        except libvirt.libvirtError as exc:
+            raise translate(exc, uri=conn.uri, vm=vm, operation="open console") from exc
+        self._stream = stream
+        self.closed = False
+
+    def read_available(self, limit: int = 1 << 16) -> bytes | None:
+        """Bytes waiting on the console (``b""`` if none yet), ``None`` at end of stream."""
+        chunks: list[bytes] = []
+        total = 0
+        while total < limit:
+            try:
+                got = self._stream.recv(4096)
+            except libvirt.libvirtError:
+                # A console stream errors out when the guest goes away; treat it as end of stream.
+                self.closed = True
+                return b"".join(chunks) or None
+            if got == -2:  # would block
+                break
+            if not got:
+                self.closed = True
+                return b"".join(chunks) or None
+            chunks.append(got)
+            total += len(got)
+        return b"".join(chunks)
+
+    def send(self, data: bytes) -> int:
+        """Send what the stream takes now; returns the byte count (0 when it would block)."""
+        try:
+            sent = self._stream.send(data)
+        except libvirt.libvirtError as exc:
+            self.closed = True
+            raise translate(exc, operation="console write") from exc
+        return 0 if sent == -2 else int(sent)
+
+    def close(self) -> None:
+        if self.closed:
+            return
+        self.closed = True
+        try:
+            self._stream.finish()
+        except libvirt.libvirtError:
+            try:
+                self._stream.abort()
+            except libvirt.libvirtError:
+                pass

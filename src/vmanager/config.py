@@ -1,0 +1,224 @@
+"""VMConfig: what a virtual machine is made of, independent of the hypervisor.
+
+``VMConfig.from_dict`` takes the dictionary of the original PyTI example::
+
+    VMConfig.from_dict({"name": "test123", "memory": "123",
+                        "disk_location": "dsl-4.4.10.iso", "hd_location": "disk.vdi"})
+
+``memory`` is MiB (an int or a numeric string). ``disk_location`` is a CD-ROM ISO, ``hd_location`` the
+system disk; ``disks`` adds more (an IO disk that is never snapshotted is ``Disk(path, snapshot=False)``).
+:meth:`VMConfig.to_xml` renders libvirt domain XML for one hypervisor family.
+"""
+
+from __future__ import annotations
+
+import re
+from collections.abc import Mapping
+from pathlib import Path
+from typing import Any, Literal
+
+import attrs
+
+from ._diskformat import DiskFormat
+from .errors import ConfigError
+
+__all__ = ["Disk", "RollbackMode", "VMConfig"]
+
+RollbackMode = Literal["snapshot", "overlay"]
+_FORMATS = frozenset({"qcow2", "vdi", "vmdk", "vpc", "raw"})
+_NAME_RE = re.compile(r"[A-Za-z0-9][A-Za-z0-9._+-]{0,63}")
+_NETWORK_RE = re.compile(r"user|(network|bridge):[A-Za-z0-9._-]{1,64}")
+_MAX_MEMORY_MIB = 16 * 1024 * 1024  # 16 TiB: anything above is a typo, not a VM
+_MAX_VCPUS = 1024
+
+
+def _opt_path(value: object) -> Path | None:
+    if value is None or value == "":
+        return None
+    if isinstance(value, str | Path):
+        return Path(value)
+    raise ConfigError(None, f"expected a path, got {type(value).__name__} {value!r}")
+
+
+def _memory(value: object) -> int:
+    if isinstance(value, bool):
+        raise ConfigError("memory", f"expected MiB as an int or numeric string, got {value!r}")
+    if isinstance(value, str):
+        text = value.strip()
+        if not text.isdigit():
+            raise ConfigError("memory", f"expected MiB as an int or numeric string, got {value!r}")
+        value = int(text)
+    if not isinstance(value, int):
+        raise ConfigError("memory", f"expected MiB as an int or numeric string, got {value!r}")
+    if not 1 <= value <= _MAX_MEMORY_MIB:
+        raise ConfigError("memory", f"{value} MiB is out of range (1 .. {_MAX_MEMORY_MIB})")
+    return value
+
+
+def _vcpus(value: object) -> int:
+    if isinstance(value, str) and value.strip().isdigit():
+        value = int(value)
+    if isinstance(value, bool) or not isinstance(value, int) or not 1 <= value <= _MAX_VCPUS:
+        raise ConfigError("vcpus", f"expected an int 1 .. {_MAX_VCPUS}, got {value!r}")
+    return value
+
+
+@attrs.frozen
+class Disk:
+    """One extra disk.
+
+    ``snapshot=False`` keeps the disk out of every snapshot (``snapshot="no"`` in the domain XML): the
+    IO disk that carries data in and out of a test VM. ``format`` is read from the image's magic numbers
+    when ``None``. ``readonly`` attaches it read-only.
+    """
+
+    path: Path = attrs.field(converter=Path)
+    snapshot: bool = True
+    readonly: bool = False
+    format: DiskFormat | None = None
+
+    def __attrs_post_init__(self) -> None:
+        if self.format is not None and self.format not in _FORMATS:
+            raise ConfigError("disks.format", f"unknown format {self.format!r}; use one of {sorted(_FORMATS)}")
+
+    @classmethod
+    def coerce(cls, value: object) -> Disk:
+        """A :class:`Disk` from a Disk, a path, or a dict of Disk fields."""
+        if isinstance(value, Disk):
+            return value
+        if isinstance(value, str | Path):
+            return cls(Path(value))
+        if isinstance(value, Mapping):
+            unknown = set(value) - {"path", "snapshot", "readonly", "format"}
+            if unknown or "path" not in value:
+                raise ConfigError("disks", f"a disk needs 'path' and only Disk fields, got {sorted(value)}")
+            return cls(**dict(value))
+        raise ConfigError("disks", f"expected a Disk, a path or a dict, got {type(value).__name__}")
+
+
+def _disks(value: object) -> tuple[Disk, ...]:
+    if value is None:
+        return ()
+    if isinstance(value, str | Path | Disk | Mapping):
+        return (Disk.coerce(value),)
+    if not isinstance(value, list | tuple):
+        raise ConfigError("disks", f"expected a list of disks, got {type(value).__name__}")
+    return tuple(Disk.coerce(v) for v in value)
+
+
+@attrs.frozen
+class VMConfig:
+    """A virtual machine's hardware, frozen.
+
+    * ``name``: a name for the VM. :class:`~vmanager.VirtualMachine`'s first argument is the libvirt
+      domain name and wins; ``name`` then becomes the domain's ``<title>``.
+    * ``memory``: MiB (int or numeric string); ``vcpus``: count.
+    * ``disk_location``: a CD-ROM ISO; ``hd_location``: the system disk (snapshotted / overlaid);
+      ``disks``: extra disks (see :class:`Disk`).
+    * ``kernel``, ``initrd``, ``cmdline``: direct kernel boot (QEMU, Xen and the test driver).
+    * ``serial_log``: a file that receives everything the guest writes to its serial console.
+    * ``network``: ``None`` (default: no network interface at all), ``"user"`` (QEMU user-mode NAT),
+      ``"network:<libvirt network>"`` or ``"bridge:<host bridge>"``.
+    * ``rollback``: ``"snapshot"`` (libvirt snapshots) or ``"overlay"`` (a throwaway qcow2 overlay over a
+      read-only system disk, QEMU only); ``overlay_dir`` is where overlays go (default: the user cache).
+    * ``accel``: ``"auto"`` (KVM when it demonstrably works, else TCG), ``"kvm"`` or ``"tcg"`` (QEMU).
+    * ``validate_paths``: check that files exist before defining the VM; ``None`` means yes for local
+      non-test hypervisors (the test driver never opens files; a remote host has its own files).
+    """
+
+    name: str = attrs.field()
+    memory: int = attrs.field(default=256, converter=_memory)
+    vcpus: int = attrs.field(default=1, converter=_vcpus)
+    disk_location: Path | None = attrs.field(default=None, converter=_opt_path)
+    hd_location: Path | None = attrs.field(default=None, converter=_opt_path)
+    disks: tuple[Disk, ...] = attrs.field(default=(), converter=_disks)
+    kernel: Path | None = attrs.field(default=None, converter=_opt_path)
+    initrd: Path | None = attrs.field(default=None, converter=_opt_path)
+    cmdline: str | None = None
+    serial_log: Path | None = attrs.field(default=None, converter=_opt_path)
+    network: str | None = None
+    rollback: RollbackMode = "snapshot"
+    overlay_dir: Path | None = attrs.field(default=None, converter=_opt_path)
+    accel: Literal["auto", "kvm", "tcg"] = "auto"
+    validate_paths: bool | None = None
+
+    @name.validator
+    def _check_name(self, _attr: object, value: object) -> None:
+        if not isinstance(value, str) or not _NAME_RE.fullmatch(value):
+            raise ConfigError(
+                "name", f"{value!r} is not a valid VM name (1-64 of letters, digits, '._+-', no spaces)"
+            )
+
+    def __attrs_post_init__(self) -> None:
+        if self.network is not None and not _NETWORK_RE.fullmatch(self.network):
+            raise ConfigError(
+                "network", f"{self.network!r}: use None, 'user', 'network:<name>' or 'bridge:<name>'"
+            )
+        if self.rollback not in {"snapshot", "overlay"}:
+            raise ConfigError("rollback", f"{self.rollback!r}: use 'snapshot' or 'overlay'")
+        if self.rollback == "overlay" and self.hd_location is None:
+            raise ConfigError("rollback", "overlay rollback needs a system disk (hd_location)")
+        if self.accel not in {"auto", "kvm", "tcg"}:
+            raise ConfigError("accel", f"{self.accel!r}: use 'auto', 'kvm' or 'tcg'")
+        if self.kernel is None and (self.initrd is not None or self.cmdline is not None):
+            raise ConfigError("kernel", "initrd and cmdline need a kernel (direct kernel boot)")
+        if self.cmdline is not None and not isinstance(self.cmdline, str):
+            raise ConfigError("cmdline", f"expected a string, got {type(self.cmdline).__name__}")
+        if self.hd_location is None and self.disk_location is None and self.kernel is None and not self.disks:
+            raise ConfigError(None, "nothing to boot: give hd_location, disk_location, disks or kernel")
+
+    @classmethod
+    def from_dict(cls, data: Mapping[str, Any]) -> VMConfig:
+        """Build a config from a dict such as the original PyTI example's; unknown keys are errors."""
+        if not isinstance(data, Mapping):
+            raise ConfigError(None, f"expected a dict, got {type(data).__name__}")
+        fields = {a.name for a in attrs.fields(cls)}
+        unknown = sorted(set(data) - fields)
+        if unknown:
+            raise ConfigError(unknown[0], f"unknown config key(s) {unknown}; known: {sorted(fields)}")
+        if "name" not in data:
+            raise ConfigError("name", "the config needs a name")
+        return cls(**dict(data))
+
+    def to_dict(self) -> dict[str, Any]:
+        """The config as plain values (paths as strings), accepted back by :meth:`from_dict`."""
+
+        def plain(value: Any) -> Any:
+            if isinstance(value, Path):
+                return str(value)
+            if isinstance(value, Disk):
+                return {k: plain(v) for k, v in attrs.asdict(value, recurse=False).items()}
+            if isinstance(value, tuple):
+                return [plain(v) for v in value]
+            return value
+
+        return {k: plain(v) for k, v in attrs.asdict(self, recurse=False).items()}
+
+    def files(self) -> list[tuple[str, Path]]:
+        """Every host file the VM reads, as ``(config field, path)``."""
+        out: list[tuple[str, Path]] = []
+        for field in ("hd_location", "disk_location", "kernel", "initrd"):
+            value = getattr(self, field)
+            if value is not None:
+                out.append((field, value))
+        out.extend((f"disks[{i}]", d.path) for i, d in enumerate(self.disks))
+        return out
+
+    def to_xml(
+        self,
+        hypervisor: str,
+        *,
+        name: str | None = None,
+        domain_type: str | None = None,
+        overlays: Mapping[str, Path] | None = None,
+    ) -> str:
+        """Domain XML for ``hypervisor`` (``"qemu"``, ``"kvm"``, ``"vbox"``, ``"xen"`` or ``"test"``).
+
+        ``name`` overrides the domain name (``self.name`` then becomes the ``<title>``). ``domain_type``
+        overrides the ``<domain type>`` for QEMU (``"kvm"``/``"qemu"``). ``overlays`` maps a disk's
+        target (``"vda"``) to the qcow2 overlay that replaces it in the XML (overlay rollback). Disk
+        formats are read from the images' magic numbers; a missing image counts as raw.
+        """
+        from ._domain_xml import render  # local: _domain_xml imports this module
+
+        return render(self, hypervisor, name=name, domain_type=domain_type, overlays=overlays or {})
