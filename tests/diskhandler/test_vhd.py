@@ -318,6 +318,10 @@ def test_three_level_chain_against_model(tmp_path: Path, base_maker: str) -> Non
             assert image.chain == tuple(reversed(files[: level + 1]))
             assert not any(p.writable() for p in image.iter_chain() if p is not image)
             assert image.read() == models[level], f"level {level} reads wrong"
+            for _ in range(40):  # unaligned reads across block and bitmap-run boundaries
+                length = rng.randrange(1, 5 * MiB)
+                offset = rng.randrange(0, size - length)
+                assert image.read_at(offset, length) == models[level][offset : offset + length]
         assert _flatten_chain(list(reversed(files[: level + 1])), size) == models[level]
 
 
