@@ -313,16 +313,17 @@ def test_three_level_chain_against_model(tmp_path: Path, base_maker: str) -> Non
         assert [_sha(f) for f in files] == digests, "writing the leaf changed a parent"
         files.append(child)
         models.append(bytes(model))
+    # the independent parser agrees on the whole chain
+    assert _flatten_chain(list(reversed(files)), size) == models[-1]
     for level, path in enumerate(files):
         with open_image(path) as image:
             assert image.chain == tuple(reversed(files[: level + 1]))
             assert not any(p.writable() for p in image.iter_chain() if p is not image)
             assert image.read() == models[level], f"level {level} reads wrong"
-            for _ in range(40):  # unaligned reads across block and bitmap-run boundaries
-                length = rng.randrange(1, 5 * MiB)
+            for _ in range(20):  # unaligned reads across block and bitmap-run boundaries
+                length = rng.randrange(1, 3 * MiB)
                 offset = rng.randrange(0, size - length)
                 assert image.read_at(offset, length) == models[level][offset : offset + length]
-        assert _flatten_chain(list(reversed(files[: level + 1])), size) == models[level]
 
 
 def test_child_sets_only_the_bits_of_written_sectors(tmp_path: Path) -> None:
