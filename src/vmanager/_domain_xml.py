@@ -10,12 +10,15 @@ from __future__ import annotations
 import xml.etree.ElementTree as ET
 from collections.abc import Mapping
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 import attrs
 
 from ._diskformat import DiskFormat, sniff_format
-from .config import VMConfig
 from .errors import ConfigError
+
+if TYPE_CHECKING:
+    from .config import VMConfig
 
 __all__ = ["DiskPlan", "plan_disks", "render"]
 

@@ -14,6 +14,7 @@ this module hands out, typed as :data:`Domain` / :data:`DomainSnapshot`.
 
 from __future__ import annotations
 
+import contextlib
 import os
 import threading
 import urllib.parse
@@ -74,6 +75,8 @@ UNDEFINE_FLAGS: Final = (
 UNDEFINE_NVRAM: Final = libvirt.VIR_DOMAIN_UNDEFINE_NVRAM
 REVERT_RUNNING: Final = libvirt.VIR_DOMAIN_SNAPSHOT_REVERT_RUNNING
 REVERT_PAUSED: Final = libvirt.VIR_DOMAIN_SNAPSHOT_REVERT_PAUSED
+SNAPSHOT_DELETE_METADATA_ONLY: Final = libvirt.VIR_DOMAIN_SNAPSHOT_DELETE_METADATA_ONLY
+SNAPSHOT_DELETE_CHILDREN: Final = libvirt.VIR_DOMAIN_SNAPSHOT_DELETE_CHILDREN
 LIST_ACTIVE: Final = libvirt.VIR_CONNECT_LIST_DOMAINS_ACTIVE
 
 _UNSUPPORTED_CODES: Final = frozenset(
@@ -201,16 +204,23 @@ def _prepare_embed_root(root: Path) -> None:
     """Write ``etc/qemu.conf`` so that serial logs are written by QEMU itself.
 
     The embedded driver otherwise hands stdio and character-device logs to ``virtlogd``, a daemon that
-    an embedded setup does not have. An existing qemu.conf is left alone.
+    an embedded setup does not have. As root, QEMU runs as root too (see below). An existing qemu.conf
+    is left alone.
     """
     conf = root / "etc" / "qemu.conf"
     if conf.exists():
         return
     conf.parent.mkdir(parents=True, exist_ok=True)
-    conf.write_text(
+    text = (
         "# Written by vmanager: no virtlogd in an embedded driver, QEMU writes its logs itself.\n"
         'stdio_handler = "file"\n'
     )
+    if os.geteuid() == 0:
+        # As root, libvirt would run QEMU as 'libvirt-qemu', which cannot reach files under a private
+        # home such as /root/.cache. The embedded driver belongs to the calling program: run QEMU with
+        # the caller's own rights, as running qemu-system-* directly would.
+        text += 'user = "root"\ngroup = "root"\ndynamic_ownership = 0\n'
+    conf.write_text(text)
 
 
 def hypervisor_family(uri: str) -> Hypervisor:
@@ -404,7 +414,5 @@ class ConsoleStream:
         try:
             self._stream.finish()
         except libvirt.libvirtError:
-            try:
+            with contextlib.suppress(libvirt.libvirtError):
                 self._stream.abort()
-            except libvirt.libvirtError:
-                pass

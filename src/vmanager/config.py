@@ -20,6 +20,7 @@ from typing import Any, Literal
 import attrs
 
 from ._diskformat import DiskFormat
+from ._domain_xml import render
 from .errors import ConfigError
 
 __all__ = ["Disk", "RollbackMode", "VMConfig"]
@@ -79,7 +80,9 @@ class Disk:
 
     def __attrs_post_init__(self) -> None:
         if self.format is not None and self.format not in _FORMATS:
-            raise ConfigError("disks.format", f"unknown format {self.format!r}; use one of {sorted(_FORMATS)}")
+            raise ConfigError(
+                "disks.format", f"unknown format {self.format!r}; use one of {sorted(_FORMATS)}"
+            )
 
     @classmethod
     def coerce(cls, value: object) -> Disk:
@@ -219,6 +222,4 @@ class VMConfig:
         target (``"vda"``) to the qcow2 overlay that replaces it in the XML (overlay rollback). Disk
         formats are read from the images' magic numbers; a missing image counts as raw.
         """
-        from ._domain_xml import render  # local: _domain_xml imports this module
-
         return render(self, hypervisor, name=name, domain_type=domain_type, overlays=overlays or {})
