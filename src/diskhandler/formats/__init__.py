@@ -9,6 +9,7 @@ import os
 from pathlib import Path
 from typing import Any
 
+from diskhandler._locking import check_not_in_use, lock_for_writing
 from diskhandler.formats._detect import (
     FORMAT_NAMES,
     SUFFIXES,
@@ -48,7 +49,16 @@ def open_image(
         raise IsADirectoryError(21, "a disk image must be a file, not a directory", str(p))
     guard = (_guard or ChainGuard()).enter(p)
     name = canonical_format(format) if format else detect_format(p)
-    return format_class(name).open(p, writable=writable, guard=guard)
+    if writable:
+        check_not_in_use(p)  # before any parser runs: a running VM's image is never touched
+    image = format_class(name).open(p, writable=writable, guard=guard)
+    if writable and image._fd >= 0:
+        try:
+            lock_for_writing(image.path, image._fd)
+        except BaseException:
+            image.close()
+            raise
+    return image
 
 
 def create_image(
