@@ -556,6 +556,11 @@ def test_writing_an_image_with_registered_children_is_refused(tmp_path: Path) ->
         assert image.read(1) == b"\0"
     with open_image(diff, writable=True) as image:
         image.write_at(0, b"ok")
+    # a copy of the base (same UUID, another file) is not what the registry protects
+    copy = vm / "copy.vdi"
+    copy.write_bytes(base.read_bytes())
+    with open_image(copy, writable=True) as image:
+        image.write_at(0, b"mine")
 
 
 def test_create_options(tmp_path: Path) -> None:

@@ -704,7 +704,8 @@ def _load_map(fd: int, path: Path, header: VDIHeader) -> array[int]:
 
 
 def _check_registry(path: Path, header: VDIHeader, writable: bool) -> None:
-    """Refuse media the VM's ``.vbox`` file marks encrypted, and writes to images with children."""
+    """Refuse media the VM's ``.vbox`` file marks encrypted (copies too: same UUID, same ciphertext),
+    and writes to the registered file of an image that has differencing children."""
     me = VDIHeader.uuid(header.uuid_create)
     for vbox, media in _vbox.media_near(path):
         medium = media.get(me)
@@ -717,7 +718,7 @@ def _check_registry(path: Path, header: VDIHeader, writable: bool) -> None:
                 f"{vbox} says this disk is encrypted by VirtualBox; its sectors are ciphertext."
                 " Decrypt it in VirtualBox first (VBoxManage encryptmedium ... --oldpassword ...)",
             )
-        if writable and medium.children:
+        if writable and medium.children and _same_file(medium.location, path):
             kids = ", ".join(str(media[k].location) if k in media else f"{{{k}}}" for k in medium.children)
             raise ChainError(
                 path,
@@ -725,6 +726,13 @@ def _check_registry(path: Path, header: VDIHeader, writable: bool) -> None:
                 f"{vbox} lists differencing images based on this one ({kids}); writing it would"
                 " corrupt them. Open the leaf of the chain instead",
             )
+
+
+def _same_file(a: Path, b: Path) -> bool:
+    try:
+        return os.path.samefile(a, b)
+    except OSError:
+        return False
 
 
 def _peek_uuids(candidate: Path) -> tuple[bytes, bytes] | None:
