@@ -826,3 +826,27 @@ def test_machine_state_file(tmp_path: Path) -> None:
     assert machine_state_file(vbox) is None
     vbox.write_text(_vbox_xml("", "").replace('name="vm"', 'name="vm" stateFile="Snapshots/x.sav"'))
     assert machine_state_file(vbox) == tmp_path / "Snapshots" / "x.sav"
+
+
+_VBOX_SAMPLE = _vbox_xml(
+    '<HardDisk uuid="{0f6a3c1e-8f87-4c53-9d0b-2b3f5f0d1c11}" location="a.vdi" format="VDI">'
+    '<HardDisk uuid="{1f6a3c1e-8f87-4c53-9d0b-2b3f5f0d1c11}" location="Snapshots/b.vdi"/></HardDisk>',
+    '<AttachedDevice type="HardDisk" port="0" device="0">'
+    '<Image uuid="{1f6a3c1e-8f87-4c53-9d0b-2b3f5f0d1c11}"/></AttachedDevice>',
+)
+
+
+@settings(deadline=None, max_examples=60, suppress_health_check=[HealthCheck.function_scoped_fixture])
+@given(edits=st.lists(st.tuples(st.integers(0, len(_VBOX_SAMPLE) - 1), st.characters()), max_size=6))
+def test_fuzz_vbox_files(tmp_path: Path, edits: list[tuple[int, str]]) -> None:
+    text = list(_VBOX_SAMPLE)
+    for position, char in edits:
+        text[position] = char
+    vbox = tmp_path / "fuzz.vbox"
+    vbox.write_text("".join(text), encoding="utf-8", errors="surrogatepass")
+    try:
+        disks = current_disks(vbox)
+    except ImageFormatError as exc:
+        assert exc.path == vbox  # noqa: PT017  (the error must name the machine file)
+    else:
+        assert all(isinstance(d, Path) for d in disks)
