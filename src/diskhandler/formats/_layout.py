@@ -23,6 +23,7 @@ from pathlib import Path
 from typing import Any, ClassVar, Self, TypeVar
 
 import attrs
+from typing_extensions import dataclass_transform
 
 from diskhandler.errors import ImageFormatError
 
@@ -63,6 +64,7 @@ class Layout:
 _L = TypeVar("_L", bound=type[Layout])
 
 
+@dataclass_transform(frozen_default=True, field_specifiers=(attrs.field, ffield))
 def binary_layout(byte_order: str, name: str | None = None) -> Callable[[_L], _L]:
     """Make ``cls`` a frozen attrs class and compute its struct from the fields' codes."""
 
