@@ -595,7 +595,12 @@ def test_crash_between_map_and_header_leaks_but_never_overwrites(tmp_path: Path)
         image.write_at(MiB, b"\x02" * 10)
     # as if the process died after writing block 1's map entry but before the header
     patch(path, OFF_ALLOCATED, struct.pack("<I", 1))
+    with open_image(path) as image:  # reading changes nothing
+        assert image.read_at(MiB, 10) == b"\x02" * 10
+    assert u32(path, OFF_ALLOCATED) == 1
     with open_image(path, writable=True) as image:
+        image.write_at(MiB + 20, b"\x02")  # no allocation, but the header is repaired
+        assert u32(path, OFF_ALLOCATED) == 2
         image.write_at(2 * MiB, b"\x03" * 10)
     with open_image(path) as image:
         assert image.read_at(0, 10) == b"\x01" * 10

@@ -605,8 +605,11 @@ class VDIImage(DiskImage):
     def _mark_modified(self) -> None:
         """A new ``uuidModify`` on the first write of a session, as VirtualBox does."""
         self._uuid_modify = uuid.uuid4().bytes_le
-        if self.header.major >= 1:
-            pwrite_all(self._fd, self._uuid_modify, _OFF_UUID_MODIFY)
+        pwrite_all(self._fd, self._uuid_modify, _OFF_UUID_MODIFY)
+        if self._next_slot != self.header.blocks_allocated:
+            # an interrupted allocation left the map ahead of the header: VirtualBox takes the
+            # header's count as the next free slot, so make it safe for VirtualBox too
+            pwrite_all(self._fd, struct.pack("<I", self._next_slot), _OFF_BLOCKS_ALLOCATED)
         self._modified = True
 
     def _write_unallocated(self, index: int, within: int, chunk: memoryview, entry: int) -> None:
