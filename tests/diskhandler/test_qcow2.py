@@ -16,6 +16,7 @@ import shutil
 import struct
 import sys
 from pathlib import Path
+from typing import Any
 
 import pytest
 from hypothesis import HealthCheck, given, settings
@@ -240,7 +241,8 @@ def test_raw_base_and_relative_paths_from_another_directory(
     assert_reads_like_qemu(top, "qcow2", tmp_path)
     with open_image(top) as image:
         assert [p.name for p in image.chain] == ["top.qcow2", "mid.qcow2", "base.raw"]
-        assert image.parent is not None and image.parent.parent is not None
+        assert image.parent is not None
+        assert image.parent.parent is not None
         assert image.parent.parent.format == "raw"
 
 
@@ -364,7 +366,7 @@ def test_internal_snapshots_read_by_name_and_cow_on_write(tmp_path: Path) -> Non
     ],
     ids=lambda o: "-".join(f"{k}={v}" for k, v in o.items()),
 )
-def test_created_variants_pass_check_at_every_point(tmp_path: Path, options: dict[str, object]) -> None:
+def test_created_variants_pass_check_at_every_point(tmp_path: Path, options: dict[str, Any]) -> None:
     path = tmp_path / "new.qcow2"
     model = bytearray(20 * MiB)
     image = create_image(path, len(model), **options)
@@ -497,9 +499,8 @@ def test_truncated_images(tmp_path: Path) -> None:
     full = path.read_bytes()
     for length in (0, 10, 71, 103, 4096, 3 * 65536 + 8):
         path.write_bytes(full[:length])
-        with pytest.raises(ImageFormatError):
-            with open_image(path, format="qcow2") as image:
-                image.read_at(0, SIZE)
+        with pytest.raises(ImageFormatError), open_image(path, format="qcow2") as image:
+            image.read_at(0, SIZE)
     path.write_bytes(full[: len(full) - 65536])  # the data cluster is cut off
     with open_image(path) as image, pytest.raises(ImageFormatError, match="past the end"):
         image.read_at(MiB, 10)
