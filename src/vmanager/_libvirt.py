@@ -67,12 +67,7 @@ DOMAIN_STATES: Final = (
     libvirt.VIR_DOMAIN_PMSUSPENDED,
 )
 
-UNDEFINE_FLAGS: Final = (
-    libvirt.VIR_DOMAIN_UNDEFINE_SNAPSHOTS_METADATA
-    | libvirt.VIR_DOMAIN_UNDEFINE_MANAGED_SAVE
-    | libvirt.VIR_DOMAIN_UNDEFINE_CHECKPOINTS_METADATA
-)
-UNDEFINE_NVRAM: Final = libvirt.VIR_DOMAIN_UNDEFINE_NVRAM
+UNDEFINE_FLAGS: Final = libvirt.VIR_DOMAIN_UNDEFINE_SNAPSHOTS_METADATA | libvirt.VIR_DOMAIN_UNDEFINE_MANAGED_SAVE
 REVERT_RUNNING: Final = libvirt.VIR_DOMAIN_SNAPSHOT_REVERT_RUNNING
 REVERT_PAUSED: Final = libvirt.VIR_DOMAIN_SNAPSHOT_REVERT_PAUSED
 SNAPSHOT_DELETE_METADATA_ONLY: Final = libvirt.VIR_DOMAIN_SNAPSHOT_DELETE_METADATA_ONLY
@@ -158,14 +153,23 @@ def _ignore_libvirt_error(_ctx: object, _err: object) -> None:
     """libvirt prints every error to stderr unless a handler is set; vmanager raises them instead."""
 
 
-def ensure_event_loop() -> None:
-    """Register libvirt's default event loop and start its daemon thread, once per process."""
+def ensure_event_loop(embed_root: Path | None = None) -> None:
+    """Register libvirt's default event loop and start its daemon thread, once per process.
+
+    libvirt reads ``LIBVIRT_LOG_OUTPUTS`` when it initialises, here. Unless the user set it, warnings
+    (e.g. "tainted: high-privileges" when QEMU runs as root) go to ``<embed root>/log/libvirt.log``
+    instead of this program's stderr.
+    """
     global _loop_thread  # noqa: PLW0603 - one loop per process is libvirt's own rule
     if _loop_thread is not None:
         return
     with _loop_lock:
         if _loop_thread is not None:
             return
+        if embed_root is not None and "LIBVIRT_LOG_OUTPUTS" not in os.environ:
+            log_dir = embed_root / "log"
+            log_dir.mkdir(parents=True, exist_ok=True)
+            os.environ["LIBVIRT_LOG_OUTPUTS"] = f"3:file:{log_dir / 'libvirt.log'}"
         libvirt.registerErrorHandler(_ignore_libvirt_error, None)
         libvirt.virEventRegisterDefaultImpl()
         thread = threading.Thread(target=_run_event_loop, name="libvirt-event-loop", daemon=True)
@@ -261,7 +265,7 @@ class Connection:
         root = _embed_root(uri)
         if root is not None:
             _prepare_embed_root(root)
-        ensure_event_loop()
+        ensure_event_loop(root)
         try:
             raw = libvirt.open(uri)
         except libvirt.libvirtError as exc:

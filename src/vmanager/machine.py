@@ -431,8 +431,10 @@ class VirtualMachine:
         self.stop()
         overlays = self._overlays(self._xml())
         try:
-            for snap in self._dom.listAllSnapshots(0):
-                snap.delete(lv.SNAPSHOT_DELETE_METADATA_ONLY)
+            # Delete snapshots for real (QEMU keeps internal ones inside the qcow2 otherwise), newest
+            # first so that no revert-able state is reparented needlessly.
+            for snap in reversed(self._dom.listAllSnapshots(0)):
+                snap.delete(0)
             self._dom.undefineFlags(lv.UNDEFINE_FLAGS)
         except lv.LibvirtError as exc:
             raise self._err(exc, "undefine") from exc
@@ -533,9 +535,15 @@ class VirtualMachine:
             dev = target.get("dev", "?") if target is not None else "?"
             source = disk.find("source")
             path = source.get("file", "?") if source is not None else "?"
+            if disk.get("snapshot") == "no":
+                raise UnsupportedOperationError(
+                    f"VM {self.name!r}: disk {dev} ({path}) is excluded from snapshots, but QEMU internal "
+                    "snapshots (libvirt 9) must include every disk. Keep such an IO disk out of rollbacks "
+                    "with overlay rollback (VMConfig(rollback='overlay') / VirtualMachine.with_overlay)"
+                )
             if fmt == "qcow2":
                 qcow2 += 1
-            elif disk.get("snapshot") != "no" or running:
+            else:
                 raise UnsupportedOperationError(
                     f"VM {self.name!r}: disk {dev} ({path}) is {fmt}; QEMU snapshots need qcow2 disks. "
                     "Convert it (qemu-img convert -O qcow2) or use overlay rollback "
