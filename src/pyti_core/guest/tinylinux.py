@@ -96,7 +96,6 @@ PYTHON_PACKAGES: Final = (
     "libbz2-1.0",
     "liblzma5",
     "libffi8",
-    "libmpdec3",
     "libuuid1",
 )
 #: Kernel modules loaded at boot (with everything they depend on). The cloud kernel has ext4, the
@@ -223,11 +222,12 @@ class CpioArchive:
 
     @staticmethod
     def _normalise(path: str) -> str:
-        pure = PurePosixPath(path.lstrip("/"))
-        parts = pure.parts
-        if not parts or any(p in ("..", ".") for p in parts) or "\0" in path:
-            raise CpioEntryError(f"cpio entry name {path!r} must be a relative path without '.' or '..'")
-        return str(pure)
+        parts = path.lstrip("/").split("/")
+        if any(p in ("", "..", ".") for p in parts) or "\0" in path:
+            raise CpioEntryError(
+                f"cpio entry name {path!r} must be a relative path without empty, '.' or '..' parts"
+            )
+        return "/".join(parts)
 
     def _add(self, path: str, entry: _Entry, *, replace: bool = False) -> None:
         name = self._normalise(path)
@@ -455,8 +455,11 @@ run=""
 for word in $(cat /proc/cmdline); do
     case "$word" in
         pyti.run=*) run="${word#pyti.run=}" ;;
+        pyti.echo=0) stty -echo ;;
     esac
 done
+# A wide terminal: typed commands come back on one line instead of being wrapped at 80 columns.
+stty cols 1000 rows 50 2>/dev/null
 if [ -n "$run" ]; then
     cd /mnt/disk 2>/dev/null || cd /
     setsid cttyhack sh "$run"
