@@ -122,11 +122,13 @@ class Descriptor:
 def looks_like_descriptor(head: bytes) -> bool:
     """Whether ``head`` (the first bytes of a file) is a VMDK text descriptor.
 
-    Strict on purpose, so a raw disk is never mistaken for one: only text (no NUL bytes, no control
-    characters besides whitespace) whose leading comment block holds ``# Disk DescriptorFile`` and
+    Strict on purpose, so a raw disk is never mistaken for one: only text (no control characters
+    besides whitespace; NUL padding at the end) whose leading comment block holds ``# Disk DescriptorFile`` and
     which sets ``createType``.
     """
-    text = head.removeprefix(b"\xef\xbb\xbf")
+    text, _, padding = head.removeprefix(b"\xef\xbb\xbf").partition(b"\0")
+    if padding.strip(b"\0"):  # qemu pads descriptors with NULs; nothing may follow them
+        return False
     if not text.lstrip().startswith(b"#"):
         return False
     if any(b < 0x20 and b not in (0x09, 0x0A, 0x0D) for b in text):

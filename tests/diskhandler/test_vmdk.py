@@ -1,0 +1,648 @@
+"""VMDK: every subformat qemu makes, delta links, real images from other products, corrupt input.
+
+What diskhandler writes is checked against qemu (``qemu-img check``, ``qemu-img convert``, ``qemu-io read
+-P``); what qemu (and VMware / VirtualBox exports) wrote is checked against ``qemu-img convert -O raw``.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import mmap
+import os
+import random
+import re
+import shutil
+import struct
+from pathlib import Path
+
+import pytest
+from hypothesis import HealthCheck, given, settings
+from hypothesis import strategies as st
+
+from diskhandler import (
+    ChainError,
+    ImageFormatError,
+    ImageWarning,
+    UnsupportedImageError,
+    create_image,
+    open_image,
+)
+from diskhandler.formats._detect import detect_format
+from diskhandler.formats._vmdk_descriptor import looks_like_descriptor, parse_descriptor
+from diskhandler.formats.vmdk import VMDKImage
+from tests.diskhandler.imagetools import (
+    REAL_IMAGES,
+    assert_reads_like_qemu,
+    compare_with_raw,
+    fill_with_pattern,
+    qemu_check,
+    qemu_flatten,
+    qemu_img,
+    qemu_io,
+)
+
+MiB = 1 << 20
+GiB = 1 << 30
+SIZE = 64 * MiB
+QEMU_SUBFORMATS = ["monolithicSparse", "monolithicFlat", "twoGbMaxExtentSparse", "twoGbMaxExtentFlat"]
+WRITABLE_SUBFORMATS = QEMU_SUBFORMATS
+
+
+def _qemu_create(path: Path, size: int = SIZE, *options: str) -> Path:
+    argv = ["create", "-q", "-f", "vmdk"]
+    for option in options:
+        argv += ["-o", option]
+    qemu_img(*argv, path, str(size))
+    return path
+
+
+def _sha(path: Path) -> str:
+    return hashlib.sha256(path.read_bytes()).hexdigest()
+
+
+def _descriptor_text(path: Path) -> str:
+    data = path.read_bytes()
+    if data[:4] == b"KDMV":
+        start = struct.unpack_from("<Q", data, 28)[0] * 512
+        data = data[start : start + 20 * 512]
+    return data.split(b"\0", 1)[0].decode()
+
+
+def _edit_descriptor(path: Path, old: str, new: str) -> None:
+    """Replace text in an image's descriptor, embedded (keeping its NUL-padded area) or not."""
+    data = bytearray(path.read_bytes())
+    text = _descriptor_text(path)
+    assert old in text
+    edited = text.replace(old, new, 1).encode()
+    if data[:4] == b"KDMV":
+        start = struct.unpack_from("<Q", data, 28)[0] * 512
+        data[start : start + 20 * 512] = edited.ljust(20 * 512, b"\0")
+        path.write_bytes(bytes(data))
+    else:
+        path.write_bytes(edited)
+
+
+def _cid(path: Path, key: str = "CID") -> str:
+    match = re.search(rf"(?m)^{key}=([0-9a-f]+)", _descriptor_text(path))
+    assert match is not None
+    return match.group(1)
+
+
+# -- images qemu made --------------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("subformat", QEMU_SUBFORMATS)
+def test_qemu_subformat_reads_like_qemu(tmp_path: Path, subformat: str) -> None:
+    path = _qemu_create(tmp_path / "disk.vmdk", SIZE, f"subformat={subformat}")
+    fill_with_pattern(path, "vmdk")
+    assert detect_format(path) == "vmdk"
+    assert_reads_like_qemu(path, "vmdk", tmp_path)
+    with open_image(path) as image:
+        assert isinstance(image, VMDKImage)
+        assert image.create_type == subformat
+        assert image.read_at(3145216, 3000) == b"\x33" * 3000
+
+
+def test_qemu_zeroed_grains_read_as_zeros(tmp_path: Path) -> None:
+    path = _qemu_create(tmp_path / "zg.vmdk", SIZE, "zeroed_grain=on")
+    fill_with_pattern(path, "vmdk")
+    assert_reads_like_qemu(path, "vmdk", tmp_path)
+
+
+def test_qemu_stream_optimized_compressed_reads_like_qemu(tmp_path: Path) -> None:
+    source = _qemu_create(tmp_path / "source.vmdk")
+    fill_with_pattern(source, "vmdk")
+    stream = tmp_path / "stream.vmdk"
+    qemu_img("convert", "-f", "vmdk", "-O", "vmdk", "-o", "subformat=streamOptimized", source, stream)
+    assert stream.stat().st_size < 8 * MiB  # really compressed
+    assert_reads_like_qemu(stream, "vmdk", tmp_path)
+    with open_image(stream) as image:
+        assert isinstance(image, VMDKImage)
+        assert image.create_type == "streamOptimized"
+    with pytest.raises(UnsupportedImageError, match="read-only"):
+        open_image(stream, writable=True)
+
+
+def test_stream_optimized_created_empty_by_qemu(tmp_path: Path) -> None:
+    path = _qemu_create(tmp_path / "empty-stream.vmdk", SIZE, "subformat=streamOptimized")
+    assert_reads_like_qemu(path, "vmdk", tmp_path)
+
+
+def test_qemu_delta_chain_reads_like_qemu(tmp_path: Path) -> None:
+    base = _qemu_create(tmp_path / "base.vmdk", SIZE, "zeroed_grain=on")
+    fill_with_pattern(base, "vmdk")
+    child = tmp_path / "child.vmdk"
+    qemu_img("create", "-q", "-f", "vmdk", "-o", "zeroed_grain=on", "-b", base.name, "-F", "vmdk", child)
+    # partial grains over parent data, zeros over parent data (zeroed GTEs), a whole new grain
+    qemu_io(child, "vmdk", ["write -P 0xa1 1100000 70000", "write -z 8M 128k", "write -P 0xa2 40M 64k"])
+    grandchild = tmp_path / "grandchild.vmdk"
+    qemu_img("create", "-q", "-f", "vmdk", "-b", child.name, "-F", "vmdk", grandchild)
+    qemu_io(grandchild, "vmdk", ["write -P 0xa3 8200000 5000"])
+    for leaf in (child, grandchild):
+        assert_reads_like_qemu(leaf, "vmdk", tmp_path)
+    with open_image(grandchild) as image:
+        assert image.chain == (grandchild, child, base)
+        assert image.read_at(8 * MiB, 4096) == bytes(4096)  # the child's zeroed grain hides the base
+
+
+# -- images diskhandler made, read by qemu -----------------------------------------------------------
+
+
+@pytest.mark.parametrize("subformat", WRITABLE_SUBFORMATS)
+def test_qemu_io_reads_diskhandler_writes(tmp_path: Path, subformat: str) -> None:
+    path = tmp_path / "ours.vmdk"
+    with create_image(path, SIZE, subformat=subformat, adapter_type="lsilogic") as image:
+        image.write_at(0, b"\x5a" * 1000)
+        image.write_at(65536 - 100, b"\x5b" * 200)  # across a grain boundary
+        image.write_at(SIZE - MiB - 7, b"\x5c" * (MiB + 7))
+    qemu_check(path, "vmdk")
+    qemu_io(
+        path,
+        "vmdk",
+        [
+            "read -P 0x5a 0 1000",
+            "read -P 0 1000 64436",
+            "read -P 0x5b 65436 200",
+            "read -P 0 65636 1M",
+            f"read -P 0x5c {SIZE - MiB - 7} {MiB + 7}",
+        ],
+    )
+    assert 'ddb.adapterType = "lsilogic"' in _descriptor_text(path)
+    info = qemu_img("info", "--output=json", path)
+    assert f'"create-type": "{subformat}"' in info
+
+
+def test_two_gb_extents_written_across_the_boundary(tmp_path: Path) -> None:
+    size = 5 * GiB + 512
+    across = 2 * GiB - 3000
+    for subformat in ("twoGbMaxExtentSparse", "twoGbMaxExtentFlat"):
+        path = tmp_path / f"{subformat}.vmdk"
+        with create_image(path, size, subformat=subformat) as image:
+            assert image.size == size
+            image.write_at(across, b"\xab" * 70000)
+            image.write_at(4 * GiB - 1, b"\xee\xee")
+            image.write_at(size - 10, b"\xcd" * 10)
+        letter = "s" if subformat.endswith("Sparse") else "f"
+        assert sorted(p.name for p in tmp_path.glob(f"{subformat}-{letter}*.vmdk")) == [
+            f"{subformat}-{letter}00{n}.vmdk" for n in (1, 2, 3)
+        ]
+        qemu_check(path, "vmdk")
+        with open_image(path) as image:
+            assert image.read_at(across - 1, 70002) == b"\0" + b"\xab" * 70000 + b"\0"
+            assert image.read_at(4 * GiB - 2, 4) == b"\0\xee\xee\0"
+            assert image.read_at(size - 11, 100) == b"\0" + b"\xcd" * 10
+        qemu_io(
+            path,
+            "vmdk",
+            [
+                f"read -P 0 {across - 4096} 4096",
+                f"read -P 0xab {across} 70000",
+                f"read -P 0 {across + 70000} 4096",
+                f"read -P 0xee {4 * GiB - 1} 2",
+                f"read -P 0xcd {size - 10} 10",
+            ],
+        )
+
+
+def test_diskhandler_child_of_qemu_parent(tmp_path: Path) -> None:
+    base = _qemu_create(tmp_path / "base.vmdk")
+    fill_with_pattern(base, "vmdk")
+    base_digest = _sha(base)
+    base_cid = _cid(base)
+    os.mkdir(tmp_path / "snapshots")
+    child = tmp_path / "snapshots" / "child.vmdk"
+    rng = random.Random("child-of-qemu")
+    flat = qemu_flatten(base, "vmdk", tmp_path / "model.raw")
+    model = bytearray(flat.read_bytes())
+    with create_image(child, parent=base) as image:
+        assert image.size == SIZE
+        assert isinstance(image, VMDKImage)
+        assert image.parent_cid == int(base_cid, 16)
+        for _ in range(30):
+            length = rng.choice([1, 700, 65536, 100000, rng.randrange(1, 2 * MiB)])
+            offset = rng.randrange(0, SIZE - length)
+            data = rng.randbytes(length)
+            image.write_at(offset, data)
+            model[offset : offset + length] = data
+    assert 'parentFileNameHint="../base.vmdk"' in _descriptor_text(child)
+    assert _cid(child, "parentCID") == base_cid
+    assert _sha(base) == base_digest  # the parent is never written
+    qemu_check(child, "vmdk")
+    assert qemu_flatten(child, "vmdk", tmp_path / "child.raw").read_bytes() == model
+    compare_with_raw(child, tmp_path / "child.raw")
+
+
+# -- content ids -------------------------------------------------------------------------------------
+
+
+def test_first_write_changes_the_cid_of_the_leaf_only(tmp_path: Path) -> None:
+    base = tmp_path / "base.vmdk"
+    create_image(base, 4 * MiB).close()
+    child = tmp_path / "child.vmdk"
+    create_image(child, parent=base).close()
+    base_cid, child_cid = _cid(base), _cid(child)
+    with open_image(child, writable=True) as image:
+        assert image.read_at(0, 10) == bytes(10)
+        assert _cid(child) == child_cid  # reading changes nothing
+        image.write_at(0, b"first")
+        changed = _cid(child)
+        assert changed != child_cid
+        image.write_at(100, b"second")
+        assert _cid(child) == changed  # once per session
+    assert _cid(base) == base_cid
+    assert _cid(child, "parentCID") == base_cid
+    info = qemu_img("info", "--output=json", child)
+    assert f'"cid": {int(changed, 16)}' in info
+
+
+def test_parent_cid_mismatch_warns_on_read_and_refuses_write(tmp_path: Path) -> None:
+    base = tmp_path / "base.vmdk"
+    create_image(base, 4 * MiB).close()
+    child = tmp_path / "child.vmdk"
+    create_image(child, parent=base).close()
+    with open_image(base, writable=True) as image:  # the parent changes after the snapshot
+        image.write_at(0, b"changed")
+    with pytest.warns(ImageWarning, match="parentCID"), open_image(child) as image:
+        assert image.read_at(0, 7) == b"changed"
+    with pytest.raises(ChainError, match="parentCID") as excinfo:
+        open_image(child, writable=True)
+    assert excinfo.value.path == child
+
+
+# -- descriptors and parents found the ways other products write them ----------------------------------
+
+
+def test_descriptor_in_windows_1252_with_zero_extent_and_odd_case(tmp_path: Path) -> None:
+    name = "disque-\u00e9t\u00e9 1.vmdk"  # a space and windows-1252 letters
+    flat = tmp_path / name
+    flat.write_bytes(b"\x42" * 8192)
+    descriptor = (
+        "# Disk DescriptorFile\r\n"
+        "# written by hand\r\n"
+        "VERSION=1\r\n"
+        'Encoding="windows-1252"\r\n'
+        "cid=0000abcd\r\n"
+        "PARENTCID=ffffffff\r\n"
+        'createtype = "monolithicFlat"\r\n'
+        "\r\n"
+        f'RW 16 FLAT "{name}" 0\r\n'
+        "RDONLY 8 ZERO\r\n"
+        f'RW 4 FLAT "{name}" 2  \r\n'
+        "# The Disk Data Base\r\n"
+        'ddb.adapterType = "ide"\r\n'
+    ).encode("cp1252")
+    path = tmp_path / "desc.vmdk"
+    path.write_bytes(descriptor)
+    with open_image(path) as image:
+        assert isinstance(image, VMDKImage)
+        assert image.cid == 0xABCD
+        assert image.size == 28 * 512
+        assert image.read() == b"\x42" * 8192 + bytes(4096) + b"\x42" * 2048
+        assert image.extent_files == (flat,)
+    with pytest.raises(UnsupportedImageError, match="ZERO extent cannot be written"):
+        open_image(path, writable=True)
+
+
+@pytest.mark.parametrize(
+    ("line", "message"),
+    [
+        ('RW 16 VMFS "x-flat.vmdk"', "VMFS extents"),
+        ('RW 16 VMFSRDM "x-rdm.vmdk"', "VMFSRDM extents"),
+        ('RW 16 SESPARSE "x-sesparse.vmdk"', "SESPARSE extents"),
+        ('NOACCESS 16 FLAT "x.bin" 0', "NOACCESS"),
+        ('RW 16 FLAT "missing.bin" 0', "does not exist"),
+        ('RW 16 FLAT "/dev/null" 0', "not a regular file"),
+        ("RW sixteen FLAT", "bad extent line"),
+    ],
+)
+def test_descriptor_extents_refused(tmp_path: Path, line: str, message: str) -> None:
+    (tmp_path / "x.bin").write_bytes(bytes(8192))
+    path = tmp_path / "d.vmdk"
+    path.write_text(
+        f'# Disk DescriptorFile\nversion=1\nCID=1\nparentCID=ffffffff\ncreateType="vmfs"\n{line}\n'
+    )
+    with pytest.raises(ImageFormatError, match=message) as excinfo:
+        open_image(path)
+    assert excinfo.value.path == path
+
+
+def test_raw_device_create_types_refused(tmp_path: Path) -> None:
+    path = tmp_path / "rdm.vmdk"
+    path.write_text('# Disk DescriptorFile\nCID=1\ncreateType="fullDevice"\nRW 16 FLAT "/dev/sda" 0\n')
+    with pytest.raises(UnsupportedImageError, match="createType"):
+        open_image(path)
+
+
+def test_cowd_is_recognised_but_refused(tmp_path: Path) -> None:
+    path = tmp_path / "delta.vmdk"
+    path.write_bytes(b"COWD" + struct.pack("<I", 1) + bytes(2040))
+    assert detect_format(path) == "vmdk"
+    with pytest.raises(UnsupportedImageError, match="COWD") as excinfo:
+        open_image(path)
+    assert excinfo.value.field == "magic"
+
+
+def test_probe_is_strict_about_text() -> None:
+    good = b'# Disk DescriptorFile\nversion=1\ncreateType="monolithicFlat"\n' + bytes(100)
+    assert VMDKImage.probe(good, b"")
+    assert not VMDKImage.probe(b"# a shell script\ncreateType=1\n", b"")  # no descriptor marker
+    assert not VMDKImage.probe(b"# Disk DescriptorFile\nversion=1\n", b"")  # no createType
+    assert not VMDKImage.probe(good + b"\x01\x02", b"")  # data after the NUL padding
+    assert not VMDKImage.probe(b"\x7fELF" + bytes(4092), b"")
+    assert not VMDKImage.probe(random.Random(1).randbytes(4096), b"")
+    assert not looks_like_descriptor(b'version=1\n# Disk DescriptorFile\ncreateType="x"\n')
+
+
+def test_parent_found_by_windows_hint_basename(tmp_path: Path) -> None:
+    base = tmp_path / "base.vmdk"
+    with create_image(base, 4 * MiB) as image:
+        image.write_at(0, b"from the base")
+    child = tmp_path / "child.vmdk"
+    create_image(child, parent=base).close()
+    _edit_descriptor(child, 'parentFileNameHint="base.vmdk"', 'parentFileNameHint="C:\\VMs\\base.vmdk"')
+    with open_image(child) as image:
+        assert image.chain == (child, base)
+        assert image.read_at(0, 13) == b"from the base"
+    base.rename(tmp_path / "elsewhere.vmdk")
+    with pytest.raises(ChainError, match="does not exist") as excinfo:
+        open_image(child)
+    assert excinfo.value.field == "parent"
+
+
+def test_cyclic_parents_refused(tmp_path: Path) -> None:
+    a, b = tmp_path / "a.vmdk", tmp_path / "b.vmdk"
+    create_image(a, 4 * MiB).close()
+    create_image(b, parent=a).close()
+    _edit_descriptor(
+        a, 'createType="monolithicSparse"', 'createType="monolithicSparse"\nparentFileNameHint="b.vmdk"'
+    )
+    with pytest.raises(ChainError, match="loops"):
+        open_image(b)
+
+
+# -- real images made by other products ----------------------------------------------------------------
+
+
+REAL = [
+    "cot/ubuntu.2.0-disk1.vmdk",  # VirtualBox export: GD_AT_END, footer
+    "cot/input.vmdk",  # VMware tooling; names itself generated-stream.vmdk
+    "cot/blank.vmdk",
+    "dfvfs/ext2.vmdk",  # old qemu monolithicSparse holding ext2
+]
+
+
+@pytest.mark.parametrize("name", REAL)
+def test_real_image_reads_like_qemu(tmp_path: Path, name: str) -> None:
+    path = REAL_IMAGES / name
+    if not path.exists():
+        pytest.skip(f"{path} is not here")
+    assert detect_format(path) == "vmdk"
+    flat = qemu_flatten(path, "vmdk", tmp_path / "flat.raw")
+    _compare_with_sparse_raw(path, flat)
+
+
+def _compare_with_sparse_raw(image_path: Path, flat: Path, chunk: int = 4 * MiB) -> None:
+    """compare_with_raw for big, mostly empty disks: the flat file's holes are compared as zeros."""
+    zeros = bytes(chunk)
+    buf = mmap.mmap(-1, chunk)
+    view = memoryview(buf)
+    with open_image(image_path) as image, flat.open("rb") as ref:
+        size = flat.stat().st_size
+        assert image.size == size
+        fd = ref.fileno()
+        offset = 0
+        while offset < size:
+            try:
+                data_at = os.lseek(fd, offset, os.SEEK_DATA)
+            except OSError:  # nothing but a hole up to the end
+                data_at = size
+            while offset < data_at:  # a hole: diskhandler must read zeros
+                n = min(chunk, data_at - offset)
+                assert image.readinto_at(offset, view[:n]) == n
+                assert buf[:n] == zeros[:n], f"{image_path}: bytes at {offset} should be zeros"
+                offset += n
+            if offset >= size:
+                break
+            hole_at = os.lseek(fd, offset, os.SEEK_HOLE)
+            while offset < hole_at:
+                n = min(chunk, hole_at - offset)
+                assert image.read_at(offset, n) == os.pread(fd, n, offset), (
+                    f"{image_path}: differs near {offset}"
+                )
+                offset += n
+
+
+def test_real_ext2_image_holds_its_filesystem() -> None:
+    path = REAL_IMAGES / "dfvfs/ext2.vmdk"
+    if not path.exists():
+        pytest.skip(f"{path} is not here")
+    with open_image(path) as image:
+        superblock = image.read_at(1024, 1024)
+    assert superblock[56:58] == b"\x53\xef"  # the ext2 magic
+
+
+# -- corrupt input ----------------------------------------------------------------------------------------
+
+
+@pytest.fixture
+def small_sparse(tmp_path: Path) -> Path:
+    path = tmp_path / "small.vmdk"
+    with create_image(path, 2 * MiB) as image:
+        image.write_at(0, b"\x99" * 200000)
+    return path
+
+
+def _patch(path: Path, offset: int, data: bytes) -> None:
+    with path.open("r+b") as f:
+        f.seek(offset)
+        f.write(data)
+
+
+@pytest.mark.parametrize(
+    ("offset", "data", "field"),
+    [
+        (0, b"KDMX", None),  # no magic: not detected as VMDK at all
+        (4, struct.pack("<I", 7), "version"),
+        (20, struct.pack("<Q", 3), "grainSize"),
+        (20, struct.pack("<Q", 1 << 40), "grainSize"),
+        (12, struct.pack("<Q", 0), "capacity"),
+        (12, struct.pack("<Q", 1 << 62), "capacity"),
+        (44, struct.pack("<I", 100000), "numGTEsPerGT"),
+        (56, struct.pack("<Q", 1 << 40), "gdOffset"),
+        (64, struct.pack("<Q", 1 << 40), "overHead"),
+        (77, struct.pack("<H", 9), "compressAlgorithm"),
+        (36, struct.pack("<Q", 1 << 30), "descriptorSize"),
+        (28, struct.pack("<Q", 1 << 30), "descriptorOffset"),
+    ],
+)
+def test_corrupt_header_fields(small_sparse: Path, offset: int, data: bytes, field: str | None) -> None:
+    _patch(small_sparse, offset, data)
+    with (
+        pytest.raises(ImageFormatError) as excinfo,
+        open_image(small_sparse, format="vmdk" if field is None else None) as image,
+    ):
+        image.read()
+    assert excinfo.value.path == small_sparse
+    assert excinfo.value.field == field
+    assert str(small_sparse) in str(excinfo.value)
+
+
+def test_truncated_sparse_image(small_sparse: Path) -> None:
+    with small_sparse.open("r+b") as f:
+        f.truncate(30 * 512)
+    with pytest.raises(ImageFormatError, match="truncated") as excinfo:
+        open_image(small_sparse)
+    assert excinfo.value.path == small_sparse
+
+
+def test_grain_past_end_of_file(small_sparse: Path) -> None:
+    size = small_sparse.stat().st_size
+    with small_sparse.open("r+b") as f:
+        f.truncate(size - 65536)  # the last grain is gone; the metadata is intact
+    with open_image(small_sparse) as image:
+        assert image.read_at(0, 100) == b"\x99" * 100
+        with pytest.raises(ImageFormatError, match="truncated"):
+            image.read()
+
+
+def test_grain_table_past_end_of_file(small_sparse: Path) -> None:
+    gd = struct.unpack_from("<Q", small_sparse.read_bytes(), 56)[0]
+    _patch(small_sparse, gd * 512, struct.pack("<I", 0x7FFFFFFF))
+    with open_image(small_sparse) as image, pytest.raises(ImageFormatError) as excinfo:
+        image.read_at(0, 10)
+    assert excinfo.value.field == "grain directory entry 0"
+
+
+def test_damaged_stream_footer(tmp_path: Path) -> None:
+    real = REAL_IMAGES / "cot/ubuntu.2.0-disk1.vmdk"
+    if not real.exists():
+        pytest.skip(f"{real} is not here")
+    path = tmp_path / "stream.vmdk"
+    shutil.copyfile(real, path)
+    with path.open("r+b") as f:
+        f.truncate(path.stat().st_size - 512)  # the end-of-stream marker is gone
+    with pytest.raises(ImageFormatError, match="footer") as excinfo:
+        open_image(path)
+    assert excinfo.value.field == "footer"
+
+
+def test_damaged_compressed_grain(tmp_path: Path) -> None:
+    source = tmp_path / "source.vmdk"
+    with create_image(source, 4 * MiB) as image:
+        image.write_at(0, random.Random(3).randbytes(65536))
+    stream = tmp_path / "stream.vmdk"
+    qemu_img("convert", "-O", "vmdk", "-o", "subformat=streamOptimized", source, stream)
+    data = bytearray(stream.read_bytes())
+    first_grain = struct.unpack_from("<Q", data, 64)[0] * 512  # overHead: the first grain's marker
+    assert struct.unpack_from("<Q", data, first_grain)[0] == 0  # its LBA
+    data[first_grain + 12 : first_grain + 76] = bytes(64)  # the zlib stream after lba and size
+    stream.write_bytes(bytes(data))
+    with open_image(stream) as image, pytest.raises(ImageFormatError, match="damaged"):
+        image.read_at(0, 10)
+
+
+def test_missing_extent_file(tmp_path: Path) -> None:
+    path = tmp_path / "split.vmdk"
+    create_image(path, 3 * GiB, subformat="twoGbMaxExtentSparse").close()
+    (tmp_path / "split-s002.vmdk").unlink()
+    with pytest.raises(ImageFormatError, match=r"split-s002\.vmdk does not exist") as excinfo:
+        open_image(path)
+    assert excinfo.value.field == "extent 2"
+
+
+# -- create_image options --------------------------------------------------------------------------------
+
+
+def test_create_options_checked(tmp_path: Path) -> None:
+    with pytest.raises(ValueError, match="streamOptimized is read-only"):
+        create_image(tmp_path / "a.vmdk", MiB, subformat="streamOptimized")
+    with pytest.raises(ValueError, match="adapter_type"):
+        create_image(tmp_path / "a.vmdk", MiB, adapter_type="scsi")
+    with pytest.raises(TypeError, match="unknown VMDK options"):
+        create_image(tmp_path / "a.vmdk", MiB, cluster_size=4096)
+    base = tmp_path / "base.vmdk"
+    create_image(base, MiB).close()
+    with pytest.raises(ValueError, match="cannot have a parent"):
+        create_image(tmp_path / "b.vmdk", parent=base, subformat="monolithicFlat")
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["base.vmdk"]
+
+
+def test_create_refuses_to_overwrite_an_extent_file(tmp_path: Path) -> None:
+    (tmp_path / "disk-flat.vmdk").write_bytes(b"precious")
+    with pytest.raises(FileExistsError):
+        create_image(tmp_path / "disk.vmdk", MiB, subformat="monolithicFlat")
+    assert (tmp_path / "disk-flat.vmdk").read_bytes() == b"precious"
+    assert not (tmp_path / "disk.vmdk").exists()
+
+
+# -- fuzzing ---------------------------------------------------------------------------------------------
+
+
+@pytest.fixture(scope="module")
+def fuzz_seed(tmp_path_factory: pytest.TempPathFactory) -> bytes:
+    path = tmp_path_factory.mktemp("fuzz") / "seed.vmdk"
+    with create_image(path, 1 * MiB) as image:
+        image.write_at(70000, b"\x77" * 70000)
+    return path.read_bytes()
+
+
+def _open_and_read(path: Path) -> None:
+    try:
+        with open_image(path, format="vmdk") as image:
+            image.read_at(0, 65536)
+            image.read_at(max(0, image.size - 65536), 65536)
+            image.read_at(image.size // 2, 200000)
+    except ImageFormatError:
+        pass
+
+
+@settings(max_examples=150, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture])
+@given(data=st.data())
+def test_fuzz_sparse_header_and_descriptor(tmp_path: Path, fuzz_seed: bytes, data: st.DataObject) -> None:
+    image = bytearray(fuzz_seed)
+    edits = data.draw(
+        st.lists(st.tuples(st.integers(0, 32 * 512 - 1), st.integers(0, 255)), min_size=1, max_size=8)
+    )
+    for offset, value in edits:
+        image[offset] = value
+    path = tmp_path / "fuzz.vmdk"
+    path.write_bytes(bytes(image))
+    _open_and_read(path)
+
+
+@settings(max_examples=60, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture])
+@given(blob=st.binary(min_size=0, max_size=2048))
+def test_fuzz_random_data(tmp_path: Path, blob: bytes) -> None:
+    path = tmp_path / "random.vmdk"
+    path.write_bytes(b"KDMV" + blob)
+    _open_and_read(path)
+
+
+@settings(max_examples=100, deadline=None)
+@given(
+    text=st.text(max_size=400),
+    lines=st.lists(
+        st.sampled_from(
+            [
+                'RW 8 FLAT "f.bin" 0',
+                "RDONLY 4 ZERO",
+                'RW 99999999999999999999 SPARSE "s.vmdk"',
+                "CID=zz",
+                "parentCID=1",
+                'createType="monolithicFlat"',
+                "RW 1 FLAT",
+                "NOACCESS 1 ZERO",
+                'x="',
+                "=",
+            ]
+        ),
+        max_size=6,
+    ),
+)
+def test_fuzz_descriptor_parser(text: str, lines: list[str]) -> None:
+    blob = ("# Disk DescriptorFile\n" + "\n".join(lines) + "\n" + text).encode("utf-8", "replace")
+    try:
+        descriptor = parse_descriptor(blob, Path("fuzz.vmdk"))
+        descriptor.cid(Path("fuzz.vmdk"), "parentCID")
+    except ImageFormatError:
+        pass
