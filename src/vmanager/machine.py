@@ -21,6 +21,7 @@ from __future__ import annotations
 
 import datetime as dt
 import enum
+import heapq
 import html
 import re
 import shutil
@@ -612,8 +613,7 @@ class VirtualMachine:
         out = [
             _parse_snapshot(r, tuple(sorted(children.get(r.findtext("name", ""), []))), None) for r in roots
         ]
-        out = [attrs.evolve(s, is_current=s.name == current) for s in out]
-        return sorted(out, key=lambda s: (s.created, s.name))
+        return _oldest_first([attrs.evolve(s, is_current=s.name == current) for s in out])
 
     def snapshot_info(self, name: str) -> Snapshot:
         """One snapshot by name; :class:`SnapshotNotFoundError` names the ones that exist."""
@@ -835,6 +835,22 @@ class VirtualMachine:
 
     def __iter__(self) -> Iterator[Snapshot]:  # pragma: no cover - guard against accidental iteration
         raise TypeError("VirtualMachine is not iterable; use .snapshots()")
+
+
+def _oldest_first(snaps: list[Snapshot]) -> list[Snapshot]:
+    """Parents before children, otherwise by creation time (libvirt records whole seconds) and name."""
+    by_name = {s.name: s for s in snaps}
+    ready = [(s.created, s.name) for s in snaps if s.parent not in by_name]
+    heapq.heapify(ready)
+    out: list[Snapshot] = []
+    while ready:
+        _, name = heapq.heappop(ready)
+        snap = by_name[name]
+        out.append(snap)
+        for child in snap.children:
+            if child in by_name:
+                heapq.heappush(ready, (by_name[child].created, child))
+    return out
 
 
 def _tail(text: str, limit: int = 400) -> str:

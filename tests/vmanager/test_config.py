@@ -1,0 +1,190 @@
+"""VMConfig, domain XML for every hypervisor family, and disk-format sniffing."""
+
+from __future__ import annotations
+
+import shutil
+import subprocess
+import xml.etree.ElementTree as ET
+from pathlib import Path
+
+import pytest
+
+from vmanager import ConfigError, Disk, VMConfig
+from vmanager._diskformat import sniff_bytes, sniff_format
+
+FAMILIES = ["qemu", "kvm", "vbox", "xen", "test"]
+ORIGINAL = {"name": "test123", "memory": "123", "disk_location": "dsl-4.4.10.iso", "hd_location": "disk.vdi"}
+
+
+def test_from_dict_original_example() -> None:
+    config = VMConfig.from_dict(ORIGINAL)
+    assert config.name == "test123"
+    assert config.memory == 123
+    assert config.disk_location == Path("dsl-4.4.10.iso")
+    assert config.hd_location == Path("disk.vdi")
+    assert config.network is None
+    assert VMConfig.from_dict(config.to_dict()) == config
+
+
+@pytest.mark.parametrize(
+    ("data", "field"),
+    [
+        ({"memory": "12x"}, "memory"),
+        ({"memory": 0}, "memory"),
+        ({"memory": -5}, "memory"),
+        ({"memory": True}, "memory"),
+        ({"memory": 2**40}, "memory"),
+        ({"vcpus": 0}, "vcpus"),
+        ({"name": "has space"}, "name"),
+        ({"name": ""}, "name"),
+        ({"network": "wifi"}, "network"),
+        ({"rollback": "magic"}, "rollback"),
+        ({"accel": "hvf"}, "accel"),
+        ({"colour": "blue"}, "colour"),
+        ({"cmdline": "console=ttyS0"}, "kernel"),
+        ({"disks": [{"size": 3}]}, "disks"),
+        ({"disks": [{"path": "io.img", "format": "vhdx"}]}, "disks.format"),
+    ],
+)
+def test_bad_values_name_the_field(data: dict[str, object], field: str) -> None:
+    with pytest.raises(ConfigError) as info:
+        VMConfig.from_dict({**ORIGINAL, **data})
+    assert info.value.field == field
+    assert isinstance(info.value, ValueError)
+    assert field in str(info.value)
+
+
+def test_nothing_to_boot() -> None:
+    with pytest.raises(ConfigError, match="nothing to boot"):
+        VMConfig(name="empty")
+
+
+def test_overlay_needs_system_disk() -> None:
+    with pytest.raises(ConfigError, match="hd_location"):
+        VMConfig(name="o", kernel="/k", rollback="overlay")
+
+
+def test_memory_int_or_numeric_string() -> None:
+    assert VMConfig(name="m", memory=" 512 ", kernel="/k").memory == 512
+    assert VMConfig(name="m", memory=512, kernel="/k").memory == 512
+
+
+def _validate(xml: str, tmp_path: Path) -> None:
+    if shutil.which("virt-xml-validate") is None or shutil.which("xmllint") is None:
+        pytest.skip("virt-xml-validate (libvirt-clients) and xmllint (libxml2-utils) are needed")
+    path = tmp_path / "domain.xml"
+    path.write_text(xml)
+    cmd = ["virt-xml-validate", str(path), "domain"]
+    proc = subprocess.run(cmd, capture_output=True, text=True, check=False)
+    assert proc.returncode == 0, proc.stdout + proc.stderr + xml
+
+
+@pytest.mark.parametrize("family", FAMILIES)
+def test_original_example_xml_validates(family: str, tmp_path: Path) -> None:
+    config = VMConfig.from_dict(
+        {**ORIGINAL, "disks": [Disk(tmp_path / "io.img", snapshot=False)], "serial_log": "serial.log"}
+    )
+    xml = config.to_xml(family, name="hey")
+    _validate(xml, tmp_path)
+    root = ET.fromstring(xml)
+    assert root.get("type") == family
+    assert root.findtext("name") == "hey"
+    assert root.findtext("title") == "test123"
+    assert root.find("memory") is not None
+    assert root.findtext("memory") == "123"
+    assert root.find("memory").get("unit") == "MiB"  # type: ignore[union-attr]
+    assert root.find("devices/interface") is None  # no network unless asked for
+    cdrom = root.find("devices/disk[@device='cdrom']")
+    assert cdrom is not None
+    assert cdrom.find("readonly") is not None
+    io = [d for d in root.iterfind("devices/disk") if d.get("snapshot") == "no"]
+    assert len(io) == 1
+
+
+@pytest.mark.parametrize("family", ["qemu", "kvm", "xen", "test"])
+def test_kernel_boot_network_and_overlay_validate(family: str, tmp_path: Path) -> None:
+    config = VMConfig(
+        name="k",
+        memory=256,
+        vcpus=2,
+        kernel="/boot/vmlinuz",
+        initrd="/boot/initrd",
+        cmdline="console=ttyS0 panic=-1",
+        hd_location=tmp_path / "base.raw",
+        serial_log=tmp_path / "serial.log",
+        network="network:default",
+    )
+    overlays = {"vda": tmp_path / "o.qcow2"} if family in {"qemu", "kvm"} else None
+    xml = config.to_xml(family, overlays=overlays)
+    _validate(xml, tmp_path)
+    root = ET.fromstring(xml)
+    assert root.findtext("os/kernel") == "/boot/vmlinuz"
+    assert root.findtext("os/cmdline") == "console=ttyS0 panic=-1"
+    assert root.find("devices/interface[@type='network']/source").get("network") == "default"  # type: ignore[union-attr]
+    assert root.find("title") is None  # name not overridden: no title
+    if overlays:
+        disk = root.find("devices/disk")
+        assert disk is not None
+        assert disk.find("source").get("file") == str(tmp_path / "o.qcow2")  # type: ignore[union-attr]
+        assert disk.find("driver").get("type") == "qcow2"  # type: ignore[union-attr]
+        assert disk.find("backingStore/source").get("file") == str(tmp_path / "base.raw")  # type: ignore[union-attr]
+
+
+def test_vbox_rejects_kernel_and_overlay(tmp_path: Path) -> None:
+    with pytest.raises(ConfigError, match="VirtualBox"):
+        VMConfig(name="v", kernel="/k").to_xml("vbox")
+    with pytest.raises(ConfigError, match="overlay"):
+        VMConfig(name="v", hd_location="d.vdi").to_xml("vbox", overlays={"sda": tmp_path / "o"})
+    with pytest.raises(ConfigError, match="hypervisor"):
+        VMConfig(name="v", hd_location="d.vdi").to_xml("bhyve")
+
+
+def test_qemu_domain_type_override() -> None:
+    config = VMConfig(name="q", kernel="/k")
+    assert ET.fromstring(config.to_xml("qemu", domain_type="kvm")).get("type") == "kvm"
+    with pytest.raises(ConfigError, match="domain_type"):
+        config.to_xml("xen", domain_type="kvm")
+
+
+# -- disk formats ---------------------------------------------------------------------------------
+
+QEMU_IMG = shutil.which("qemu-img")
+
+
+@pytest.mark.skipif(QEMU_IMG is None, reason="qemu-img (qemu-utils) is needed")
+@pytest.mark.parametrize(
+    ("fmt", "options", "expected"),
+    [
+        ("qcow2", [], "qcow2"),
+        ("vdi", [], "vdi"),
+        ("vmdk", [], "vmdk"),
+        ("vmdk", ["-o", "subformat=monolithicFlat"], "vmdk"),  # text descriptor
+        ("vpc", [], "vpc"),  # dynamic VHD: cookie at 0 and in the footer
+        ("vpc", ["-o", "subformat=fixed"], "vpc"),  # fixed VHD: footer only
+        ("raw", [], "raw"),
+    ],
+)
+def test_sniff_real_images(fmt: str, options: list[str], expected: str, tmp_path: Path) -> None:
+    # The suffix lies on purpose: the format comes from the bytes.
+    path = tmp_path / "image.vdi" if fmt != "vdi" else tmp_path / "image.qcow2"
+    subprocess.run([QEMU_IMG, "create", "-q", "-f", fmt, *options, str(path), "4M"], check=True)  # type: ignore[list-item]
+    assert sniff_format(path) == expected
+    xml = VMConfig(name="f", hd_location=path).to_xml("qemu")
+    assert ET.fromstring(xml).find("devices/disk/driver").get("type") == expected  # type: ignore[union-attr]
+
+
+def test_sniff_bytes_edge_cases(tmp_path: Path) -> None:
+    assert sniff_bytes(b"") == "raw"
+    assert sniff_bytes(b"QFI") == "raw"
+    assert sniff_bytes(b"\0" * 512, b"conectix" + bytes(504)) == "vpc"
+    empty = tmp_path / "empty.qcow2"
+    empty.write_bytes(b"")
+    assert sniff_format(empty) == "raw"
+    with pytest.raises(FileNotFoundError):
+        sniff_format(tmp_path / "missing")
+
+
+def test_missing_image_renders_as_raw_and_explicit_format_wins(tmp_path: Path) -> None:
+    config = VMConfig(name="m", hd_location=tmp_path / "nope.qcow2", disks=[Disk("io.img", format="qcow2")])
+    drivers = [d.get("type") for d in ET.fromstring(config.to_xml("qemu")).iterfind("devices/disk/driver")]
+    assert drivers == ["raw", "qcow2"]
