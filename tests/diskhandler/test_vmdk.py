@@ -232,6 +232,74 @@ def test_diskhandler_child_of_qemu_parent(tmp_path: Path) -> None:
     compare_with_raw(child, tmp_path / "child.raw")
 
 
+def _tables(path: Path) -> tuple[bytes, bytes]:
+    """The primary and the redundant grain tables of a one-table sparse image."""
+    data = path.read_bytes()
+    rgd, gd = struct.unpack_from("<QQ", data, 48)
+    (rgt,) = struct.unpack_from("<I", data, rgd * 512)
+    (gt,) = struct.unpack_from("<I", data, gd * 512)
+    return data[gt * 512 : gt * 512 + 2048], data[rgt * 512 : rgt * 512 + 2048]
+
+
+def test_redundant_grain_tables_kept_in_step(tmp_path: Path) -> None:
+    path = tmp_path / "disk.vmdk"
+    with create_image(path, 8 * MiB) as image:
+        image.write_at(100, b"a" * 300000)
+        image.write_at(7 * MiB, b"b" * 5)
+    primary, redundant = _tables(path)
+    assert primary == redundant
+    assert primary.count(b"\0\0\0\0") < 512  # entries were set
+
+
+def test_missing_grain_table_is_appended(tmp_path: Path) -> None:
+    path = tmp_path / "disk.vmdk"
+    create_image(path, 8 * MiB).close()
+    data = path.read_bytes()
+    rgd, gd = struct.unpack_from("<QQ", data, 48)
+    _patch(path, rgd * 512, bytes(4))  # as if the tables had never been preallocated
+    _patch(path, gd * 512, bytes(4))
+    size_before = path.stat().st_size
+    with open_image(path, writable=True) as image:
+        assert image.read() == bytes(8 * MiB)
+        image.write_at(3 * MiB + 5, b"\x42" * 70000)
+    assert path.stat().st_size == size_before + 2 * 65536 + 2 * 2048  # two grains, two tables
+    primary, redundant = _tables(path)
+    assert primary == redundant
+    qemu_check(path, "vmdk")
+    qemu_io(path, "vmdk", [f"read -P 0 0 {3 * MiB + 5}", f"read -P 0x42 {3 * MiB + 5} 70000"])
+
+
+def test_writes_into_qemu_zeroed_grains(tmp_path: Path) -> None:
+    base = _qemu_create(tmp_path / "base.vmdk", 4 * MiB)
+    qemu_io(base, "vmdk", ["write -P 0x11 0 4M"])
+    child = tmp_path / "child.vmdk"
+    qemu_img("create", "-q", "-f", "vmdk", "-o", "zeroed_grain=on", "-b", base.name, "-F", "vmdk", child)
+    qemu_io(child, "vmdk", ["write -z 64k 128k"])
+    with open_image(child, writable=True) as image:
+        image.write_at(65536 + 1000, b"\x22" * 10)  # inside a zeroed grain: zeros around, not the base
+        image.write_at(3 * MiB + 1000, b"\x33" * 10)  # an unallocated grain: the base around
+    qemu_check(child, "vmdk")
+    qemu_io(
+        child,
+        "vmdk",
+        [
+            "read -P 0x11 0 64k",
+            "read -P 0 64k 1000",
+            "read -P 0x22 66536 10",
+            "read -P 0 66546 130062",
+            f"read -P 0x11 {3 * MiB} 1000",
+            f"read -P 0x33 {3 * MiB + 1000} 10",
+            f"read -P 0x11 {3 * MiB + 1010} 1000",
+        ],
+    )
+
+
+def test_size_rounded_up_to_sectors(tmp_path: Path) -> None:
+    with create_image(tmp_path / "odd.vmdk", 1_000_000) as image:
+        assert image.size == 1_000_448
+    assert '"virtual-size": 1000448' in qemu_img("info", "--output=json", tmp_path / "odd.vmdk")
+
+
 # -- content ids -------------------------------------------------------------------------------------
 
 
