@@ -306,6 +306,7 @@ def test_changed_init_rebuilds_and_concurrent_builders_agree(
 ) -> None:
     cache = tmp_path / "cache"
     shutil.copytree(busybox_guest.kernel.parent.parent / "debs", cache / "debs")  # no re-download
+    (cache / ".build-left-by-a-killed-builder").mkdir()
     code = (
         "import sys; from pathlib import Path; from pyti_core.guest import tinylinux as t; "
         "t.INIT_SCRIPT = t.INIT_SCRIPT.replace('# pyti tiny guest', '# changed guest'); "
@@ -324,6 +325,15 @@ def test_changed_init_rebuilds_and_concurrent_builders_agree(
     import gzip
 
     assert b"# changed guest" in gzip.decompress(built.read_bytes())
+
+
+def test_cached_build_is_used_when_apt_is_unavailable(
+    busybox_guest: TinyLinux, monkeypatch: pytest.MonkeyPatch, tmp_path: Path
+) -> None:
+    monkeypatch.setenv("PATH", str(tmp_path))  # no apt-cache on it
+    assert build_tiny_linux(busybox_guest.kernel.parent.parent) == busybox_guest
+    with pytest.raises(GuestImageError, match="apt-cache not found"):  # nothing cached with these modules
+        build_tiny_linux(busybox_guest.kernel.parent.parent, modules=["virtio_blk"])
 
 
 @needs_apt
@@ -484,6 +494,20 @@ def test_busybox_guest_shell_and_power_button(busybox_guest: TinyLinux, boot: Bo
     assert time.monotonic() - pressed < 10  # about 0.4 s; generous for a loaded machine
     assert _debugfs_cat(disk, "/answer") == b"42\n"  # synced and unmounted before power-off
     subprocess.run(["e2fsck", "-fn", str(disk)], check=True, capture_output=True, timeout=60)
+
+
+@pytest.mark.qemu
+@needs_qemu
+def test_busybox_guest_without_echo_and_panic_reboots(busybox_guest: TinyLinux, boot: Boot) -> None:
+    serial = boot(busybox_guest, busybox_guest.cmdline_with(extra=["pyti.echo=0"]))
+    serial.wait_for(READY_MARKER)
+    serial.wait_for("pyti# ")
+    serial.type("echo answer=$((6*7))")
+    serial.wait_for("answer=42\r\n", 60)
+    assert b"echo answer" not in serial.output  # the typed line is not echoed back
+    serial.type("echo c > /proc/sysrq-trigger")  # a kernel panic: panic=-1 reboots, -no-reboot exits
+    assert serial.exited(60) == 0
+    assert b"Kernel panic" in serial.output
 
 
 @pytest.mark.qemu

@@ -53,7 +53,7 @@ import sys
 import tempfile
 from collections.abc import Iterable, Iterator, Mapping, Sequence
 from pathlib import Path, PurePosixPath
-from typing import BinaryIO, Final
+from typing import Final, Protocol
 
 import attrs
 
@@ -133,7 +133,7 @@ _EXCLUDED_PREFIXES: Final = (
     "usr/lib/python3.11/sqlite3/test/",
 )
 _EXCLUDED_NAMES: Final = re.compile(r"_test[a-z_]*\.cpython-.*\.so$|^xxlimited.*\.so$")
-_BUILD_FORMAT: Final = 1  # bump when the builder's output changes for the same inputs
+_BUILD_FORMAT: Final = 2  # bump when the builder's output changes for the same inputs
 _MODULES_DIR: Final = "lib/modules/pyti"
 _APT_TIMEOUT: Final = 600.0
 
@@ -189,6 +189,10 @@ class TinyLinux:
 _NEWC_MAGIC: Final = b"070701"
 _NEWC_TRAILER: Final = "TRAILER!!!"
 _NEWC_MAX_SIZE: Final = 0xFFFFFFFF
+
+
+class _Writable(Protocol):
+    def write(self, data: bytes, /) -> int: ...
 
 
 @attrs.frozen
@@ -275,7 +279,7 @@ class CpioArchive:
         """Entry names in archive order."""
         return list(self._entries)
 
-    def write(self, out: BinaryIO) -> int:
+    def write(self, out: _Writable) -> int:
         """Write the archive (entries, then the trailer) to ``out``; return the bytes written."""
         written = 0
         for ino, (name, entry) in enumerate(self._entries.items(), start=1):
@@ -284,7 +288,7 @@ class CpioArchive:
         return written
 
     @staticmethod
-    def _write_entry(out: BinaryIO, ino: int, name: str, entry: _Entry, *, nlink: int | None = None) -> int:
+    def _write_entry(out: _Writable, ino: int, name: str, entry: _Entry, *, nlink: int | None = None) -> int:
         data = entry.data.read_bytes() if isinstance(entry.data, Path) else entry.data
         if len(data) > _NEWC_MAX_SIZE:
             raise CpioEntryError(f"cpio entry {name!r} grew beyond 4 GiB - 1 while the archive was written")
@@ -759,6 +763,40 @@ def _locked(lock_path: Path) -> Iterator[None]:
             fcntl.flock(lock, fcntl.LOCK_UN)
 
 
+def _fingerprint(python: bool, wanted: Sequence[str]) -> str:
+    """What a build is asked for, apart from package versions: used to find it again offline."""
+    material = {
+        "python": python,
+        "modules": list(wanted),
+        "init": _render_init(wanted),
+        "format": _BUILD_FORMAT,
+    }
+    return hashlib.sha256(json.dumps(material, sort_keys=True).encode()).hexdigest()[:20]
+
+
+def _newest_cached(cache: Path, fingerprint: str) -> TinyLinux | None:
+    """The newest complete build in ``cache`` made for ``fingerprint``, whatever its package versions."""
+    best: tuple[float, TinyLinux] | None = None
+    for info_path in cache.glob("*/build.json"):
+        try:
+            info = json.loads(info_path.read_text())
+            mtime = info_path.stat().st_mtime
+        except (OSError, ValueError):
+            continue
+        if not isinstance(info, dict) or info.get("fingerprint") != fingerprint:
+            continue
+        guest = _load(info_path.parent)
+        if guest is not None and (best is None or mtime > best[0]):
+            best = (mtime, guest)
+    return best[1] if best is not None else None
+
+
+def _remove_stale(cache: Path) -> None:
+    """Remove temporary directories left by builders that died (only called with the lock held)."""
+    for stale in [*cache.glob(".build-*"), *cache.glob("debs/.download-*")]:
+        shutil.rmtree(stale, ignore_errors=True)
+
+
 def build_tiny_linux(
     cache_dir: Path | None = None,
     *,
@@ -768,16 +806,25 @@ def build_tiny_linux(
     """Build (or reuse from ``cache_dir``) a tiny Linux guest; see the module docstring.
 
     ``python=True`` adds Debian's Python 3.11 as ``/usr/bin/python3``. ``modules`` names the kernel
-    modules to load at boot (their dependencies are added). Raises :class:`GuestImageError` when apt
-    cannot find or fetch a package, or a package is not what the builder expects.
+    modules to load at boot (their dependencies are added).
+
+    The candidate versions of the packages are looked up with ``apt-cache`` on every call; a build made
+    from exactly those versions is reused. When the lookup fails (no apt, no package lists) the newest
+    cached build made with the same options is returned instead, and the lookup's
+    :class:`GuestImageError` is raised only when there is none. It is also raised when apt cannot
+    fetch a package, or a package is not what the builder expects.
     """
     cache = Path(cache_dir) if cache_dir is not None else default_cache_dir()
     wanted = tuple(dict.fromkeys(m.replace("-", "_") for m in modules))
-    packages = _resolve_packages(python)
-    # The module closure depends on the kernel; name the build by the wanted list, which with the
-    # kernel version determines it.
-    init_probe = _render_init(wanted)
-    key = _cache_key(packages, wanted, init_probe, python)
+    fingerprint = _fingerprint(python, wanted)
+    try:
+        packages = _resolve_packages(python)
+    except GuestImageError:
+        fallback = _newest_cached(cache, fingerprint) if cache.is_dir() else None
+        if fallback is None:
+            raise
+        return fallback
+    key = _cache_key(packages, wanted, _render_init(wanted), python)
     kernel_package = next(p for p in packages if p.startswith("linux-image-"))
     release = kernel_package.removeprefix("linux-image-")
     build_dir = cache / f"{release}-{'python' if python else 'busybox'}-{key}"
@@ -789,43 +836,14 @@ def build_tiny_linux(
         cached = _load(build_dir)
         if cached is not None:
             return cached
+        _remove_stale(cache)
         debs = _download(packages, cache / "debs")
         with tempfile.TemporaryDirectory(dir=cache, prefix=".build-") as tmp:
-            work = Path(tmp)
-            staging = work / "staging"
-            groups = {kernel_package: "kernel", BUSYBOX_PACKAGE: "busybox"}
-            for name, deb in debs.items():
-                target = staging / groups.get(name, "python")
-                target.mkdir(parents=True, exist_ok=True)
-                _run(["dpkg-deb", "-x", str(deb), str(target)], what=f"unpacking {deb.name}")
-            kernel_root = staging / "kernel"
-            vmlinuz = kernel_root / "boot" / f"vmlinuz-{release}"
-            modules_root = kernel_root / "lib" / "modules" / release
-            if not vmlinuz.is_file() or not modules_root.is_dir():
-                raise GuestImageError(
-                    f"{kernel_package} {packages[kernel_package]} has no boot/vmlinuz-{release} "
-                    f"or lib/modules/{release}"
-                )
-            ordered = module_dependencies(modules_root, wanted)
-            init = _render_init([name for name, _ in ordered])
-            if python:
-                _precompile_python(staging / "python")
-            archive = _assemble(staging, packages, ordered, init, python)
-            out = work / "out"
-            out.mkdir()
-            with (
-                open(out / "initrd.img", "wb") as raw,
-                gzip.GzipFile(fileobj=raw, mode="wb", compresslevel=6, mtime=0) as gz,
-            ):
-                archive.write(gz)  # type: ignore[arg-type]  # GzipFile is a binary file
-            shutil.copyfile(vmlinuz, out / "vmlinuz")
-            info = {
-                "kernel_release": release,
-                "packages": packages,
-                "modules": [name for name, _ in ordered],
-                "python": python,
-                "entries": len(archive),
-            }
+            out = _build(
+                Path(tmp), debs, packages, kernel_package=kernel_package, wanted=wanted, python=python
+            )
+            info = json.loads((out / "build.json").read_text())
+            info["fingerprint"] = fingerprint
             (out / "build.json").write_text(json.dumps(info, indent=1, sort_keys=True))
             for path in out.iterdir():
                 with open(path, "rb") as fh:
@@ -837,3 +855,49 @@ def build_tiny_linux(
     if result is None:
         raise GuestImageError(f"{build_dir}: build finished but its files are not readable")
     return result
+
+
+def _build(
+    work: Path,
+    debs: Mapping[str, Path],
+    packages: Mapping[str, str],
+    *,
+    kernel_package: str,
+    wanted: Sequence[str],
+    python: bool,
+) -> Path:
+    """Unpack ``debs`` under ``work`` and write ``work/out/{vmlinuz,initrd.img,build.json}``."""
+    release = kernel_package.removeprefix("linux-image-")
+    staging = work / "staging"
+    groups = {kernel_package: "kernel", BUSYBOX_PACKAGE: "busybox"}
+    for name, deb in debs.items():
+        target = staging / groups.get(name, "python")
+        target.mkdir(parents=True, exist_ok=True)
+        _run(["dpkg-deb", "-x", str(deb), str(target)], what=f"unpacking {deb.name}")
+    kernel_root = staging / "kernel"
+    vmlinuz = kernel_root / "boot" / f"vmlinuz-{release}"
+    modules_root = kernel_root / "lib" / "modules" / release
+    if not vmlinuz.is_file() or not modules_root.is_dir():
+        raise GuestImageError(
+            f"{kernel_package} {packages[kernel_package]} has no boot/vmlinuz-{release} "
+            f"or lib/modules/{release}"
+        )
+    ordered = module_dependencies(modules_root, wanted)
+    init = _render_init([name for name, _ in ordered])
+    if python:
+        _precompile_python(staging / "python")
+    archive = _assemble(staging, packages, ordered, init, python)
+    out = work / "out"
+    out.mkdir()
+    with open(out / "initrd.img", "wb") as raw, gzip.GzipFile(fileobj=raw, mode="wb", mtime=0) as gz:
+        archive.write(gz)
+    shutil.copyfile(vmlinuz, out / "vmlinuz")
+    info = {
+        "kernel_release": release,
+        "packages": dict(packages),
+        "modules": [name for name, _ in ordered],
+        "python": python,
+        "entries": len(archive),
+    }
+    (out / "build.json").write_text(json.dumps(info, indent=1, sort_keys=True))
+    return out
