@@ -1,0 +1,272 @@
+"""How a partition's files are reached: userspace filesystem drivers, a kernel mount only on request.
+
+The guest's filesystem is untrusted data. By default it is parsed in user space by a FUSE driver that
+runs as a child process — ``fuse2fs -o fakeroot`` for ext2/3/4, ``ntfs-3g`` for NTFS, ``fusefat`` for
+FAT — never by the host kernel, and no root privileges are needed. ``method="kernel"`` loop-mounts the
+partition instead (root only; faster, but the host kernel then parses the guest's metadata).
+
+The filesystem type is told from the superblock magic, read through diskhandler (no ``blkid``):
+
+* ext2/3/4: ``0xEF53`` (little-endian) at byte 1080;
+* NTFS: ``"NTFS    "`` at byte 3;
+* FAT12/16/32: ``"FAT"`` at byte 54 (FAT12/16) or 82 (FAT32) and the boot signature ``55 AA`` at 510.
+"""
+
+from __future__ import annotations
+
+import errno
+import os
+import shutil
+import signal
+import subprocess
+import tempfile
+import time
+from pathlib import Path
+from types import TracebackType
+from typing import Literal, Self
+
+from diskhandler.errors import FilesystemError, MissingDependencyError
+from diskhandler.formats import DiskImage
+
+__all__ = [
+    "FILESYSTEM_TYPES",
+    "FilesystemMount",
+    "detect_filesystem",
+    "detect_filesystem_bytes",
+    "is_mountpoint",
+    "mount_filesystem",
+]
+
+FILESYSTEM_TYPES = ("ext", "ntfs", "vfat")
+MountMethod = Literal["fuse", "kernel"]
+
+_EXT_MAGIC_OFFSET = 1080
+_EXT_MAGIC = b"\x53\xef"
+_PROBE_SIZE = 4096
+
+# (driver program, Debian package) per filesystem type.
+_DRIVERS: dict[str, tuple[str, str]] = {
+    "ext": ("fuse2fs", "fuse2fs"),
+    "ntfs": ("ntfs-3g", "ntfs-3g"),
+    "vfat": ("fusefat", "fusefat"),
+}
+_KERNEL_TYPES = {"ext": "ext4", "ntfs": "ntfs3", "vfat": "vfat"}
+
+
+def detect_filesystem_bytes(head: bytes) -> str | None:
+    """The filesystem type (``"ext"``, ``"ntfs"``, ``"vfat"``) whose superblock starts ``head``, or None.
+
+    ``head`` is the first 4 KiB of a partition (fewer bytes simply match less).
+    """
+    if head[_EXT_MAGIC_OFFSET : _EXT_MAGIC_OFFSET + 2] == _EXT_MAGIC:
+        return "ext"
+    if head[3:11] == b"NTFS    ":
+        return "ntfs"
+    if head[510:512] == b"\x55\xaa" and (head[54:57] == b"FAT" or head[82:85] == b"FAT"):
+        return "vfat"
+    return None
+
+
+def detect_filesystem(volume: DiskImage) -> str | None:
+    """The filesystem type on ``volume`` (a disk or a partition view), or ``None`` when unknown."""
+    return detect_filesystem_bytes(volume.read_at(0, _PROBE_SIZE))
+
+
+def is_mountpoint(path: str | os.PathLike[str]) -> bool:
+    """Whether ``path`` is a mount point of this process's mount namespace."""
+    target = os.fsencode(os.path.abspath(path))
+    try:
+        with open("/proc/self/mountinfo", "rb") as f:
+            return any(line.split()[4] == target for line in f)
+    except OSError:
+        return os.path.ismount(path)
+
+
+def _require(program: str, package: str, what: str) -> str:
+    found = shutil.which(program)
+    if found is None:
+        raise MissingDependencyError(
+            f"{what} needs the program {program}; install the Debian package {package} (apt-get install {package})"
+        )
+    return found
+
+
+class FilesystemMount:
+    """A guest filesystem mounted at ``mountpoint``; :meth:`unmount` flushes it and stops the driver.
+
+    Attributes:
+        device: the file holding the filesystem (a ``PartitionN`` file of a vdfuse view).
+        mountpoint: where the guest's files are.
+        fstype: ``"ext"``, ``"ntfs"`` or ``"vfat"``.
+        method: ``"fuse"`` (a userspace driver process) or ``"kernel"`` (a loop mount).
+        readonly: whether it was mounted read-only.
+    """
+
+    def __init__(
+        self,
+        device: Path,
+        mountpoint: Path,
+        fstype: str,
+        method: MountMethod,
+        readonly: bool,
+        process: subprocess.Popen[bytes] | None,
+        log: Path | None,
+    ) -> None:
+        self.device = device
+        self.mountpoint = mountpoint
+        self.fstype = fstype
+        self.method = method
+        self.readonly = readonly
+        self.process = process
+        self._log = log
+
+    @property
+    def pid(self) -> int | None:
+        """The driver process's PID (``None`` for a kernel mount)."""
+        return self.process.pid if self.process is not None else None
+
+    def unmount(self, timeout: float = 120.0) -> None:
+        """Flush the filesystem and unmount it; for a FUSE driver, wait until the driver has exited."""
+        try:
+            if self.method == "kernel":
+                if is_mountpoint(self.mountpoint):
+                    proc = subprocess.run(["umount", str(self.mountpoint)], capture_output=True, check=False)
+                    if proc.returncode != 0:
+                        raise FilesystemError(
+                            errno.EBUSY,
+                            f"umount failed: {proc.stderr.decode(errors='replace').strip()}",
+                            str(self.mountpoint),
+                        )
+                return
+            assert self.process is not None
+            if self.process.poll() is None:
+                # libfuse's SIGTERM handler leaves the loop, unmounts and runs the driver's destroy
+                # callback (fuse2fs closes the filesystem there: journal, bitmaps, superblock).
+                self.process.send_signal(signal.SIGTERM)
+                try:
+                    self.process.wait(timeout)
+                except subprocess.TimeoutExpired:
+                    self.process.kill()
+                    self.process.wait()
+                    raise FilesystemError(
+                        errno.ETIMEDOUT,
+                        f"the {self.fstype} driver did not stop within {timeout} s",
+                        str(self.mountpoint),
+                    ) from None
+            if is_mountpoint(self.mountpoint):
+                subprocess.run(
+                    ["fusermount", "-u", "-z", str(self.mountpoint)], capture_output=True, check=False
+                )
+            if self.process.returncode not in (0, -signal.SIGTERM):
+                raise FilesystemError(
+                    errno.EIO,
+                    f"the {self.fstype} driver exited with status {self.process.returncode}: {self._stderr()}",
+                    str(self.mountpoint),
+                )
+        finally:
+            if self._log is not None:
+                self._log.unlink(missing_ok=True)
+
+    def _stderr(self) -> str:
+        if self._log is None:
+            return ""
+        try:
+            return self._log.read_text(errors="replace").strip()
+        except OSError:
+            return ""
+
+    def __enter__(self) -> Self:
+        return self
+
+    def __exit__(
+        self, exc_type: type[BaseException] | None, exc: BaseException | None, tb: TracebackType | None
+    ) -> None:
+        self.unmount()
+
+    def __repr__(self) -> str:
+        return f"<FilesystemMount {self.fstype} {str(self.device)!r} at {str(self.mountpoint)!r} ({self.method})>"
+
+
+def _driver_argv(fstype: str, device: Path, mountpoint: Path, readonly: bool) -> list[str]:
+    program, package = _DRIVERS[fstype]
+    exe = _require(program, package, f"reading an {fstype} filesystem")
+    if fstype == "ext":
+        opts = ["fakeroot", "nosuid", "nodev", "ro" if readonly else "rw"]
+        return [exe, str(device), str(mountpoint), "-f", "-o", ",".join(opts)]
+    if fstype == "ntfs":
+        opts = ["no_detach", "nosuid", "nodev", "ro" if readonly else "rw"]
+        return [exe, str(device), str(mountpoint), "-o", ",".join(opts)]
+    opts = ["nosuid", "nodev"] + ([] if readonly else ["rw+"])
+    return [exe, "-f", "-o", ",".join(opts), str(device), str(mountpoint)]
+
+
+def mount_filesystem(
+    device: str | os.PathLike[str],
+    mountpoint: str | os.PathLike[str],
+    fstype: str,
+    *,
+    readonly: bool = False,
+    method: MountMethod = "fuse",
+    timeout: float = 60.0,
+) -> FilesystemMount:
+    """Mount the ``fstype`` filesystem in the file ``device`` at ``mountpoint`` and return once live.
+
+    Raises:
+        MissingDependencyError: the driver is not installed (the message names the Debian package).
+        FilesystemError: the driver refused the filesystem or did not come up in time.
+        ValueError: an unknown ``fstype`` or ``method``.
+    """
+    dev = Path(device)
+    mp = Path(mountpoint)
+    if fstype not in _DRIVERS:
+        raise ValueError(f"unknown filesystem type {fstype!r}; expected one of {', '.join(FILESYSTEM_TYPES)}")
+    if method == "kernel":
+        return _kernel_mount(dev, mp, fstype, readonly)
+    if method != "fuse":
+        raise ValueError(f"unknown mount method {method!r}; expected 'fuse' or 'kernel'")
+    argv = _driver_argv(fstype, dev, mp, readonly)
+    log_fd, log_name = tempfile.mkstemp(prefix="diskhandler-fs-", suffix=".log")
+    log = Path(log_name)
+    try:
+        process = subprocess.Popen(argv, stdin=subprocess.DEVNULL, stdout=log_fd, stderr=log_fd)
+    except BaseException:
+        log.unlink(missing_ok=True)
+        raise
+    finally:
+        os.close(log_fd)
+    fs = FilesystemMount(dev, mp, fstype, "fuse", readonly, process, log)
+    deadline = time.monotonic() + timeout
+    delay = 0.0005
+    while not is_mountpoint(mp):
+        if process.poll() is not None:
+            message = fs._stderr() or f"exit status {process.returncode}"
+            log.unlink(missing_ok=True)
+            raise FilesystemError(
+                errno.EIO,
+                f"{Path(argv[0]).name} could not mount the {fstype} filesystem: {message}",
+                str(dev),
+            )
+        if time.monotonic() > deadline:
+            fs.unmount()
+            raise FilesystemError(errno.ETIMEDOUT, f"{Path(argv[0]).name} was not ready within {timeout} s")
+        time.sleep(delay)
+        delay = min(delay * 2, 0.02)
+    return fs
+
+
+def _kernel_mount(dev: Path, mp: Path, fstype: str, readonly: bool) -> FilesystemMount:
+    _require("mount", "mount", "a kernel mount")
+    opts = ["loop", "nosuid", "nodev", "noexec", "ro" if readonly else "rw"]
+    proc = subprocess.run(
+        ["mount", "-t", _KERNEL_TYPES[fstype], "-o", ",".join(opts), str(dev), str(mp)],
+        capture_output=True,
+        check=False,
+    )
+    if proc.returncode != 0:
+        raise FilesystemError(
+            errno.EIO,
+            f"kernel mount of the {fstype} filesystem failed (it needs root): "
+            f"{proc.stderr.decode(errors='replace').strip()}",
+            str(dev),
+        )
+    return FilesystemMount(dev, mp, fstype, "kernel", readonly, None, None)

@@ -1,0 +1,580 @@
+"""The vdfuse view: a disk image as plain files in a FUSE filesystem.
+
+Like VirtualBox's ``vdfuse``, a mount shows::
+
+    EntireDisk      the whole virtual disk
+    Partition1..N   each partition (MBR primaries 1-4, EBR logical partitions from 5, GPT entries)
+
+as regular files, read-write (read-only with ``-r``). A partition-less disk shows only ``EntireDisk``.
+``EntireDisk`` and the partition files exclude each other while open: opening ``EntireDisk`` while a
+partition file is open (or the other way round) fails with ``EBUSY``. Every FUSE ``flush``, ``fsync``
+and ``release`` flushes the image's metadata, so a killed process leaves a valid image; unmounting
+flushes and closes everything.
+
+From the shell::
+
+    pyti-vdfuse disk.vdi /mnt/disk        # daemonizes once the mount is live
+    pyti-vdfuse -r -f disk.vdi /mnt/disk  # read-only, in the foreground
+
+From Python, :func:`mount_vdfuse` runs the same program in a child process (libfuse's main loop blocks
+and installs signal handlers, so it does not belong in the caller's process) and returns once the
+mount is live::
+
+    with mount_vdfuse("disk.vdi", "/mnt/disk") as m:
+        data = (m.mountpoint / "Partition1").read_bytes()
+
+This is the only module that imports ``fuse`` (fusepy).
+"""
+
+from __future__ import annotations
+
+import argparse
+import errno
+import json
+import os
+import select
+import shutil
+import signal
+import stat
+import subprocess
+import sys
+import threading
+import time
+from collections.abc import Callable, Sequence
+from pathlib import Path
+from types import TracebackType
+from typing import Any, Self
+
+from diskhandler.errors import (
+    ChainError,
+    DiskHandlerError,
+    FilesystemError,
+    ImageFormatError,
+    ImageInUseError,
+    MissingDependencyError,
+    PartitionTableError,
+    ReadOnlyImageError,
+    UnsupportedImageError,
+)
+from diskhandler.formats import DiskImage, open_image
+
+__all__ = ["ENTIRE_DISK", "VDFuseMount", "VDFuseOperations", "check_fuse_available", "main", "mount_vdfuse"]
+
+ENTIRE_DISK = "EntireDisk"
+_PARTITION_PREFIX = "Partition"
+_READY = b"R"
+
+
+def check_fuse_available() -> None:
+    """Raise :class:`MissingDependencyError` unless FUSE can be used here (``/dev/fuse`` + libfuse2)."""
+    if not os.path.exists("/dev/fuse"):
+        raise MissingDependencyError(
+            "/dev/fuse does not exist: load the fuse kernel module (modprobe fuse) or, in a container, "
+            "pass the device in (--device /dev/fuse)"
+        )
+    if not os.access("/dev/fuse", os.R_OK | os.W_OK):
+        raise MissingDependencyError("/dev/fuse is not readable and writable by this user")
+    try:
+        import fuse  # noqa: F401, PLC0415  (fusepy loads libfuse2 when imported)
+    except (ImportError, OSError) as exc:
+        raise MissingDependencyError(
+            f"fusepy cannot load libfuse: {exc}; install the Debian package libfuse2 "
+            "(and the Python package fusepy)"
+        ) from exc
+
+
+def _errno_of(exc: BaseException) -> int:
+    """The errno a FUSE caller sees for ``exc`` (the one boundary where errors are translated)."""
+    if isinstance(exc, ReadOnlyImageError):
+        return errno.EROFS
+    if isinstance(exc, ImageInUseError):
+        return errno.EBUSY
+    if isinstance(exc, OSError) and exc.errno:
+        return exc.errno
+    if isinstance(exc, ValueError):  # damaged image data, closed image
+        return errno.EIO
+    return errno.EIO
+
+
+def _make_operations_class() -> type[Any]:
+    import fuse  # noqa: PLC0415  (fusepy imported lazily: `--help` and errors need no libfuse)
+
+    class _Operations(fuse.Operations):  # type: ignore[misc]  # fusepy is untyped
+        """fusepy adapter around :class:`VDFuseOperations`; every error becomes ``FuseOSError``."""
+
+        use_ns = True
+
+        def __init__(self, core: VDFuseOperations) -> None:
+            self.core = core
+
+        def __call__(self, op: str, *args: Any) -> Any:
+            method = getattr(self.core, op, None)
+            if method is None:  # fusepy's defaults: EROFS for tree changes, no xattrs, ...
+                return super().__call__(op, *args)
+            try:
+                return method(*args)
+            except fuse.FuseOSError:
+                raise
+            except Exception as exc:
+                raise fuse.FuseOSError(_errno_of(exc)) from exc
+
+    return _Operations
+
+
+class VDFuseOperations:
+    """The filesystem behind a vdfuse mount, independent of fusepy (tests call it directly).
+
+    Args:
+        disk: the open image; it is closed by :meth:`destroy`.
+        partitions: views of its partitions (``[]`` for a partition-less disk).
+        readonly: refuse writes with ``EROFS``.
+        on_ready: called once when the kernel has the mount live (FUSE ``init``).
+    """
+
+    def __init__(
+        self,
+        disk: DiskImage,
+        partitions: Sequence[DiskImage],
+        *,
+        readonly: bool = False,
+        on_ready: Callable[[], None] | None = None,
+    ) -> None:
+        self.disk = disk
+        self.readonly = readonly or not disk.writable()
+        self._on_ready = on_ready
+        self.files: dict[str, DiskImage] = {ENTIRE_DISK: disk}
+        for index, part in enumerate(partitions, start=1):
+            number = getattr(part, "number", index)
+            self.files[f"{_PARTITION_PREFIX}{number}"] = part
+        self._open: dict[str, int] = dict.fromkeys(self.files, 0)
+        self._open_lock = threading.Lock()
+        st = os.stat(disk.path)
+        self._times = (st.st_atime_ns, st.st_mtime_ns, st.st_ctime_ns)
+        self._uid = os.getuid()
+        self._gid = os.getgid()
+
+    def _file(self, path: str) -> tuple[str, DiskImage]:
+        name = path.lstrip("/")
+        image = self.files.get(name)
+        if image is None:
+            raise FileNotFoundError(errno.ENOENT, "no such file in the vdfuse view", path)
+        return name, image
+
+    # -- lifecycle --------------------------------------------------------------------------------
+
+    def init(self, path: str) -> None:
+        if self._on_ready is not None:
+            self._on_ready()
+
+    def destroy(self, path: str) -> None:
+        for name, image in self.files.items():
+            if name != ENTIRE_DISK:
+                image.close()
+        self.disk.close()
+
+    # -- metadata ---------------------------------------------------------------------------------
+
+    def getattr(self, path: str, fh: int | None = None) -> dict[str, int]:
+        atime, mtime, ctime = self._times
+        common = {"st_uid": self._uid, "st_gid": self._gid, "st_atime": atime, "st_mtime": mtime}
+        common["st_ctime"] = ctime
+        if path == "/":
+            mode = 0o555 if self.readonly else 0o755
+            return {**common, "st_mode": stat.S_IFDIR | mode, "st_nlink": 2, "st_size": 0}
+        _name, image = self._file(path)
+        mode = 0o444 if self.readonly else 0o644
+        blocks = (image.size + 511) // 512
+        return {**common, "st_mode": stat.S_IFREG | mode, "st_nlink": 1, "st_size": image.size,
+                "st_blocks": blocks}  # fmt: skip
+
+    def readdir(self, path: str, fh: int) -> list[str]:
+        if path != "/":
+            raise NotADirectoryError(errno.ENOTDIR, "not a directory", path)
+        return [".", "..", *self.files]
+
+    def statfs(self, path: str) -> dict[str, int]:
+        total = sum(image.size for image in self.files.values())
+        return {"f_bsize": 4096, "f_frsize": 4096, "f_blocks": total // 4096, "f_bfree": 0,
+                "f_bavail": 0, "f_files": len(self.files), "f_ffree": 0, "f_namemax": 255}  # fmt: skip
+
+    def access(self, path: str, amode: int) -> None:
+        self._file(path) if path != "/" else None
+        if amode & os.W_OK and self.readonly:
+            raise OSError(errno.EROFS, "read-only vdfuse view", path)
+
+    def truncate(self, path: str, length: int, fh: int | None = None) -> None:
+        _name, image = self._file(path)
+        if self.readonly:
+            raise OSError(errno.EROFS, "read-only vdfuse view", path)
+        if length != image.size:
+            raise OSError(errno.EPERM, "a disk's size is fixed; its files cannot be resized", path)
+
+    def utimens(self, path: str, times: tuple[int, int] | None = None) -> None:
+        self._file(path) if path != "/" else None
+
+    # -- open files -------------------------------------------------------------------------------
+
+    def open(self, path: str, flags: int) -> int:
+        name, _image = self._file(path)
+        if (flags & os.O_ACCMODE) != os.O_RDONLY and self.readonly:
+            raise OSError(errno.EROFS, "read-only vdfuse view", path)
+        with self._open_lock:
+            if name == ENTIRE_DISK:
+                busy = any(n != ENTIRE_DISK and count for n, count in self._open.items())
+            else:
+                busy = self._open[ENTIRE_DISK] > 0
+            if busy:
+                raise OSError(
+                    errno.EBUSY,
+                    "EntireDisk and the partition files cannot be open at the same time",
+                    path,
+                )
+            self._open[name] += 1
+        return 0
+
+    def read(self, path: str, size: int, offset: int, fh: int) -> bytes:
+        _name, image = self._file(path)
+        return image.read_at(offset, size)
+
+    def write(self, path: str, data: bytes, offset: int, fh: int) -> int:
+        _name, image = self._file(path)
+        if self.readonly:
+            raise OSError(errno.EROFS, "read-only vdfuse view", path)
+        if offset >= image.size:
+            raise OSError(errno.ENOSPC, "write past the end of the disk", path)
+        return image.write_at(offset, data)
+
+    def flush(self, path: str, fh: int) -> None:
+        self._sync(path)
+
+    def fsync(self, path: str, datasync: int, fh: int) -> None:
+        self._sync(path)
+
+    def release(self, path: str, fh: int) -> None:
+        name, _image = self._file(path)
+        try:
+            self._sync(path)
+        finally:
+            with self._open_lock:
+                self._open[name] = max(0, self._open[name] - 1)
+
+    def _sync(self, path: str) -> None:
+        self._file(path)
+        if not self.readonly:
+            self.disk.flush()  # partitions are views: the disk holds the metadata
+
+
+# -- the program --------------------------------------------------------------------------------
+
+
+def _partitions_of(disk: DiskImage) -> list[DiskImage]:
+    try:
+        from diskhandler.partitions import list_partitions  # noqa: PLC0415
+    except ImportError as exc:  # pragma: no cover - the partitions module ships with diskhandler
+        raise MissingDependencyError(f"diskhandler.partitions is unavailable: {exc}") from exc
+    parts: list[DiskImage] = []
+    for part in list_partitions(disk):
+        if part.is_extended:  # the container of the logical partitions: they are shown, it is not
+            part.close()
+        else:
+            parts.append(part)
+    return parts
+
+
+def _serve(
+    image: str,
+    mountpoint: str,
+    *,
+    readonly: bool,
+    foreground: bool,
+    image_format: str | None,
+    on_ready: Callable[[], None] | None,
+) -> None:
+    import fuse  # noqa: PLC0415
+
+    disk = open_image(image, writable=not readonly, format=image_format)
+    try:
+        partitions = _partitions_of(disk)
+    except BaseException:
+        disk.close()
+        raise
+    core = VDFuseOperations(disk, partitions, readonly=readonly, on_ready=on_ready)
+    ops = _make_operations_class()(core)
+    options: dict[str, Any] = {
+        "foreground": foreground,
+        "nothreads": False,
+        "fsname": f"vdfuse:{Path(image).name}".replace(",", "_"),
+        "subtype": "vdfuse",
+        "big_writes": True,
+        "max_read": 1 << 17,
+        "max_write": 1 << 17,
+        "default_permissions": True,
+    }
+    if readonly:
+        options["ro"] = True
+    try:
+        fuse.FUSE(ops, mountpoint, **options)
+    except RuntimeError as exc:
+        raise FilesystemError(
+            errno.EIO, f"libfuse could not mount the vdfuse view: {exc}", mountpoint
+        ) from exc
+    finally:
+        if not disk.closed:  # the mount failed before FUSE ``destroy`` ran
+            core.destroy("/")
+
+
+_ERROR_TYPES: dict[str, type[DiskHandlerError]] = {
+    cls.__name__: cls
+    for cls in (
+        ImageFormatError,
+        UnsupportedImageError,
+        ChainError,
+        PartitionTableError,
+        ReadOnlyImageError,
+        ImageInUseError,
+        MissingDependencyError,
+        FilesystemError,
+    )
+}
+
+
+def _describe_error(exc: BaseException) -> dict[str, Any]:
+    info: dict[str, Any] = {"type": type(exc).__name__, "message": str(exc)}
+    if isinstance(exc, OSError):
+        info["errno"] = exc.errno
+    for attr in ("path", "holder", "field"):
+        value = getattr(exc, attr, None)
+        if value is not None:
+            info[attr] = str(value)
+    return info
+
+
+def _rebuild_error(info: dict[str, Any], image: Path) -> Exception:
+    """The child's error as the same diskhandler class in the parent."""
+    kind = info.get("type", "")
+    message = str(info.get("message", "vdfuse failed"))
+    path = Path(info.get("path") or image)
+    if kind == "ImageInUseError":
+        err: Exception = ImageInUseError(path, info.get("holder"))
+        err.args = (message,)
+        return err
+    if kind in ("ImageFormatError", "UnsupportedImageError", "ChainError"):
+        cls = _ERROR_TYPES[kind]
+        assert issubclass(cls, ImageFormatError)
+        err = cls(path, info.get("field"), "")
+        err.args = (message,)
+        return err
+    if kind in ("PartitionTableError", "MissingDependencyError", "ReadOnlyImageError"):
+        return _ERROR_TYPES[kind](message)
+    if kind == "FileNotFoundError":
+        return FileNotFoundError(errno.ENOENT, message)
+    if kind == "PermissionError":
+        return PermissionError(errno.EACCES, message)
+    return FilesystemError(int(info.get("errno") or errno.EIO), message, str(path))
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    """``pyti-vdfuse IMAGE MOUNTPOINT [-r] [-f]``: show a disk image as EntireDisk / PartitionN files."""
+    parser = argparse.ArgumentParser(
+        prog="pyti-vdfuse",
+        description="Show a disk image (VDI, VHD, VMDK, QCOW2, raw) as EntireDisk and Partition1..N files.",
+    )
+    parser.add_argument("image", help="the disk image (the leaf of a snapshot chain)")
+    parser.add_argument("mountpoint", help="an existing empty directory")
+    parser.add_argument("-r", "--readonly", action="store_true", help="read-only: writes fail with EROFS")
+    parser.add_argument("-f", "--foreground", action="store_true", help="stay in the foreground")
+    parser.add_argument("--format", default=None, help="the image format (detected when omitted)")
+    parser.add_argument("--ready-fd", type=int, default=None, help=argparse.SUPPRESS)
+    args = parser.parse_args(argv)
+
+    ready_fd: int | None = args.ready_fd
+
+    def report(payload: bytes) -> None:
+        nonlocal ready_fd
+        if ready_fd is not None:
+            try:
+                os.write(ready_fd, payload)
+                os.close(ready_fd)
+            except OSError:
+                pass
+            ready_fd = None
+
+    try:
+        check_fuse_available()
+        if not os.path.isdir(args.mountpoint):
+            raise NotADirectoryError(errno.ENOTDIR, "the mount point must be a directory", args.mountpoint)
+        _serve(
+            args.image,
+            args.mountpoint,
+            readonly=args.readonly,
+            foreground=args.foreground,
+            image_format=args.format,
+            on_ready=lambda: report(_READY),
+        )
+    except (DiskHandlerError, OSError) as exc:
+        report(json.dumps(_describe_error(exc)).encode())
+        print(f"pyti-vdfuse: {exc}", file=sys.stderr)
+        return 1
+    return 0
+
+
+# -- the Python twin ------------------------------------------------------------------------------
+
+
+class VDFuseMount:
+    """A live vdfuse mount served by a child process; unmount (or leave the ``with`` block) to stop it.
+
+    Attributes:
+        image: the disk image.
+        mountpoint: where ``EntireDisk`` and ``PartitionN`` are.
+        readonly: whether writes are refused.
+        process: the child serving the mount.
+    """
+
+    def __init__(
+        self, image: Path, mountpoint: Path, readonly: bool, process: subprocess.Popen[bytes]
+    ) -> None:
+        self.image = image
+        self.mountpoint = mountpoint
+        self.readonly = readonly
+        self.process = process
+
+    @property
+    def files(self) -> list[str]:
+        """The names the view shows (``EntireDisk``, ``Partition1``, ...)."""
+        return sorted(os.listdir(self.mountpoint))
+
+    def unmount(self, timeout: float = 60.0) -> None:
+        """Unmount: the child flushes and closes the image, then exits. A no-op when already done.
+
+        Files of the view must be closed first (a filesystem driver on top must be unmounted first).
+        """
+        if self.process.poll() is None:
+            self.process.send_signal(signal.SIGTERM)  # libfuse's handler: leave the loop, unmount
+            try:
+                self.process.wait(timeout)
+            except subprocess.TimeoutExpired:
+                self.process.kill()
+                self.process.wait()
+                _detach(self.mountpoint)
+                raise FilesystemError(
+                    errno.ETIMEDOUT, f"vdfuse did not stop within {timeout} s; killed", str(self.mountpoint)
+                ) from None
+        if _is_mountpoint(self.mountpoint):  # the child died without unmounting (kill -9)
+            _detach(self.mountpoint)
+
+    def __enter__(self) -> Self:
+        return self
+
+    def __exit__(
+        self, exc_type: type[BaseException] | None, exc: BaseException | None, tb: TracebackType | None
+    ) -> None:
+        self.unmount()
+
+    def __repr__(self) -> str:
+        state = "live" if self.process.poll() is None else "stopped"
+        return f"<VDFuseMount {str(self.image)!r} at {str(self.mountpoint)!r} {state}>"
+
+
+def _is_mountpoint(path: Path) -> bool:
+    target = os.fsencode(os.path.abspath(path))
+    try:
+        with open("/proc/self/mountinfo", "rb") as f:
+            return any(line.split()[4] == target for line in f)
+    except OSError:
+        return os.path.ismount(path)
+
+
+def _detach(mountpoint: Path) -> None:
+    """Lazily unmount a mount whose server is gone."""
+    for argv in (["fusermount", "-u", "-z"], ["umount", "-l"]):
+        if shutil.which(argv[0]):
+            subprocess.run([*argv, str(mountpoint)], capture_output=True, check=False)
+            if not _is_mountpoint(mountpoint):
+                return
+
+
+def mount_vdfuse(
+    image: str | os.PathLike[str],
+    mountpoint: str | os.PathLike[str],
+    *,
+    readonly: bool = False,
+    format: str | None = None,
+    timeout: float = 60.0,
+) -> VDFuseMount:
+    """Mount the vdfuse view of ``image`` at ``mountpoint`` and return once it is live.
+
+    The view is served by a child process (``python -m diskhandler.vdfuse``); errors the child meets
+    before mounting (a damaged image, an image in use, no ``/dev/fuse``) are raised here with their
+    diskhandler type.
+
+    Raises:
+        MissingDependencyError: no ``/dev/fuse`` or no libfuse2.
+        ImageInUseError: a writable view of an image a VM or another writer holds.
+        ImageFormatError, PartitionTableError: the image or its partition table is damaged.
+        FilesystemError: the mount failed or did not come up within ``timeout`` seconds.
+    """
+    check_fuse_available()
+    img = Path(image)
+    mp = Path(mountpoint)
+    if not img.exists():
+        raise FileNotFoundError(errno.ENOENT, "no such disk image", str(img))
+    if not mp.is_dir():
+        raise NotADirectoryError(errno.ENOTDIR, "the mount point must be an existing directory", str(mp))
+    read_end, write_end = os.pipe()
+    argv = [sys.executable, "-m", "diskhandler.vdfuse", "-f", "--ready-fd", str(write_end)]
+    if readonly:
+        argv.append("-r")
+    if format:
+        argv += ["--format", format]
+    argv += ["--", str(img), str(mp)]
+    try:
+        process = subprocess.Popen(
+            argv,
+            pass_fds=(write_end,),
+            stdin=subprocess.DEVNULL,
+            stdout=subprocess.DEVNULL,
+            stderr=subprocess.DEVNULL,
+        )
+    finally:
+        os.close(write_end)
+    try:
+        message = _wait_ready(read_end, process, timeout)
+    finally:
+        os.close(read_end)
+    if message == _READY:
+        return VDFuseMount(img, mp, readonly, process)
+    process.wait()
+    if message:
+        try:
+            info = json.loads(message)
+        except ValueError:
+            info = {"message": message.decode(errors="replace")}
+        raise _rebuild_error(info, img)
+    raise FilesystemError(
+        errno.EIO, f"vdfuse exited with status {process.returncode} before the mount was live", str(mp)
+    )
+
+
+def _wait_ready(fd: int, process: subprocess.Popen[bytes], timeout: float) -> bytes:
+    deadline = time.monotonic() + timeout
+    chunks: list[bytes] = []
+    while True:
+        left = deadline - time.monotonic()
+        if left <= 0:
+            process.kill()
+            process.wait()
+            raise FilesystemError(errno.ETIMEDOUT, f"vdfuse was not ready within {timeout} s")
+        ready, _, _ = select.select([fd], [], [], left)
+        if not ready:
+            continue
+        data = os.read(fd, 65536)
+        if not data:
+            return b"".join(chunks)
+        chunks.append(data)
+        if chunks == [_READY]:
+            return _READY
+
+
+if __name__ == "__main__":
+    sys.exit(main())
