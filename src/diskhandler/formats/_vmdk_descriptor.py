@@ -123,8 +123,8 @@ def looks_like_descriptor(head: bytes) -> bool:
     """Whether ``head`` (the first bytes of a file) is a VMDK text descriptor.
 
     Strict on purpose, so a raw disk is never mistaken for one: only text (no control characters
-    besides whitespace; NUL padding at the end) whose leading comment block holds ``# Disk DescriptorFile`` and
-    which sets ``createType``.
+    besides whitespace; NUL padding at the end) whose leading comment block holds
+    ``# Disk DescriptorFile`` and which sets ``createType``.
     """
     text, _, padding = head.removeprefix(b"\xef\xbb\xbf").partition(b"\0")
     if padding.strip(b"\0"):  # qemu pads descriptors with NULs; nothing may follow them
@@ -161,8 +161,12 @@ def _decode(data: bytes, path: Path) -> tuple[str, str]:
     raise AssertionError("latin-1 decodes any bytes")  # pragma: no cover
 
 
-def parse_descriptor(data: bytes, path: Path) -> Descriptor:
-    """Parse descriptor text (NUL padding after it is ignored). Errors name ``path``."""
+def parse_descriptor(data: bytes, path: Path, *, extents_matter: bool = True) -> Descriptor:
+    """Parse descriptor text (NUL padding after it is ignored). Errors name ``path``.
+
+    With ``extents_matter=False`` (a descriptor embedded in a single-file image, whose extent is the
+    file itself) malformed extent lines are skipped instead of refused.
+    """
     if len(data) > MAX_DESCRIPTOR_BYTES:
         raise ImageFormatError(
             path, "descriptor", f"{len(data)} bytes is far larger than any VMDK descriptor"
@@ -178,6 +182,8 @@ def parse_descriptor(data: bytes, path: Path) -> Descriptor:
         first = line.split(None, 1)[0].upper()
         if first in _ACCESS:
             match = _EXTENT_RE.match(line)
+            if match is None and not extents_matter:
+                continue
             if match is None:
                 raise ImageFormatError(path, f"descriptor line {number}", f"bad extent line {line!r}")
             if len(extents) >= MAX_EXTENTS:

@@ -898,10 +898,7 @@ def _embedded_descriptor(
             f"the embedded descriptor lies past the end of the {sparse.file_size}-byte file",
         )
     raw = pread_exact(fd, start, room, path, "embedded descriptor")
-    descriptor = parse_descriptor(raw, path)
-    if descriptor.create_type.lower() in _DEVICE_CREATE_TYPES:
-        raise UnsupportedImageError(path, "createType", f"{descriptor.create_type} disks are not supported")
-    return descriptor, (start, room)
+    return parse_descriptor(raw, path, extents_matter=False), (start, room)
 
 
 def _read_descriptor_file(fd: int, path: Path) -> Descriptor:
