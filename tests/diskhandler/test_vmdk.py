@@ -337,6 +337,45 @@ def test_parent_cid_mismatch_warns_on_read_and_refuses_write(tmp_path: Path) -> 
     assert excinfo.value.path == child
 
 
+def test_split_sparse_child_of_split_flat_parent(tmp_path: Path) -> None:
+    base = tmp_path / "base.vmdk"
+    boundary = 2 * GiB
+    with create_image(base, 3 * GiB, subformat="twoGbMaxExtentFlat") as image:
+        image.write_at(boundary - 5, b"x" * 10)
+    child = tmp_path / "child.vmdk"
+    create_image(child, parent=base, subformat="twoGbMaxExtentSparse").close()
+    before = child.read_text()
+    with open_image(child, writable=True) as image:
+        image.write_at(boundary - 2, b"yy")  # the two bytes straddle the extents of both images
+    after = child.read_text()
+    assert before != after
+    assert re.sub(r"(?m)^CID=.*$", "", before) == re.sub(r"(?m)^CID=.*$", "", after)  # only the CID moved
+    with open_image(child) as image:
+        assert image.chain == (child, base)
+        assert image.read_at(boundary - 6, 12) == b"\0xxxyyxxxxx\0"
+    qemu_check(child, "vmdk")
+    qemu_io(child, "vmdk", [f"read -P 0x78 {boundary - 5} 3", f"read -P 0x79 {boundary - 2} 2"])
+
+
+def test_writing_a_real_qemu_made_image(tmp_path: Path) -> None:
+    real = REAL_IMAGES / "dfvfs/ext2.vmdk"
+    if not real.exists():
+        pytest.skip(f"{real} is not here")
+    path = tmp_path / "ext2.vmdk"
+    shutil.copyfile(real, path)
+    path.chmod(0o644)
+    old_cid = _cid(path)
+    with open_image(path, writable=True) as image:
+        original = image.read()
+        image.write_at(3 * MiB + 17, b"\xfe" * 100000)
+    assert _cid(path) != old_cid
+    qemu_check(path, "vmdk")
+    flat = qemu_flatten(path, "vmdk", tmp_path / "flat.raw").read_bytes()
+    expected = bytearray(original)
+    expected[3 * MiB + 17 : 3 * MiB + 100017] = b"\xfe" * 100000
+    assert flat == expected
+
+
 # -- descriptors and parents found the ways other products write them ----------------------------------
 
 
