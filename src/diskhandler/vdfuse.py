@@ -43,7 +43,7 @@ import time
 from collections.abc import Callable, Sequence
 from pathlib import Path
 from types import TracebackType
-from typing import Any, Self
+from typing import Any, Protocol, Self
 
 from diskhandler.errors import (
     ChainError,
@@ -387,7 +387,26 @@ def main(argv: Sequence[str] | None = None) -> int:
     parser.add_argument("--ready-fd", type=int, default=None, help=argparse.SUPPRESS)
     args = parser.parse_args(argv)
 
-    ready_fd: int | None = args.ready_fd
+    return _run_server(
+        args.image,
+        args.mountpoint,
+        readonly=args.readonly,
+        foreground=args.foreground,
+        image_format=args.format,
+        ready_fd=args.ready_fd,
+    )
+
+
+def _run_server(
+    image: str,
+    mountpoint: str,
+    *,
+    readonly: bool,
+    foreground: bool,
+    image_format: str | None,
+    ready_fd: int | None,
+) -> int:
+    """Serve the view until unmounted; report readiness (or the error) on ``ready_fd``."""
 
     def report(payload: bytes) -> None:
         nonlocal ready_fd
@@ -401,14 +420,14 @@ def main(argv: Sequence[str] | None = None) -> int:
 
     try:
         check_fuse_available()
-        if not os.path.isdir(args.mountpoint):
-            raise NotADirectoryError(errno.ENOTDIR, "the mount point must be a directory", args.mountpoint)
+        if not os.path.isdir(mountpoint):
+            raise NotADirectoryError(errno.ENOTDIR, "the mount point must be a directory", mountpoint)
         _serve(
-            args.image,
-            args.mountpoint,
-            readonly=args.readonly,
-            foreground=args.foreground,
-            image_format=args.format,
+            image,
+            mountpoint,
+            readonly=readonly,
+            foreground=foreground,
+            image_format=image_format,
             on_ready=lambda: report(_READY),
         )
     except (DiskHandlerError, OSError) as exc:
@@ -501,12 +520,17 @@ def mount_vdfuse(
     readonly: bool = False,
     format: str | None = None,
     timeout: float = 60.0,
+    spawn: bool | None = None,
 ) -> VDFuseMount:
     """Mount the vdfuse view of ``image`` at ``mountpoint`` and return once it is live.
 
-    The view is served by a child process (``python -m diskhandler.vdfuse``); errors the child meets
-    before mounting (a damaged image, an image in use, no ``/dev/fuse``) are raised here with their
-    diskhandler type.
+    The view is served by a child process: libfuse's loop blocks and installs signal handlers, so it
+    never runs in the caller's process. A single-threaded caller forks (the child starts in
+    milliseconds, with the modules already imported); a multi-threaded one, or ``spawn=True``, starts
+    ``python -m diskhandler.vdfuse`` instead (about 0.3 s more), since forking a threaded process is
+    unsafe. The child runs in its own session (a Ctrl-C meant for the caller does not unmount it).
+    Errors the child meets before mounting (a damaged image, an image in use, no ``/dev/fuse``) are
+    raised here with their diskhandler type.
 
     Raises:
         MissingDependencyError: no ``/dev/fuse`` or no libfuse2.
@@ -522,20 +546,14 @@ def mount_vdfuse(
     if not mp.is_dir():
         raise NotADirectoryError(errno.ENOTDIR, "the mount point must be an existing directory", str(mp))
     read_end, write_end = os.pipe()
-    argv = [sys.executable, "-m", "diskhandler.vdfuse", "-f", "--ready-fd", str(write_end)]
-    if readonly:
-        argv.append("-r")
-    if format:
-        argv += ["--format", format]
-    argv += ["--", str(img), str(mp)]
+    process: _Process
     try:
-        process = subprocess.Popen(
-            argv,
-            pass_fds=(write_end,),
-            stdin=subprocess.DEVNULL,
-            stdout=subprocess.DEVNULL,
-            stderr=subprocess.DEVNULL,
-        )
+        if spawn is None:
+            spawn = threading.active_count() > 1
+        if spawn:
+            process = _spawn(img, mp, readonly, format, write_end)
+        else:
+            process = _fork(img, mp, readonly, format, read_end, write_end)
     finally:
         os.close(write_end)
     try:
@@ -556,7 +574,92 @@ def mount_vdfuse(
     )
 
 
-def _wait_ready(fd: int, process: subprocess.Popen[bytes], timeout: float) -> bytes:
+class _Process(Protocol):
+    """What the twin needs of its child: ``subprocess.Popen`` or a forked :class:`_ForkedChild`."""
+
+    pid: int
+    returncode: Any
+
+    def poll(self) -> int | None: ...
+    def wait(self, timeout: float | None = None) -> int: ...
+    def send_signal(self, sig: int) -> None: ...
+    def kill(self) -> None: ...
+
+
+class _ForkedChild:
+    """A forked child, reaped with ``waitpid``; the subset of ``subprocess.Popen`` the twin uses."""
+
+    def __init__(self, pid: int) -> None:
+        self.pid = pid
+        self.returncode: int | None = None
+
+    def poll(self) -> int | None:
+        if self.returncode is None:
+            pid, status = os.waitpid(self.pid, os.WNOHANG)
+            if pid:
+                self.returncode = os.waitstatus_to_exitcode(status)
+        return self.returncode
+
+    def wait(self, timeout: float | None = None) -> int:
+        deadline = None if timeout is None else time.monotonic() + timeout
+        delay = 0.0005
+        while (code := self.poll()) is None:
+            if deadline is not None and time.monotonic() > deadline:
+                raise subprocess.TimeoutExpired(f"vdfuse (pid {self.pid})", timeout or 0.0)
+            time.sleep(delay)
+            delay = min(delay * 2, 0.05)
+        return code
+
+    def send_signal(self, sig: int) -> None:
+        if self.poll() is None:
+            os.kill(self.pid, sig)
+
+    def kill(self) -> None:
+        self.send_signal(signal.SIGKILL)
+
+
+def _spawn(img: Path, mp: Path, readonly: bool, format: str | None, write_end: int) -> _Process:
+    argv = [sys.executable, "-m", "diskhandler.vdfuse", "-f", "--ready-fd", str(write_end)]
+    if readonly:
+        argv.append("-r")
+    if format:
+        argv += ["--format", format]
+    argv += ["--", str(img), str(mp)]
+    return subprocess.Popen(
+        argv,
+        pass_fds=(write_end,),
+        stdin=subprocess.DEVNULL,
+        stdout=subprocess.DEVNULL,
+        stderr=subprocess.DEVNULL,
+        start_new_session=True,
+    )
+
+
+def _fork(img: Path, mp: Path, readonly: bool, format: str | None, read_end: int, write_end: int) -> _Process:
+    import fuse  # noqa: F401, PLC0415  (imported before forking, so the child need not)
+
+    pid = os.fork()
+    if pid:
+        return _ForkedChild(pid)
+    code = 1
+    try:  # the child: never returns into the caller's code
+        os.setsid()
+        devnull = os.open(os.devnull, os.O_RDWR)
+        for std in (0, 1, 2):
+            os.dup2(devnull, std)
+        # Only the ready pipe survives: no descriptor (and no image lock) of the caller is kept.
+        os.closerange(3, write_end)
+        os.closerange(write_end + 1, 1 << 20)
+        for sig in (signal.SIGTERM, signal.SIGINT, signal.SIGHUP, signal.SIGPIPE):
+            signal.signal(sig, signal.SIG_DFL)
+        code = _run_server(
+            str(img), str(mp), readonly=readonly, foreground=True, image_format=format, ready_fd=write_end
+        )
+    finally:
+        os._exit(code)
+
+
+def _wait_ready(fd: int, process: _Process, timeout: float) -> bytes:
     deadline = time.monotonic() + timeout
     chunks: list[bytes] = []
     while True:
