@@ -565,22 +565,28 @@ def _candidates(packages: Sequence[str]) -> dict[str, dict[str, str]]:
 
 
 def _resolve_packages(python: bool) -> dict[str, str]:
-    """Package name -> version for everything the guest is built from."""
-    meta = _candidates([KERNEL_PACKAGE])[KERNEL_PACKAGE]
-    kernel = ""
+    """Package name -> version for everything the guest is built from.
+
+    One ``apt-cache`` call when the metapackage pins its kernel with ``(= version)``, as Debian's do
+    (each call costs a second or two where apt keeps no binary cache).
+    """
+    others = [BUSYBOX_PACKAGE, *(PYTHON_PACKAGES if python else ())]
+    stanzas = _candidates([KERNEL_PACKAGE, *others])
+    meta = stanzas[KERNEL_PACKAGE]
+    kernel, pinned = "", ""
     for alternative in re.split(r"[,|]", meta.get("Depends", "")):
-        name = alternative.strip().split(" ")[0]
-        if name.startswith("linux-image-") and name != KERNEL_PACKAGE:
-            kernel = name
+        match = re.fullmatch(r"\s*(linux-image-\S+)\s*(?:\(\s*=\s*(\S+)\s*\))?.*", alternative, re.DOTALL)
+        if match and match.group(1) != KERNEL_PACKAGE:
+            kernel, pinned = match.group(1), match.group(2) or ""
             break
     if not kernel:
         raise GuestImageError(
             f"{KERNEL_PACKAGE} {meta.get('Version', '?')} depends on no linux-image-<version> package: "
             f"Depends: {meta.get('Depends', '')!r}"
         )
-    names = [kernel, BUSYBOX_PACKAGE, *(PYTHON_PACKAGES if python else ())]
-    stanzas = _candidates(names)
-    return {name: stanzas[name]["Version"] for name in names}
+    versions = {name: stanzas[name]["Version"] for name in others}
+    versions[kernel] = pinned or _candidates([kernel])[kernel]["Version"]
+    return {kernel: versions[kernel], **{name: versions[name] for name in others}}
 
 
 def _deb_name(package: str, version: str) -> str:
