@@ -725,6 +725,68 @@ def test_fuzz_random_data(tmp_path: Path, blob: bytes) -> None:
     _open_and_read(path)
 
 
+def _stream_with_footer(folder: Path) -> bytes:
+    """A qemu streamOptimized image rewritten the way VMware exports it: GD_AT_END plus a footer."""
+    source = folder / "source.vmdk"
+    with create_image(source, 2 * MiB) as image:
+        image.write_at(70000, random.Random(5).randbytes(200000))
+    stream = folder / "stream.vmdk"
+    qemu_img("convert", "-O", "vmdk", "-o", "subformat=streamOptimized", source, stream)
+    data = bytearray(stream.read_bytes())
+    header = bytes(data[:512])
+    data[56:64] = b"\xff" * 8  # gdOffset = GD_AT_END
+    footer_marker = struct.pack("<QII", 1, 0, 3).ljust(512, b"\0")
+    eos = bytes(512)
+    return bytes(data) + footer_marker + header + eos
+
+
+def test_footer_is_honoured(tmp_path: Path) -> None:
+    data = _stream_with_footer(tmp_path)
+    path = tmp_path / "footer.vmdk"
+    path.write_bytes(data)
+    assert_reads_like_qemu(path, "vmdk", tmp_path)
+    with open_image(path) as image:
+        assert image.read_at(70000, 200000) == random.Random(5).randbytes(200000)
+
+
+@pytest.fixture(scope="module")
+def footer_seed(tmp_path_factory: pytest.TempPathFactory) -> bytes:
+    return _stream_with_footer(tmp_path_factory.mktemp("footer"))
+
+
+@settings(max_examples=120, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture])
+@given(data=st.data())
+def test_fuzz_stream_header_and_footer(tmp_path: Path, footer_seed: bytes, data: st.DataObject) -> None:
+    image = bytearray(footer_seed)
+    size = len(image)
+    where = st.one_of(st.integers(0, 511), st.integers(size - 1536, size - 1))
+    edits = data.draw(st.lists(st.tuples(where, st.integers(0, 255)), min_size=1, max_size=8))
+    for offset, value in edits:
+        image[offset] = value
+    path = tmp_path / "fuzz-stream.vmdk"
+    path.write_bytes(bytes(image))
+    _open_and_read(path)
+
+
+@settings(max_examples=80, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture])
+@given(data=st.data())
+def test_fuzz_descriptor_file(tmp_path: Path, data: st.DataObject) -> None:
+    path = tmp_path / "flat.vmdk"
+    if not path.exists():
+        create_image(path, MiB, subformat="monolithicFlat").close()
+    text = bytearray(
+        b"# Disk DescriptorFile\nversion=1\nCID=12345678\nparentCID=ffffffff\n"
+        b'createType="monolithicFlat"\nRW 2048 FLAT "flat-flat.vmdk" 0\nRDONLY 16 ZERO\n'
+    )
+    edits = data.draw(
+        st.lists(st.tuples(st.integers(0, len(text) - 1), st.integers(0, 255)), min_size=1, max_size=6)
+    )
+    for offset, value in edits:
+        text[offset] = value
+    path.write_bytes(bytes(text))
+    _open_and_read(path)
+
+
 @settings(max_examples=100, deadline=None)
 @given(
     text=st.text(max_size=400),
