@@ -24,6 +24,7 @@ __all__ = ["RefcountBlock", "Refcounts"]
 
 _ARRAY_CODES = {8: "B", 16: "H", 32: "I", 64: "Q"}
 _BIG_ENDIAN_HOST = sys.byteorder == "big"
+_MAX_OFFSET = 1 << 56  # host offsets have 56 bits in qcow2 tables
 
 
 def _to_native(data: bytes, code: str) -> array[int]:
@@ -122,9 +123,9 @@ class Refcounts:
         raw = pread_exact(fd, table_offset, table_clusters * self._cs, path, "refcount table")
         self.table: list[int] = list(_to_native(raw, "Q"))
         for i, entry in enumerate(self.table):
-            if entry & (self._cs - 1):
+            if entry & (self._cs - 1) or entry >= _MAX_OFFSET:
                 raise ImageFormatError(
-                    path, "refcount table", f"entry {i} ({entry:#x}) is not cluster aligned"
+                    path, "refcount table", f"entry {i} ({entry:#x}) is not a valid cluster offset"
                 )
         self._blocks: dict[int, RefcountBlock] = {}
         # Allocate past the end of the file and past every cluster that still has a refcount.
@@ -158,6 +159,10 @@ class Refcounts:
         index = cluster // self._block_entries
         block = self._block(index)
         if block is None:
+            if delta < 0:
+                raise ImageFormatError(
+                    self._path, "refcount table", f"cluster {cluster} is in use but has no refcount"
+                )
             self._ensure_blocks(index)
             block = self._block(index)
             assert block is not None
