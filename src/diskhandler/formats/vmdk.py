@@ -70,8 +70,28 @@ from diskhandler.formats.chain import ChainGuard
 
 __all__ = [
     "ADAPTER_TYPES",
+    "COMPRESSION_DEFLATE",
+    "COMPRESSION_NONE",
+    "DEFAULT_GRAIN_SECTORS",
+    "FLAG_COMPRESSED",
+    "FLAG_MARKERS",
+    "FLAG_NEWLINE_TEST",
+    "FLAG_REDUNDANT",
+    "FLAG_ZERO_GRAIN",
     "GD_AT_END",
+    "GTE_ZEROED",
+    "MAGIC_COWD",
+    "MAGIC_KDMV",
+    "MARKER_EOS",
+    "MARKER_FOOTER",
+    "MARKER_GD",
+    "MARKER_GT",
+    "MAX_CREATE_SIZE",
+    "MAX_GD_ENTRIES",
     "MAX_GRAIN_SECTORS",
+    "MAX_GTES_PER_GT",
+    "SECTOR",
+    "SPLIT_EXTENT_SECTORS",
     "SUBFORMATS",
     "Marker",
     "SparseExtentHeader",
@@ -298,7 +318,7 @@ class _SparseExtent(_Extent):
     @classmethod
     def open(cls, path: Path, fd: int, vstart: int, *, writable: bool) -> _SparseExtent:
         file_size = os.fstat(fd).st_size
-        header = read_sparse_header(fd, path, file_size)
+        header = _read_sparse_header(fd, path, file_size)
         if writable and header.compress_algorithm == COMPRESSION_DEFLATE:
             raise UnsupportedImageError(
                 path,
@@ -564,7 +584,7 @@ class _SparseExtent(_Extent):
         return [self.fd]
 
 
-def read_sparse_header(fd: int, path: Path, file_size: int) -> SparseExtentHeader:
+def _read_sparse_header(fd: int, path: Path, file_size: int) -> SparseExtentHeader:
     """Read and check a sparse extent's header (the footer's, for stream images with GD_AT_END)."""
     raw = pread_exact(fd, 0, SparseExtentHeader.SIZE, path, "sparse extent header")
     header = SparseExtentHeader.from_bytes(raw, path)
