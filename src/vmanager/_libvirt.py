@@ -155,23 +155,14 @@ def _ignore_libvirt_error(_ctx: object, _err: object) -> None:
     """libvirt prints every error to stderr unless a handler is set; vmanager raises them instead."""
 
 
-def ensure_event_loop(embed_root: Path | None = None) -> None:
-    """Register libvirt's default event loop and start its daemon thread, once per process.
-
-    libvirt reads ``LIBVIRT_LOG_OUTPUTS`` when it initialises, here. Unless the user set it, warnings
-    (e.g. "tainted: high-privileges" when QEMU runs as root) go to ``<embed root>/log/libvirt.log``
-    instead of this program's stderr.
-    """
+def ensure_event_loop() -> None:
+    """Register libvirt's default event loop and start its daemon thread, once per process."""
     global _loop_thread  # noqa: PLW0603 - one loop per process is libvirt's own rule
     if _loop_thread is not None:
         return
     with _loop_lock:
         if _loop_thread is not None:
             return
-        if embed_root is not None and "LIBVIRT_LOG_OUTPUTS" not in os.environ:
-            log_dir = embed_root / "log"
-            log_dir.mkdir(parents=True, exist_ok=True)
-            os.environ["LIBVIRT_LOG_OUTPUTS"] = f"3:file:{log_dir / 'libvirt.log'}"
         libvirt.registerErrorHandler(_ignore_libvirt_error, None)
         libvirt.virEventRegisterDefaultImpl()
         thread = threading.Thread(target=_run_event_loop, name="libvirt-event-loop", daemon=True)
@@ -225,7 +216,11 @@ def _prepare_embed_root(root: Path) -> None:
         # As root, libvirt would run QEMU as 'libvirt-qemu', which cannot reach files under a private
         # home such as /root/.cache. The embedded driver belongs to the calling program: run QEMU with
         # the caller's own rights, as running qemu-system-* directly would.
+        # libvirt logs a "tainted: high-privileges" warning to stderr for each such start; set
+        # LIBVIRT_LOG_OUTPUTS="3:file:/some/file" in the environment before Python starts to move it.
         text += 'user = "root"\ngroup = "root"\ndynamic_ownership = 0\n'
+    # No private /dev per guest: needs device-mapper and buys nothing for a local test VM.
+    text += "namespaces = []\n"
     conf.write_text(text)
 
 
@@ -267,7 +262,7 @@ class Connection:
         root = _embed_root(uri)
         if root is not None:
             _prepare_embed_root(root)
-        ensure_event_loop(root)
+        ensure_event_loop()
         try:
             raw = libvirt.open(uri)
         except libvirt.libvirtError as exc:

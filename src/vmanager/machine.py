@@ -196,6 +196,7 @@ class VirtualMachine:
         else:
             self.connection = lv.Connection.wrap(uri)
         self._console: lv.ConsoleStream | None = None
+        self._undefined = False
         self._console_buf = ""
         self._console_pos = 0
         try:
@@ -362,7 +363,7 @@ class VirtualMachine:
 
     def stop(self) -> None:
         """Power the VM off at once (like pulling the plug); a no-op when it is shut off."""
-        if self.state in _STOPPED:
+        if self._undefined or self.state in _STOPPED:
             return
         self._reset_console()
         try:
@@ -379,6 +380,8 @@ class VirtualMachine:
         when the VM is already shut off. ``timeout`` defaults to ``shutdown_timeout``.
         """
         timeout = self.shutdown_timeout if timeout is None else timeout
+        if self._undefined:
+            return True
         state = self.state
         if state in _STOPPED:
             return True
@@ -428,7 +431,12 @@ class VirtualMachine:
             raise self._err(exc, "reboot") from exc
 
     def undefine(self) -> None:
-        """Stop the VM and remove it: definition, snapshot metadata and the overlay files it created."""
+        """Stop the VM and remove it: definition, snapshots and the overlay files it created.
+
+        Idempotent; afterwards only :meth:`stop`, :meth:`shutdown` and :meth:`close` (all no-ops) work.
+        """
+        if self._undefined:
+            return
         self.stop()
         overlays = self._overlays(self._xml())
         try:
@@ -439,6 +447,7 @@ class VirtualMachine:
             self._dom.undefineFlags(lv.UNDEFINE_FLAGS)
         except lv.LibvirtError as exc:
             raise self._err(exc, "undefine") from exc
+        self._undefined = True
         for overlay in overlays:
             overlay.unlink(missing_ok=True)
 
@@ -805,7 +814,10 @@ class VirtualMachine:
 
     def __repr__(self) -> str:
         try:
-            state = self.state.name if not self.connection.closed else "closed"
+            if self._undefined:
+                state = "undefined"
+            else:
+                state = self.state.name if not self.connection.closed else "closed"
         except VManagerError:
             state = "unknown"
         return f"<VirtualMachine {self.name!r} {state} on {self.uri!r}>"
