@@ -252,7 +252,7 @@ def test_excluded_io_disk_snapshot_is_refused(guest: object, qemu_conn: Connecti
     config = tiny_config(guest, "iodisk", disk, tmp_path, disks=[Disk(io, snapshot=False)])
     vm = VirtualMachine("iodisk", qemu_conn, config)
     try:
-        with pytest.raises(UnsupportedOperationError, match="IO disk|excluded"):
+        with pytest.raises(UnsupportedOperationError, match=r"IO disk|excluded"):
             vm.snapshot("nope")
     finally:
         vm.undefine()
