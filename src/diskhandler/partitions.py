@@ -367,21 +367,18 @@ def list_partitions(disk: DiskImage) -> list[Partition]:
 def _read_mbr(disk: DiskImage, sector0: bytes, entries: list[MbrEntry]) -> list[Partition]:
     total = disk.size // SECTOR
     plausible = all(e.status in (0x00, 0x80) for e in entries) and all(
-        e.empty or (e.first_lba >= 1 and e.first_lba < total) for e in entries
+        e.empty or 1 <= e.first_lba < total for e in entries
     )
     if _looks_like_boot_sector(sector0) and (not plausible or all(e.empty for e in entries)):
+        return []  # a filesystem on the whole disk ("superfloppy")
+    bad = [i + 1 for i, e in enumerate(entries) if e.status not in (0x00, 0x80)]
+    if bad:
+        _warn(
+            disk,
+            f"sector 0 ends in 55AA but MBR entries {bad} have invalid status bytes (neither 0x00 nor"
+            " 0x80); treating the disk as having no partition table",
+        )
         return []
-    if not plausible:
-        if _looks_like_boot_sector(sector0):
-            return []
-        bad = [i + 1 for i, e in enumerate(entries) if e.status not in (0x00, 0x80)]
-        if bad:
-            _warn(
-                disk,
-                f"sector 0 ends in 55AA but MBR entries {bad} have invalid status bytes;"
-                " treating the disk as having no partition table",
-            )
-            return []
     parts: list[Partition] = []
     extended: MbrEntry | None = None
     for slot, e in enumerate(entries, start=1):
@@ -536,6 +533,7 @@ def _read_gpt(
             continue
         primary = _load_gpt(disk, 1, ss)
         if not isinstance(primary, str):
+            _check_backup(disk, primary[0], ss)
             return _gpt_partitions(disk, *primary, ss)
         if ss in magic or required:
             problems.append(f"primary GPT header (LBA 1, {ss}-byte sectors): {primary}")
@@ -575,6 +573,19 @@ def _read_gpt(
     if problems:
         _warn(disk, "an 'EFI PART' signature without a usable GPT: " + "; ".join(problems))
     return None
+
+
+def _check_backup(disk: DiskImage, primary: GptHeader, ss: int) -> None:
+    """Warn when the backup GPT the primary points to is damaged (the table still reads fine)."""
+    backup = _load_gpt(disk, primary.alternate_lba, ss) if primary.alternate_lba > 1 else "it points to LBA 1"
+    if isinstance(backup, str):
+        _warn(
+            disk,
+            f"the backup GPT (alternate LBA {primary.alternate_lba}) is damaged: {backup};"
+            " the primary is fine and was used",
+        )
+    elif backup[1] != _read(disk, primary.entries_lba * ss, primary.entry_count * primary.entry_size):
+        _warn(disk, "the backup GPT entry array differs from the primary one; the primary was used")
 
 
 def _gpt_partitions(disk: DiskImage, header: GptHeader, array: bytes, ss: int) -> list[Partition]:
@@ -714,16 +725,22 @@ def _table_sector(boot_code: bytes, entries: Sequence[bytes], signature: int | N
 
 
 def _plan(
-    specs: Sequence[PartitionSpec], first: int, end: int, alignment: int, gap: int = 0
+    specs: Sequence[PartitionSpec],
+    first: int,
+    end: int,
+    alignment: int,
+    *,
+    gap: int = 0,
+    number_from: int = 1,
 ) -> list[tuple[int, int]]:
     """(first LBA, sector count) per spec, each start aligned and ``gap`` sectors before it kept free."""
     align = alignment // SECTOR
     out: list[tuple[int, int]] = []
     pos = first
-    for i, spec in enumerate(specs, start=1):
+    for i, spec in enumerate(specs, start=number_from):
         start = _align_up(pos + gap, align)
         if spec.size is None:
-            if i != len(specs):
+            if i != number_from + len(specs) - 1:
                 raise PartitionTableError(
                     f"partition {i}: size=None (the rest of the disk) is only allowed for the last one"
                 )
@@ -787,7 +804,7 @@ def _clear_gpt(disk: DiskImage) -> None:
     for ss in (SECTOR, 4096):
         for lba in (1, disk.size // ss - 1):
             if lba >= 1 and _read(disk, lba * ss, 8) == _GPT_MAGIC:
-                disk.write_at(lba * ss, bytes(8))
+                disk.write_at(lba * ss, bytes(ss))
 
 
 def _write_mbr(disk: DiskImage, specs: Sequence[PartitionSpec], alignment: int) -> None:
@@ -805,7 +822,7 @@ def _write_mbr(disk: DiskImage, specs: Sequence[PartitionSpec], alignment: int) 
     else:
         primaries = _plan(specs[:3], 1, end, alignment)
         cstart = _align_up(primaries[-1][0] + primaries[-1][1], align)
-        logicals = _plan(specs[3:], cstart, end, alignment, gap=1)
+        logicals = _plan(specs[3:], cstart, end, alignment, gap=1, number_from=4)
         container = (cstart, logicals[-1][0] + logicals[-1][1] - cstart)
     for start, count in primaries + logicals:
         if start + count > _MAX_MBR_LBA + 1:
