@@ -1,14 +1,34 @@
 """Errors raised by pyti_core.
 
-::
+Every error pyti_core raises on purpose derives from :class:`PytiError`, and also from the builtin
+exception it *is*, so ``except ValueError`` or ``except OSError`` in a caller keeps working::
 
     PytiError
-    └── RawDataError (ValueError)     a raw-data record is not JSON, too large, or breaks the schema
+    ├── RawDataError (ValueError)       a raw-data record is not JSON, too large, or breaks the schema
+    ├── ConfigError (ValueError)        a job file is unreadable TOML or has a missing/mistyped key
+    ├── TaskError (ValueError)          a task or recipe cannot be built (unknown recipe, bad kind, ...)
+    ├── PackageError (OSError)          pip could not resolve, download or build what the guest needs
+    │   └── UnsafeArchiveError          an sdist holds a path that would land outside its folder
+    └── RpcError                        the master answered a JSON-RPC 2.0 call with an error object
+        └── MasterUnreachableError (ConnectionError)
+                                        the master could not be reached or sent no valid JSON-RPC reply
 """
 
 from __future__ import annotations
 
-__all__ = ["PytiError", "RawDataError"]
+from collections.abc import Sequence
+from pathlib import Path
+
+__all__ = [
+    "ConfigError",
+    "MasterUnreachableError",
+    "PackageError",
+    "PytiError",
+    "RawDataError",
+    "RpcError",
+    "TaskError",
+    "UnsafeArchiveError",
+]
 
 
 class PytiError(Exception):
@@ -25,3 +45,65 @@ class RawDataError(PytiError, ValueError):
         self.record = record
         where = f"record {record}: " if record is not None else ""
         super().__init__(f"{where}{message}")
+
+
+class ConfigError(PytiError, ValueError):
+    """A job file cannot be used. ``path`` is the file, ``key`` the dotted key at fault (or ``None``)."""
+
+    def __init__(self, path: str | Path | None, key: str | None, message: str) -> None:
+        self.path = Path(path) if path is not None else None
+        self.key = key
+        self.message = message
+        where = str(self.path) if self.path is not None else "<job>"
+        if key:
+            where = f"{where}: {key}"
+        super().__init__(f"{where}: {message}")
+
+
+class TaskError(PytiError, ValueError):
+    """A task, recipe or agent job cannot be built from what was given."""
+
+
+class PackageError(PytiError, OSError):
+    """Resolving, downloading, building or unpacking a distribution failed.
+
+    ``command`` is pip's argv when pip failed (else empty), ``stderr`` the tail of its error output.
+    """
+
+    def __init__(self, message: str, *, command: Sequence[str] = (), stderr: str = "") -> None:
+        self.command = tuple(command)
+        self.stderr = stderr
+        self.message = message
+        text = message
+        if stderr.strip():
+            text = f"{message}\n--- pip said (last lines) ---\n{stderr.rstrip()}"
+        super().__init__(text)
+
+    def __str__(self) -> str:  # OSError's own __str__ would show the args tuple
+        return str(self.args[0]) if self.args else self.message
+
+
+class UnsafeArchiveError(PackageError):
+    """An archive (sdist) contains a member that is absolute, climbs out with ``..``, or is too large."""
+
+
+class RpcError(PytiError):
+    """The master answered with a JSON-RPC 2.0 error object (``code``, ``message``, optional ``data``)."""
+
+    def __init__(self, code: int, message: str, data: object = None) -> None:
+        self.code = code
+        self.message = message
+        self.data = data
+        extra = f" ({data})" if data is not None else ""
+        super().__init__(f"JSON-RPC error {code}: {message}{extra}")
+
+
+class MasterUnreachableError(RpcError, ConnectionError):
+    """The master did not answer, answered over HTTP with an error, or sent something that is not JSON-RPC."""
+
+    def __init__(self, url: str, message: str) -> None:
+        self.url = url
+        RpcError.__init__(self, -32000, f"{url}: {message}")
+
+    def __str__(self) -> str:
+        return self.message

@@ -1,0 +1,249 @@
+"""Tasks and recipes: what the guest does with a distribution, and the ``job.json`` the agent reads.
+
+A :class:`Task` is one step (install, import check, pytest, unittest, or a command); a :class:`Recipe`
+is a named list of them plus what the guest must install besides the distribution (pytest)::
+
+    job = to_agent_job(dist, RECIPES["default"], GuestLayout())
+    # {"distribution": "attrs==23.2.0", "output_cap": 65536, "tasks": [
+    #   {"id": "1", "name": "install", "argv": ["python3", "/mnt/disk/wheels/pip-24.0-py3-none-any.whl/pip",
+    #    "install", "--no-index", "--find-links", "/mnt/disk/wheels", "attrs==23.2.0"], ...},
+    #   {"id": "2", "name": "install-requirements", ...}, {"id": "3", "name": "import", ...},
+    #   {"id": "4", "name": "pytest", "parse": "junit:/mnt/disk/results/junit-4.xml", ...}]}
+
+The guest has no pip: it runs pip from its wheel file (a wheel is a zip that Python can import from).
+Test tasks run in the unpacked sources with ``PYTHONSAFEPATH=1``, so the tests import the *installed*
+distribution, not the source tree. :func:`stage_io_folder` lays out a host folder exactly as the IO disk
+must look (wheels, sources, the agent, ``job.json``).
+"""
+
+from __future__ import annotations
+
+import json
+import shutil
+from collections.abc import Mapping, Sequence
+from pathlib import Path, PurePosixPath
+from typing import Any, Final, Literal, get_args
+
+import attrs
+
+from pyti_core import agent
+from pyti_core.errors import TaskError
+from pyti_core.packages import Distribution
+
+__all__ = [
+    "RECIPES",
+    "GuestLayout",
+    "Recipe",
+    "Task",
+    "TaskKind",
+    "get_recipe",
+    "stage_io_folder",
+    "to_agent_job",
+]
+
+TaskKind = Literal["install", "import", "pytest", "unittest", "command"]
+_KINDS: Final = frozenset(get_args(TaskKind))
+DEFAULT_TIMEOUT: Final = 600.0
+#: Environment of pip in the guest: no network, no prompts, root in a system Python is expected.
+_PIP_ENV: Final = {
+    "PIP_DISABLE_PIP_VERSION_CHECK": "1",
+    "PIP_NO_INPUT": "1",
+    "PIP_ROOT_USER_ACTION": "ignore",
+    "PIP_BREAK_SYSTEM_PACKAGES": "1",
+}
+_TEST_ENV: Final = {"PYTHONSAFEPATH": "1", "PYTHONDONTWRITEBYTECODE": "1"}
+
+
+def _env_items(value: Mapping[str, str] | Sequence[tuple[str, str]]) -> tuple[tuple[str, str], ...]:
+    items = value.items() if isinstance(value, Mapping) else value
+    return tuple(sorted((str(k), str(v)) for k, v in items))
+
+
+def _check_kind(_: object, __: attrs.Attribute[str], value: str) -> None:
+    if value not in _KINDS:
+        raise TaskError(f"task kind must be one of {sorted(_KINDS)}, got {value!r}")
+
+
+def _check_timeout(_: object, __: attrs.Attribute[float], value: float) -> None:
+    if not value > 0:
+        raise TaskError(f"a task timeout must be > 0 seconds, got {value!r}")
+
+
+@attrs.frozen
+class Task:
+    """One step of a recipe.
+
+    ``argv`` is the whole command of a ``command`` task (run in the sources folder, or ``cwd`` relative
+    to it), and extra arguments for ``pytest``/``unittest``. ``stop_on_failure`` skips the remaining tasks
+    when this one does not pass (the default for installs).
+    """
+
+    name: str
+    kind: TaskKind = attrs.field(validator=_check_kind)
+    timeout: float = attrs.field(default=DEFAULT_TIMEOUT, converter=float, validator=_check_timeout)
+    argv: tuple[str, ...] = attrs.field(default=(), converter=lambda a: tuple(str(x) for x in a))
+    env: tuple[tuple[str, str], ...] = attrs.field(default=(), converter=_env_items)
+    stop_on_failure: bool | None = None
+
+    def __attrs_post_init__(self) -> None:
+        if not self.name or not self.name.strip():
+            raise TaskError("a task needs a non-empty name")
+        if self.kind == "command" and not self.argv:
+            raise TaskError(f"task {self.name!r}: a command task needs a non-empty argv")
+
+    @property
+    def stops_on_failure(self) -> bool:
+        return self.kind == "install" if self.stop_on_failure is None else self.stop_on_failure
+
+
+@attrs.frozen
+class Recipe:
+    """A named list of tasks; ``requirements`` are installed in the guest after the distribution."""
+
+    name: str
+    tasks: tuple[Task, ...] = attrs.field(converter=tuple)
+    requirements: tuple[str, ...] = attrs.field(default=(), converter=tuple)
+
+    def __attrs_post_init__(self) -> None:
+        if not self.tasks:
+            raise TaskError(f"recipe {self.name!r} has no tasks")
+        names = [t.name for t in self.tasks]
+        if len(set(names)) != len(names):
+            raise TaskError(f"recipe {self.name!r}: task names must be unique, got {names}")
+
+
+RECIPES: Final[Mapping[str, Recipe]] = {
+    "default": Recipe(
+        "default",
+        (Task("install", "install"), Task("import", "import", 120), Task("pytest", "pytest", 1800)),
+        ("pytest",),
+    ),
+    "unittest": Recipe(
+        "unittest",
+        (Task("install", "install"), Task("import", "import", 120), Task("unittest", "unittest", 1800)),
+    ),
+    "install-only": Recipe("install-only", (Task("install", "install"), Task("import", "import", 120))),
+}
+
+
+def get_recipe(name: str) -> Recipe:
+    """A built-in recipe by name; :class:`TaskError` lists the known ones."""
+    try:
+        return RECIPES[name]
+    except KeyError:
+        raise TaskError(f"unknown recipe {name!r}; built-in recipes: {', '.join(sorted(RECIPES))}") from None
+
+
+@attrs.frozen
+class GuestLayout:
+    """Where things are in the guest: the IO disk's mount point and its folders, and the Python to run."""
+
+    io_dir: str = "/mnt/disk"
+    python: str = "python3"
+    wheels: str = "wheels"
+    sources: str = "src"
+    results: str = "results"
+    work: str = "work"
+
+    def path(self, *parts: str) -> str:
+        return str(PurePosixPath(self.io_dir, *parts))
+
+
+def _pip(dist: Distribution, layout: GuestLayout, *requirements: str) -> list[str]:
+    wheels = layout.path(layout.wheels)
+    pip = str(PurePosixPath(wheels, dist.pip_wheel.name, "pip"))
+    return [layout.python, pip, "install", "--no-index", "--no-cache-dir", "--find-links", wheels, *requirements]
+
+
+def to_agent_job(
+    distribution: Distribution,
+    recipe: Recipe,
+    layout: GuestLayout | None = None,
+    *,
+    output_cap: int = agent.DEFAULT_OUTPUT_CAP,
+) -> dict[str, Any]:
+    """The ``job.json`` the guest agent runs for ``recipe`` on ``distribution`` (guest paths from ``layout``).
+
+    An ``install`` task also installs the recipe's requirements (as a separate ``install-requirements``
+    task, so a failure there is not blamed on the distribution). An ``import`` task with no import names
+    is left out. A test task without sources: pytest runs ``--pyargs`` on the import names; unittest is a
+    :class:`TaskError`.
+    """
+    layout = layout or GuestLayout()
+    sources = layout.path(layout.sources) if distribution.sources is not None else None
+    work = layout.path(layout.work)
+    results = layout.path(layout.results)
+    tasks: list[dict[str, Any]] = []
+
+    def add(task: Task, name: str, argv: list[str], cwd: str, env: Mapping[str, str], parse: str | None) -> None:
+        task_id = str(len(tasks) + 1)
+        tasks.append(
+            {
+                "id": task_id,
+                "name": name,
+                "argv": argv,
+                "timeout": task.timeout,
+                "cwd": cwd,
+                "parse": parse.replace("{id}", task_id) if parse else None,
+                "env": {**env, **dict(task.env)},
+                "stop_on_failure": task.stops_on_failure,
+            }
+        )
+
+    for task in recipe.tasks:
+        if task.kind == "install":
+            add(task, task.name, _pip(distribution, layout, distribution.requirement), work, _PIP_ENV, None)
+            if recipe.requirements:
+                argv = _pip(distribution, layout, *recipe.requirements)
+                add(task, f"{task.name}-requirements", argv, work, _PIP_ENV, None)
+        elif task.kind == "import":
+            if distribution.import_names:
+                code = "import " + ", ".join(distribution.import_names)
+                add(task, task.name, [layout.python, "-c", code], work, {}, None)
+        elif task.kind == "pytest":
+            junit = str(PurePosixPath(results, "junit-{id}.xml"))
+            argv = [layout.python, "-m", "pytest", "-p", "no:cacheprovider", f"--junitxml={junit}", *task.argv]
+            if sources is None:
+                argv += ["--pyargs", *distribution.import_names]
+            add(task, task.name, argv, sources or work, _TEST_ENV, f"junit:{junit}")
+            tasks[-1]["argv"] = [a.replace("{id}", tasks[-1]["id"]) for a in argv]
+        elif task.kind == "unittest":
+            if sources is None:
+                raise TaskError(
+                    f"task {task.name!r} runs unittest in the sources, but {distribution.requirement} has none"
+                )
+            argv = [layout.python, "-m", "unittest", *(task.argv or ("discover",))]
+            add(task, task.name, argv, sources, _TEST_ENV, "unittest")
+        else:
+            add(task, task.name, list(task.argv), sources or work, {}, None)
+    return {"distribution": distribution.requirement, "output_cap": output_cap, "tasks": tasks}
+
+
+def stage_io_folder(
+    folder: Path,
+    distribution: Distribution,
+    recipe: Recipe,
+    layout: GuestLayout | None = None,
+) -> dict[str, Any]:
+    """Lay out ``folder`` as the IO disk must look; return the job written to ``folder/job.json``.
+
+    ``folder`` gets ``wheels/`` (every wheel), ``src/`` (the sources), an empty ``work/`` and
+    ``results/``, ``agent.py`` (the guest agent) and ``job.json``. Guest paths come from ``layout``
+    (to run the agent on this host, use ``GuestLayout(io_dir=str(folder), python=...)``).
+    """
+    layout = layout or GuestLayout()
+    job = to_agent_job(distribution, recipe, layout)
+    folder.mkdir(parents=True, exist_ok=True)
+    wheels = folder / layout.wheels
+    wheels.mkdir(exist_ok=True)
+    for wheel in distribution.wheels:
+        shutil.copyfile(wheel, wheels / wheel.name)
+    if distribution.sources is not None:
+        target = folder / layout.sources
+        shutil.rmtree(target, ignore_errors=True)
+        shutil.copytree(distribution.sources, target, symlinks=True)
+    (folder / layout.work).mkdir(exist_ok=True)
+    (folder / layout.results).mkdir(exist_ok=True)
+    shutil.copyfile(agent.__file__, folder / "agent.py")
+    (folder / "job.json").write_text(json.dumps(job, indent=2) + "\n")
+    return job
