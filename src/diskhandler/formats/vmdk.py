@@ -444,7 +444,7 @@ class _SparseExtent(_Extent):
                 zero_fill(view)
             else:
                 grain = self._grain(entry)
-                piece = grain[within : within + take]
+                piece = memoryview(grain)[within : within + take]
                 view[: len(piece)] = piece
                 if len(piece) < take:  # a short last grain: the rest is zeros
                     zero_fill(view[len(piece) :])
@@ -457,12 +457,19 @@ class _SparseExtent(_Extent):
         start = sector * SECTOR
         limit = 2 * self.grain_bytes + SECTOR
         what = f"compressed grain at sector {sector}"
+        data: bytes | memoryview
         if self.markers:
-            marker = pread_exact(self.fd, start, _GRAIN_MARKER_SIZE, self.path, what)
-            size = int.from_bytes(marker[8:12], "little")
+            # one read usually brings marker and data: deflate rarely grows a grain by 4 KiB
+            first = os.pread(self.fd, _GRAIN_MARKER_SIZE + self.grain_bytes + 4096, start)
+            if len(first) < _GRAIN_MARKER_SIZE:
+                raise ImageFormatError(self.path, what, "the grain marker lies past the end of the file")
+            size = int.from_bytes(first[8:12], "little")
             if size == 0 or size > limit:
                 raise ImageFormatError(self.path, what, f"compressed size {size} is impossible")
-            data = pread_exact(self.fd, start + _GRAIN_MARKER_SIZE, size, self.path, what)
+            if _GRAIN_MARKER_SIZE + size <= len(first):
+                data = memoryview(first)[_GRAIN_MARKER_SIZE : _GRAIN_MARKER_SIZE + size]
+            else:
+                data = pread_exact(self.fd, start + _GRAIN_MARKER_SIZE, size, self.path, what)
         else:
             data = os.pread(self.fd, limit, start)
         inflater = zlib.decompressobj()
