@@ -892,6 +892,7 @@ class VMDKImage(DiskImage):
         self._descriptor = updated
         self.cid = cid
 
+    @override
     def sync(self) -> None:
         """Flush and fsync the descriptor and every extent file."""
         super().sync()
