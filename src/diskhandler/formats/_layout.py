@@ -56,6 +56,10 @@ class Layout:
         values = cls.STRUCT.unpack_from(data)
         return cls(*values)
 
+    def evolve(self, **changes: Any) -> Self:
+        """A copy with ``changes`` applied (``attrs.evolve``)."""
+        return attrs.evolve(self, **changes)  # type: ignore[misc]
+
     def to_bytes(self) -> bytes:
         """Serialise to exactly ``SIZE`` bytes."""
         return self.STRUCT.pack(*attrs.astuple(self, recurse=False))  # type: ignore[arg-type]

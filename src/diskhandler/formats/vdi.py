@@ -24,7 +24,7 @@ import uuid
 import warnings
 from array import array
 from pathlib import Path
-from typing import TYPE_CHECKING, Any, ClassVar, Self
+from typing import Any, ClassVar, Self
 
 import attrs
 from typing_extensions import override
@@ -75,15 +75,7 @@ _NULL_UUID = bytes(16)
 _ZEROS = bytes(MiB)
 
 
-# mypy's attrs plugin knows ``attrs.frozen`` but not ``binary_layout``, which applies it: let the type
-# checker see the former so that the generated __init__ is checked.
-if TYPE_CHECKING:
-    from attrs import frozen as _little_endian
-else:
-    _little_endian = binary_layout("<")
-
-
-@_little_endian
+@binary_layout("<")
 class _PreHeader(Layout):
     """VDIPREHEADER: free text for human eyes, then the signature and version (major << 16 | minor)."""
 
@@ -92,7 +84,7 @@ class _PreHeader(Layout):
     version: int = ffield("I")
 
 
-@_little_endian
+@binary_layout("<")
 class _HeaderV1(Layout):
     """VDIHEADER1 (384 bytes, as qemu writes it); VDIHEADER1PLUS appends an LCHS geometry (400)."""
 
@@ -118,7 +110,7 @@ class _HeaderV1(Layout):
     uuid_parent_modify: bytes = ffield("16s")
 
 
-@_little_endian
+@binary_layout("<")
 class _Geometry(Layout):
     cylinders: int = ffield("I")
     heads: int = ffield("I")
@@ -126,7 +118,7 @@ class _Geometry(Layout):
     sector_size: int = ffield("I")
 
 
-@_little_endian
+@binary_layout("<")
 class _HeaderV0(Layout):
     """VDIHEADER0 (legacy, major version 0): no offsets; the map follows the header directly."""
 

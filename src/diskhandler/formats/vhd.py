@@ -35,10 +35,9 @@ import uuid
 import warnings
 from array import array
 from pathlib import Path, PurePosixPath, PureWindowsPath
-from typing import TYPE_CHECKING, Any, ClassVar, Self
+from typing import Any, ClassVar, Self
 from urllib.parse import unquote, urlparse
 
-import attrs
 from typing_extensions import override
 
 from diskhandler.errors import (
@@ -104,15 +103,8 @@ _EPOCH_2000 = 946684800  # 2000-01-01T00:00:00Z as a Unix time
 
 # -- on-disk structures ------------------------------------------------------------------------------
 
-# mypy's attrs plugin knows ``attrs.frozen`` but not ``binary_layout``, which applies it: let the type
-# checker see the former so that the generated __init__ and attrs.evolve are checked.
-if TYPE_CHECKING:
-    from attrs import frozen as _big_endian
-else:
-    _big_endian = binary_layout(">")
 
-
-@_big_endian
+@binary_layout(">")
 class VHDFooter(Layout):
     """The 512-byte hard disk footer (spec section "Hard Disk Footer Format")."""
 
@@ -146,7 +138,7 @@ class VHDFooter(Layout):
         return (self.cylinders, self.heads, self.sectors_per_track) == MAX_GEOMETRY
 
 
-@_big_endian
+@binary_layout(">")
 class ParentLocator(Layout):
     """One of the eight 24-byte parent locator entries of a dynamic header."""
 
@@ -157,7 +149,7 @@ class ParentLocator(Layout):
     data_offset: int = ffield("Q")
 
 
-@_big_endian
+@binary_layout(">")
 class VHDDynamicHeader(Layout):
     """The 1024-byte dynamic disk header of dynamic and differencing images."""
 
@@ -213,12 +205,12 @@ _HEADER_CHECKSUM_AT = 36
 
 def _sealed_footer(footer: VHDFooter) -> bytes:
     raw = footer.to_bytes()
-    return attrs.evolve(footer, checksum=vhd_checksum(raw, _FOOTER_CHECKSUM_AT)).to_bytes()
+    return footer.evolve(checksum=vhd_checksum(raw, _FOOTER_CHECKSUM_AT)).to_bytes()
 
 
 def _sealed_header(header: VHDDynamicHeader) -> bytes:
     raw = header.to_bytes()
-    return attrs.evolve(header, checksum=vhd_checksum(raw, _HEADER_CHECKSUM_AT)).to_bytes()
+    return header.evolve(checksum=vhd_checksum(raw, _HEADER_CHECKSUM_AT)).to_bytes()
 
 
 def _timestamp_now() -> int:
