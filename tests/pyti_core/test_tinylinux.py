@@ -13,7 +13,7 @@ import struct
 import subprocess
 import sys
 import time
-from collections.abc import Callable, Iterator
+from collections.abc import Callable, Iterator, Sequence
 from pathlib import Path
 
 import pytest
@@ -350,14 +350,14 @@ def test_unknown_module_is_named(busybox_guest: TinyLinux) -> None:
 class Serial:
     """A QEMU process with its serial console on stdin/stdout and a QMP socket."""
 
-    def __init__(self, guest: TinyLinux, cmdline: str, disk: Path | None, tmp_path: Path) -> None:
+    def __init__(self, guest: TinyLinux, cmdline: str, disks: Sequence[Path], tmp_path: Path) -> None:
         self.qmp_path = tmp_path / "qmp.sock"
         argv = [
             "qemu-system-x86_64", "-accel", "tcg", "-m", "256", "-nographic", "-no-reboot",
             "-kernel", str(guest.kernel), "-initrd", str(guest.initrd), "-append", cmdline,
             "-qmp", f"unix:{self.qmp_path},server=on,wait=off",
         ]  # fmt: skip
-        if disk is not None:
+        for disk in disks:
             argv += ["-drive", f"file={disk},format=raw,if=virtio"]
         self.start = time.monotonic()
         self.proc = subprocess.Popen(
@@ -431,8 +431,8 @@ Boot = Callable[..., Serial]
 def boot(tmp_path: Path) -> Iterator[Boot]:
     started: list[Serial] = []
 
-    def start(guest: TinyLinux, cmdline: str, disk: Path | None = None) -> Serial:
-        serial = Serial(guest, cmdline, disk, tmp_path)
+    def start(guest: TinyLinux, cmdline: str, *disks: Path) -> Serial:
+        serial = Serial(guest, cmdline, disks, tmp_path)
         started.append(serial)
         return serial
 
@@ -441,16 +441,16 @@ def boot(tmp_path: Path) -> Iterator[Boot]:
         serial.close()
 
 
-def _ext4_disk(tmp_path: Path, files: dict[str, bytes]) -> Path:
-    tree = tmp_path / "tree"
+def _ext_disk(tmp_path: Path, files: dict[str, bytes], *, fstype: str = "ext4", name: str = "disk") -> Path:
+    tree = tmp_path / f"{name}-tree"
     tree.mkdir()
-    for name, data in files.items():
-        (tree / name).parent.mkdir(parents=True, exist_ok=True)
-        (tree / name).write_bytes(data)
-    disk = tmp_path / "disk.raw"
+    for rel, data in files.items():
+        (tree / rel).parent.mkdir(parents=True, exist_ok=True)
+        (tree / rel).write_bytes(data)
+    disk = tmp_path / f"{name}.raw"
     with open(disk, "wb") as fh:
         fh.truncate(64 * 1024 * 1024)
-    subprocess.run(["mkfs.ext4", "-q", "-F", "-d", str(tree), str(disk)], check=True, timeout=60)
+    subprocess.run(["mke2fs", "-q", "-F", "-t", fstype, "-d", str(tree), str(disk)], check=True, timeout=60)
     return disk
 
 
@@ -463,11 +463,11 @@ def _debugfs_cat(disk: Path, path: str) -> bytes:
 
 @pytest.mark.qemu
 @needs_qemu
-def test_busybox_guest_runs_a_script_from_its_ext4_disk(
+def test_busybox_guest_runs_a_script_from_its_ext_disk(
     busybox_guest: TinyLinux, boot: Boot, tmp_path: Path
 ) -> None:
     run = b"echo started; uname -r > /mnt/disk/x; cat /proc/mounts >> /mnt/disk/x; exit 3\n"
-    disk = _ext4_disk(tmp_path, {"run.sh": run})
+    disk = _ext_disk(tmp_path, {"run.sh": run})
     serial = boot(busybox_guest, busybox_guest.cmdline_with(run="/mnt/disk/run.sh"), disk)
     ready = serial.wait_for(READY_MARKER)
     serial.wait_for(f"{RUN_EXIT_MARKER} 3")
@@ -482,7 +482,7 @@ def test_busybox_guest_runs_a_script_from_its_ext4_disk(
 @pytest.mark.qemu
 @needs_qemu
 def test_busybox_guest_shell_and_power_button(busybox_guest: TinyLinux, boot: Boot, tmp_path: Path) -> None:
-    disk = _ext4_disk(tmp_path, {"keep": b"k"})
+    disk = _ext_disk(tmp_path, {"keep": b"k"})
     serial = boot(busybox_guest, busybox_guest.cmdline, disk)
     serial.wait_for(READY_MARKER)
     serial.wait_for("pyti# ")
@@ -494,6 +494,22 @@ def test_busybox_guest_shell_and_power_button(busybox_guest: TinyLinux, boot: Bo
     assert time.monotonic() - pressed < 10  # about 0.4 s; generous for a loaded machine
     assert _debugfs_cat(disk, "/answer") == b"42\n"  # synced and unmounted before power-off
     subprocess.run(["e2fsck", "-fn", str(disk)], check=True, capture_output=True, timeout=60)
+
+
+@pytest.mark.qemu
+@needs_qemu
+def test_busybox_guest_mounts_the_disk_named_on_the_command_line(
+    busybox_guest: TinyLinux, boot: Boot, tmp_path: Path
+) -> None:
+    blank = tmp_path / "blank.raw"
+    blank.write_bytes(bytes(4 * 1024 * 1024))  # /dev/vda: no file system, not mounted
+    disk = _ext_disk(tmp_path, {"run.sh": b"grep /mnt/disk /proc/mounts > /mnt/disk/m\n"}, fstype="ext2")
+    cmdline = busybox_guest.cmdline_with(run="/mnt/disk/run.sh", extra=["pyti.disk=/dev/vda,/dev/vdb"])
+    serial = boot(busybox_guest, cmdline, blank, disk)
+    serial.wait_for(f"{RUN_EXIT_MARKER} 0")
+    assert serial.exited(30) == 0
+    assert _debugfs_cat(disk, "/m").startswith(b"/dev/vdb /mnt/disk ext")
+    assert blank.read_bytes() == bytes(4 * 1024 * 1024)
 
 
 @pytest.mark.qemu
@@ -569,7 +585,7 @@ def test_python_guest_runs_the_agent(python_guest: TinyLinux, boot: Boot, tmp_pa
             {"id": "2", "name": "fails", "argv": ["sh", "-c", "exit 5"], "timeout": 60},
         ],
     }
-    disk = _ext4_disk(
+    disk = _ext_disk(
         tmp_path,
         {
             "agent.py": AGENT.read_bytes(),

@@ -28,10 +28,11 @@ and renamed into place; a lock file serialises concurrent builders, so readers n
 build.
 
 The guest's ``/init`` (see :data:`INIT_SCRIPT`) mounts ``/proc``, ``/sys`` and ``/dev``, loads the
-modules, mounts ``/dev/vda`` (or ``/dev/vda1``) at ``/mnt/disk`` read-write when it holds an ext2/3/4 or
-FAT file system, starts ``acpid`` so an ACPI power-button press syncs, unmounts and powers off, prints
-:data:`READY_MARKER` on the serial console, then either runs the script named by ``pyti.run=PATH`` on the
-kernel command line and powers off when it ends, or gives a root shell on the serial console.
+modules, mounts ``/dev/vda`` (or ``/dev/vda1``, or the devices named by ``pyti.disk=DEV[,DEV...]``) at
+``/mnt/disk`` read-write when it holds an ext2/3/4 or FAT file system, starts ``acpid`` so an ACPI
+power-button press syncs, unmounts and powers off, prints :data:`READY_MARKER` on the serial console,
+then either runs the script named by ``pyti.run=PATH`` on the kernel command line and powers off when
+it ends, or gives a root shell on the serial console (``pyti.echo=0``: without echo or line editing).
 """
 
 from __future__ import annotations
@@ -69,6 +70,7 @@ __all__ = [
     "READY_MARKER",
     "RUN_EXIT_MARKER",
     "CpioArchive",
+    "CpioEntryError",
     "GuestImageError",
     "TinyLinux",
     "build_tiny_linux",
@@ -430,11 +432,20 @@ exec 0</dev/console 1>/dev/console 2>&1
 hostname pyti-guest
 ip link set lo up 2>/dev/null
 
+run="" disks="/dev/vda /dev/vda1" echo=1
+for word in $(cat /proc/cmdline); do
+    case "$word" in
+        pyti.run=*) run="${word#pyti.run=}" ;;
+        pyti.disk=*) disks=$(echo "${word#pyti.disk=}" | tr , ' ') ;;
+        pyti.echo=0) echo=0 ;;
+    esac
+done
+
 for m in @MODULES@; do
     insmod "/@MODULES_DIR@/$m.ko" || echo "pyti: cannot load kernel module $m"
 done
 
-# The first of /dev/vda, /dev/vda1 that holds ext2/3/4 or FAT is mounted read-write at /mnt/disk.
+# The first of $disks that holds ext2/3/4 or FAT is mounted read-write at /mnt/disk.
 pyti_fstype() {
     if [ "$(od -An -tx1 -j1080 -N2 "$1" 2>/dev/null | tr -d ' ')" = 53ef ]; then
         echo ext4
@@ -444,7 +455,7 @@ pyti_fstype() {
         echo vfat
     fi
 }
-for dev in /dev/vda /dev/vda1; do
+for dev in $disks; do
     [ -b "$dev" ] || continue
     fstype=$(pyti_fstype "$dev")
     if [ -n "$fstype" ] && mount -t "$fstype" -o rw "$dev" /mnt/disk; then
@@ -455,15 +466,9 @@ done
 acpid -c /etc/acpi -l /dev/null
 echo @READY@
 
-run=""
-for word in $(cat /proc/cmdline); do
-    case "$word" in
-        pyti.run=*) run="${word#pyti.run=}" ;;
-        pyti.echo=0) stty -echo ;;
-    esac
-done
 # A wide terminal: typed commands come back on one line instead of being wrapped at 80 columns.
 stty cols 1000 rows 50 2>/dev/null
+[ "$echo" = 0 ] && stty -echo
 if [ -n "$run" ]; then
     cd /mnt/disk 2>/dev/null || cd /
     setsid cttyhack sh "$run"
