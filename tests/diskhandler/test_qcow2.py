@@ -674,3 +674,19 @@ def test_interrupted_writes_leave_a_valid_image(
         assert proc.returncode in (0, 3), f"power cut at write {stop} of {total}:\n{proc.stdout}{proc.stderr}"
         with open_image(work) as image:
             assert image.read_at(0, 10) == b"\x11" * 10
+
+
+def test_small_l2_cache_still_reads_and_writes_right(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    from diskhandler.formats import qcow2
+
+    monkeypatch.setattr(qcow2, "_L2_CACHE_BYTES", 3 * 4096)  # three 4 KiB tables, each mapping 2 MiB
+    path = _qemu_create(tmp_path / "cache.qcow2", "cluster_size=4k")
+    fill_with_pattern(path, "qcow2")
+    assert_reads_like_qemu(path, "qcow2", tmp_path)
+    model = _model_of(path, tmp_path)
+    with open_image(path, writable=True) as image:
+        _random_writes(image, model, random.Random("cache"), 20)
+        image.write_at(MiB, bytes(range(256)) * 40_000)  # one write over five L2 tables
+        model[MiB : MiB + 10_240_000] = bytes(range(256)) * 40_000
+        assert image.read_at(0, SIZE) == model
+    _assert_qemu_agrees(path, model, tmp_path)

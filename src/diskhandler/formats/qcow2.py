@@ -468,8 +468,10 @@ class QCOW2Image(DiskImage):
                 self.path, "L1 table", f"entry {l1_index} points at unaligned L2 table {l2_offset:#x}"
             )
         data = pread_exact(self._fd, l2_offset, self._cs, self.path, f"L2 table (L1 entry {l1_index})")
-        if len(self._l2_cache) * self._cs >= _L2_CACHE_BYTES:
-            del self._l2_cache[next(iter(self._l2_cache))]  # oldest first; dirty tables are never held
+        if len(self._l2_cache) * self._cs >= _L2_CACHE_BYTES:  # drop the oldest table written out
+            victim = next((k for k in self._l2_cache if k not in self._dirty_l2), None)
+            if victim is not None:
+                del self._l2_cache[victim]
         table = _native_u64(data)
         self._l2_cache[l2_offset] = table
         return table
@@ -674,9 +676,6 @@ class QCOW2Image(DiskImage):
                 self._set_l1(l1_index, old | _COPIED)
             return old, table
         table = array("Q", self._l2_table(l1_index, old)) if old else array("Q", bytes(self._cs))
-        if old and old in self._dirty_l2:  # never copy a table with changes not yet on disk
-            lo, hi = self._dirty_l2.pop(old)
-            pwrite_all(self._fd, _disk_u64(table[lo:hi]), old + 8 * lo)
         new = rc.allocate()
         pwrite_all(self._fd, _disk_u64(table), new)
         rc.flush()
