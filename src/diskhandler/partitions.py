@@ -352,10 +352,25 @@ def list_partitions(disk: DiskImage) -> list[Partition]:
     entries = _mbr_entries(sector0) if has_sig else []
     protective = any(e.type == _PROTECTIVE for e in entries)
     gpt_magic = {ss for ss in (SECTOR, 4096) if _read(disk, ss, 8) == _GPT_MAGIC}
-    if protective or gpt_magic:
-        found = _read_gpt(disk, sector0, entries, gpt_magic, required=protective)
-        if found is not None:
+    if protective:
+        found = _read_gpt(disk, entries, gpt_magic, required=True)
+        if isinstance(found, str):
+            raise PartitionTableError(
+                f"{disk.path}: the MBR is GPT-protective but no valid GPT header was found: {found}"
+            )
+        return found
+    if gpt_magic and all(e.empty for e in entries):
+        # A GPT whose protective MBR was wiped: still a GPT (Linux would need gpt= to see it).
+        found = _read_gpt(disk, entries, gpt_magic, required=False)
+        if isinstance(found, str):
+            _warn(disk, f"an 'EFI PART' signature without a usable GPT: {found}")
+        else:
+            _warn(disk, "the disk has a GPT but no protective MBR in sector 0; the GPT was used")
             return found
+    elif gpt_magic:
+        # Like Linux: a GPT only counts behind a protective MBR. A real MBR with GPT leftovers is an MBR
+        # disk that was repartitioned by a tool which did not clear the old GPT.
+        _warn(disk, "an old GPT header was found behind a regular MBR; the MBR was used")
     if not has_sig:
         return []
     return _read_mbr(disk, sector0, entries)
@@ -523,8 +538,9 @@ def _load_gpt(disk: DiskImage, lba: int, ss: int) -> tuple[GptHeader, bytes] | s
 
 
 def _read_gpt(
-    disk: DiskImage, sector0: bytes, entries: list[MbrEntry], magic: set[int], *, required: bool
-) -> list[Partition] | None:
+    disk: DiskImage, entries: list[MbrEntry], magic: set[int], *, required: bool
+) -> list[Partition] | str:
+    """The GPT partitions, or (no valid GPT found) what is wrong with each header that was tried."""
     problems: list[str] = []
     sizes = sorted(magic) + [ss for ss in (SECTOR, 4096) if ss not in magic]
     for ss in sizes:
@@ -545,10 +561,9 @@ def _read_gpt(
             alt = GptHeader.from_bytes(raw)
             if alt.signature == _GPT_MAGIC and 1 < alt.alternate_lba < total:
                 candidates.append(alt.alternate_lba)
-        if ss == SECTOR:
-            for e in entries:
-                if e.type == _PROTECTIVE and e.first_lba == 1 and 1 < e.sectors < total:
-                    candidates.append(e.sectors)
+        for e in entries:
+            if e.type == _PROTECTIVE and e.first_lba == 1 and 1 < e.sectors < total:
+                candidates.append(e.sectors)
         candidates.append(total - 1)
         for lba in dict.fromkeys(candidates):
             backup = _load_gpt(disk, lba, ss)
@@ -565,14 +580,7 @@ def _read_gpt(
                 " Repair it (e.g. by rewriting the table) before the backup is damaged too",
             )
             return _gpt_partitions(disk, *backup, ss)
-    if required:
-        raise PartitionTableError(
-            f"{disk.path}: the MBR is GPT-protective but no valid GPT header was found: "
-            + "; ".join(problems)
-        )
-    if problems:
-        _warn(disk, "an 'EFI PART' signature without a usable GPT: " + "; ".join(problems))
-    return None
+    return "; ".join(problems) or "no GPT header found"
 
 
 def _check_backup(disk: DiskImage, primary: GptHeader, ss: int) -> None:

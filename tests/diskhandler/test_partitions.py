@@ -614,3 +614,22 @@ def test_fuzz_parsers(
             for sector in sectors:
                 f.seek(sector * 512)
                 f.write(original[sector * 512 : (sector + 1) * 512])
+
+
+def test_stale_gpt_behind_a_real_mbr_is_ignored(gpt_image: Path) -> None:
+    """fdisk --wipe never writes a DOS label and leaves the old GPT headers; the MBR counts (as in Linux)."""
+    run("fdisk", "--wipe", "never", gpt_image, input=b"o\nn\np\n\n\n+20M\nw\n")
+    assert run("wipefs", "--no-act", gpt_image).count(" gpt ") == 2
+    expected, _ = parted_layout(gpt_image)
+    with open_image(gpt_image) as image, pytest.warns(ImageWarning, match="old GPT header"):
+        parts = list_partitions(image)
+    assert _layout(parts) == expected
+    assert [p.scheme for p in parts] == ["mbr"]
+
+
+def test_gpt_without_protective_mbr_is_read_with_a_warning(gpt_image: Path) -> None:
+    expected, _ = sgdisk_layout(gpt_image)
+    with gpt_image.open("r+b") as f:
+        f.write(bytes(512))
+    with open_image(gpt_image) as image, pytest.warns(ImageWarning, match="no protective MBR"):
+        assert _layout(list_partitions(image)) == expected
