@@ -433,6 +433,9 @@ def test_unknown_autoclear_bits_are_cleared_when_writing(tmp_path: Path) -> None
     with open_image(path) as image:  # reading leaves them alone
         image.read_at(0, 10)
     assert _header_field(path, 88, ">Q") == 1 << 40
+    with open_image(path, writable=True):  # nor does opening writable without writing
+        pass
+    assert _header_field(path, 88, ">Q") == 1 << 40
     with open_image(path, writable=True) as image:
         image.write_at(0, b"x")
     assert _header_field(path, 88, ">Q") == 0
@@ -690,3 +693,20 @@ def test_small_l2_cache_still_reads_and_writes_right(tmp_path: Path, monkeypatch
         model[MiB : MiB + 10_240_000] = bytes(range(256)) * 40_000
         assert image.read_at(0, SIZE) == model
     _assert_qemu_agrees(path, model, tmp_path)
+
+
+def test_persistent_bitmaps_become_stale_after_a_write(tmp_path: Path) -> None:
+    path = _qemu_create(tmp_path / "bitmap.qcow2")
+    qemu_img("bitmap", "--add", path, "b0")
+    assert _header_field(path, 88, ">Q") & 1  # "bitmaps are consistent"
+    with open_image(path, writable=True) as image:
+        image.write_at(0, b"changed")
+    assert _header_field(path, 88, ">Q") == 0
+    proc = subprocess.run(["qemu-img", "check", path], check=False, capture_output=True, text=True)
+    assert proc.returncode == 3, proc.stdout + proc.stderr  # leaked bitmap clusters, no error
+    assert "lacking bitmap support" in proc.stderr
+    run("qemu-img", "check", "-r", "leaks", path)
+    qemu_check(path, "qcow2")
+    qemu_io(path, "qcow2", ["read -P 0 7 100"])
+    with open_image(path) as image:
+        assert image.read_at(0, 7) == b"changed"

@@ -167,6 +167,7 @@ class QCOW2Image(DiskImage):
         self._dirty_l2: dict[int, tuple[int, int]] = {}
         self._compressed_cache: tuple[int, bytes] = (-1, b"")
         self._refcounts: Refcounts | None = None
+        self._clear_autoclear = False
         csize_bits = header.cluster_bits - 8
         self._csize_shift = 62 - csize_bits
         self._csize_mask = (1 << csize_bits) - 1
@@ -252,8 +253,7 @@ class QCOW2Image(DiskImage):
 
     def _prepare_writing(self, file_size: int) -> None:
         header = self.header
-        if header.autoclear_features:  # we maintain none of them (e.g. bitmaps): clear them all
-            pwrite_all(self._fd, bytes(8), AUTOCLEAR_OFFSET)
+        self._clear_autoclear = bool(header.autoclear_features)
         self._refcounts = Refcounts(
             self._fd,
             self.path,
@@ -646,6 +646,9 @@ class QCOW2Image(DiskImage):
     def _write_at(self, offset: int, data: memoryview) -> None:
         rc = self._refcounts
         assert rc is not None
+        if self._clear_autoclear:  # we maintain no autoclear feature (e.g. bitmaps): clear them all
+            pwrite_all(self._fd, bytes(8), AUTOCLEAR_OFFSET)
+            self._clear_autoclear = False
         cbits = self._cbits
         cs = self._cs
         pieces: list[tuple[int, memoryview | bytes | bytearray]] = []
