@@ -293,11 +293,9 @@ def test_built_initramfs_contents(busybox_guest: TinyLinux, python_guest: TinyLi
 def test_build_is_cached(busybox_guest: TinyLinux) -> None:
     cache = busybox_guest.kernel.parent.parent
     before = busybox_guest.initrd.stat().st_mtime_ns
-    start = time.monotonic()
     again = build_tiny_linux(cache)
     assert again == busybox_guest
-    assert again.initrd.stat().st_mtime_ns == before
-    assert time.monotonic() - start < 30  # only apt-cache lookups; a rebuild would unpack the kernel
+    assert again.initrd.stat().st_mtime_ns == before  # not rebuilt
 
 
 @needs_apt
@@ -491,7 +489,7 @@ def test_busybox_guest_shell_and_power_button(busybox_guest: TinyLinux, boot: Bo
     pressed = time.monotonic()
     serial.powerdown()
     assert serial.exited(30) == 0
-    assert time.monotonic() - pressed < 10  # about 0.4 s; generous for a loaded machine
+    print(f"busybox guest: power button to qemu exit {time.monotonic() - pressed:.2f} s")
     assert _debugfs_cat(disk, "/answer") == b"42\n"  # synced and unmounted before power-off
     subprocess.run(["e2fsck", "-fn", str(disk)], check=True, capture_output=True, timeout=60)
 
