@@ -26,7 +26,7 @@ from diskhandler.partitions import (
     describe,
     list_partitions,
 )
-from tests.diskhandler.imagetools import run
+from tests.diskhandler.imagetools import qemu_flatten, qemu_img, run
 
 MiB = 1 << 20
 
@@ -457,6 +457,43 @@ def test_mbr_cannot_address_beyond_2tib(tmp_path: Path) -> None:
 def test_create_on_read_only_disk(gpt_image: Path) -> None:
     with open_image(gpt_image) as image, pytest.raises(ReadOnlyImageError, match="writable=True"):
         create_partition_table(image, "gpt", [PartitionSpec()])
+
+
+# -- other image formats: partitions only use the DiskImage interface -------------------------------------
+
+QEMU_FORMATS = ["qcow2", "vdi", "vpc", "vmdk"]
+
+
+@pytest.mark.parametrize("fmt", QEMU_FORMATS)
+def test_tables_made_by_tools_read_through_other_formats(gpt_image: Path, mbr_image: Path, fmt: str) -> None:
+    """qemu-img converts the tool-made raw images; a VHD's CHS-rounded size leaves the backup GPT
+    before the last LBA, and the alternate LBA is trusted (no warning)."""
+    for raw, expected in ((gpt_image, sgdisk_layout(gpt_image)[0]), (mbr_image, parted_layout(mbr_image)[0])):
+        converted = raw.with_suffix(f".{fmt}")
+        qemu_img("convert", "-f", "raw", "-O", fmt, raw, converted)
+        with open_image(converted) as image:
+            if fmt == "vpc":
+                assert image.size > raw.stat().st_size
+            assert _layout(list_partitions(image)) == expected
+
+
+@pytest.mark.parametrize("fmt", QEMU_FORMATS)
+def test_create_through_other_formats(tmp_path: Path, fmt: str) -> None:
+    image_path = tmp_path / f"disk.{fmt}"
+    qemu_img("create", "-q", "-f", fmt, image_path, "64M")
+    for scheme in ("gpt", "mbr"):
+        with open_image(image_path, writable=True) as image:
+            created = _layout(
+                create_partition_table(image, scheme, [PartitionSpec(8 * MiB)] * 4 + [PartitionSpec()])
+            )
+        flat = qemu_flatten(image_path, fmt, tmp_path / f"flat-{scheme}.raw")
+        if scheme == "gpt":
+            assert "No problems found" in run("sgdisk", "-v", flat)
+            assert created == sgdisk_layout(flat)[0]
+        else:
+            assert "No errors detected" in run("sfdisk", "-V", flat)
+            assert created == parted_layout(flat)[0]
+        flat.unlink()
 
 
 # -- the partition view ------------------------------------------------------------------------------------
