@@ -25,6 +25,7 @@ __all__ = ["RefcountBlock", "Refcounts"]
 _ARRAY_CODES = {8: "B", 16: "H", 32: "I", 64: "Q"}
 _BIG_ENDIAN_HOST = sys.byteorder == "big"
 _MAX_OFFSET = 1 << 56  # host offsets have 56 bits in qcow2 tables
+_MAX_TABLE_BYTES = 8 << 20  # qemu's limit on the refcount table
 
 
 def _to_native(data: bytes, code: str) -> array[int]:
@@ -239,13 +240,13 @@ class Refcounts:
             top = max(max(needed) + 1, len(self.table))
             grow = top > capacity
             table_clusters = -(-top * 8 // self._cs) if grow else 0
-            if grow:
-                # Leave room so that the next growth is not right away.
-                table_clusters = max(table_clusters, self.table_clusters * 2)
+            if grow:  # leave room so that the next growth is not right away
+                roomy = min(self.table_clusters * 2, _MAX_TABLE_BYTES // self._cs)
+                table_clusters = max(table_clusters, roomy)
             if len(missing) == n_blocks and table_clusters == n_table:
                 break
             n_blocks, n_table = len(missing), table_clusters
-        if n_table * self._cs > (8 << 20):
+        if n_table * self._cs > _MAX_TABLE_BYTES:
             raise ImageFormatError(self._path, "refcount table", "would grow beyond 8 MiB; image is too big")
         new_blocks = dict(zip(missing, range(start, start + n_blocks), strict=True))
         self.alloc_end = start + n_blocks + n_table
