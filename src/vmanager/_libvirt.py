@@ -140,6 +140,13 @@ def translate(
     return HypervisorError(f"VM {vm!r} on {uri!r}: {where}" if vm else where, code)
 
 
+def is_missing_snapshot(exc: Exception) -> bool:
+    """True when a libvirt error says "no such snapshot" (an answer, not a failure)."""
+    return (
+        isinstance(exc, libvirt.libvirtError) and exc.get_error_code() == libvirt.VIR_ERR_NO_DOMAIN_SNAPSHOT
+    )
+
+
 # -- event loop ----------------------------------------------------------------------------------
 
 _loop_lock = threading.Lock()

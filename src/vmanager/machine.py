@@ -21,8 +21,10 @@ from __future__ import annotations
 
 import datetime as dt
 import enum
+import functools
 import heapq
 import html
+import os
 import re
 import shutil
 import subprocess
@@ -32,6 +34,7 @@ from collections.abc import Iterator, Mapping
 from pathlib import Path
 from types import TracebackType
 from typing import Any, Final, Self
+from xml.sax.saxutils import escape as xml_escape
 
 import attrs
 
@@ -84,6 +87,7 @@ _SNAPSHOT_STATES: Final = {
     "pmsuspended": RunState.PMSUSPENDED,
     "disk-snapshot": RunState.SHUTOFF,
 }
+_REFUSES_DUPLICATE_SNAPSHOTS: Final = frozenset({"qemu", "test"})
 _STOPPED: Final = (RunState.SHUTOFF, RunState.CRASHED, RunState.NOSTATE)
 _ACTIVE: Final = (
     RunState.RUNNING,
@@ -126,28 +130,50 @@ def _check_name(kind: str, name: object) -> str:
     return name
 
 
-@attrs.frozen
-class _DiskUse:
-    path: Path
-    writable: bool
+# Domain XML is parsed once per distinct text: libvirt hands out a fresh string on every call, and a
+# start() must look at every running domain's disks, so parsing would otherwise dominate its cost.
+@functools.lru_cache(maxsize=256)
+def _parse_xml(text: str) -> ET.Element:
+    """Parsed domain XML (cached by text; callers never modify the tree)."""
+    return ET.fromstring(text)
 
 
-def _disk_uses(root: ET.Element) -> list[_DiskUse]:
-    """Files a domain's disks use (CD-ROMs excluded), writable or not."""
-    uses: list[_DiskUse] = []
-    for disk in root.iterfind("devices/disk"):
+@functools.lru_cache(maxsize=256)
+def _disk_uses(text: str) -> dict[str, bool]:
+    """Absolute paths of the files a domain's disks use (CD-ROMs excluded) -> written by it?"""
+    uses: dict[str, bool] = {}
+    for disk in _parse_xml(text).iterfind("devices/disk"):
         if disk.get("device", "disk") not in {"disk", "lun"}:
             continue
         source = disk.find("source")
         path = source.get("file") if source is not None else None
         if path:
             shared = disk.find("readonly") is not None or disk.find("shareable") is not None
-            uses.append(_DiskUse(Path(path), not shared))
+            uses[os.path.abspath(path)] = uses.get(os.path.abspath(path), False) or not shared
         for backing in disk.iter("backingStore"):
             bsrc = backing.find("source")
             if bsrc is not None and bsrc.get("file"):
-                uses.append(_DiskUse(Path(bsrc.get("file", "")), False))
+                uses.setdefault(os.path.abspath(bsrc.get("file", "")), False)
     return uses
+
+
+@functools.lru_cache(maxsize=256)
+def _overlay_bases(text: str) -> tuple[tuple[Path, Path, str], ...]:
+    """(overlay, base, base format) for each disk that is a vmanager overlay."""
+    out = []
+    for disk in _parse_xml(text).iterfind("devices/disk"):
+        source = disk.find("source")
+        path = source.get("file", "") if source is not None else ""
+        if not path.endswith(OVERLAY_SUFFIX):
+            continue
+        backing = disk.find("backingStore")
+        bsrc = backing.find("source") if backing is not None else None
+        bfmt = backing.find("format") if backing is not None else None
+        if bsrc is None or not bsrc.get("file"):
+            raise ConfigError("rollback", f"overlay {path} has no backing file in the domain XML")
+        fmt = bfmt.get("type", "raw") if bfmt is not None else "raw"
+        out.append((Path(path), Path(bsrc.get("file", "")), fmt))
+    return tuple(out)
 
 
 def _serial_log(root: ET.Element) -> Path | None:
@@ -281,15 +307,15 @@ class VirtualMachine:
                 self._overlay_dir(config) / f"{self.name}-{system.target}{OVERLAY_SUFFIX}"
             )
         xml = config.to_xml(family, name=self.name, domain_type=self._domain_type(config), overlays=overlays)
-        self._check_disks_free(ET.fromstring(xml), active_only=False)
+        self._check_disks_free(xml, active_only=False)
         for target, overlay in overlays.items():
             base = next(p for p in plan_disks(config, family) if p.target == target)
             _create_overlay(overlay, base.path, base.format)
         return self.connection.define(self.name, xml)
 
-    def _check_disks_free(self, root: ET.Element, *, active_only: bool) -> None:
+    def _check_disks_free(self, xml: str, *, active_only: bool) -> None:
         """Raise :class:`DiskInUseError` if another domain uses one of our disks and either side writes."""
-        mine = {u.path.absolute(): u.writable for u in _disk_uses(root)}
+        mine = _disk_uses(xml)
         if not mine:
             return
         for other in self.connection.domains(active_only=active_only):
@@ -297,12 +323,11 @@ class VirtualMachine:
                 other_name = other.name()
                 if other_name == self.name:
                     continue
-                other_root = ET.fromstring(other.XMLDesc(0))
+                theirs = _disk_uses(other.XMLDesc(0))
             except lv.LibvirtError:
                 continue  # the other domain vanished while we looked
-            for use in _disk_uses(other_root):
-                path = use.path.absolute()
-                if path in mine and (mine[path] or use.writable):
+            for path, writes in theirs.items():
+                if path in mine and (mine[path] or writes):
                     raise DiskInUseError(path, self.name, other_name)
 
     # -- state ------------------------------------------------------------------------------------
@@ -310,11 +335,14 @@ class VirtualMachine:
     def _err(self, exc: Exception, operation: str, snapshot: str | None = None) -> VManagerError:
         return lv.translate(exc, uri=self.uri, vm=self.name, operation=operation, snapshot=snapshot)
 
-    def _xml(self) -> ET.Element:
+    def _xml_text(self) -> str:
         try:
-            return ET.fromstring(self._dom.XMLDesc(0))
+            return str(self._dom.XMLDesc(0))
         except lv.LibvirtError as exc:
             raise self._err(exc, "read definition") from exc
+
+    def _xml(self) -> ET.Element:
+        return _parse_xml(self._xml_text())
 
     @property
     def state(self) -> RunState:
@@ -352,9 +380,9 @@ class VirtualMachine:
     def start(self) -> None:
         """Boot the VM. It must be shut off; its disks must not be in use by a running domain."""
         self._require("start", *_STOPPED)
-        root = self._xml()
-        self._check_disks_free(root, active_only=True)
-        self._ensure_overlays(root)
+        xml = self._xml_text()
+        self._check_disks_free(xml, active_only=True)
+        self._ensure_overlays(xml)
         self._reset_console()
         try:
             self._dom.create()
@@ -363,11 +391,11 @@ class VirtualMachine:
 
     def stop(self) -> None:
         """Power the VM off at once (like pulling the plug); a no-op when it is shut off."""
-        if self._undefined or self.state in _STOPPED:
+        if self._undefined:
             return
         self._reset_console()
         try:
-            self._dom.destroy()
+            self._dom.destroy()  # no state query first: destroy() is the cheap call, failure is rare
         except lv.LibvirtError as exc:
             if self.state in _STOPPED:  # it went away by itself meanwhile
                 return
@@ -438,7 +466,7 @@ class VirtualMachine:
         if self._undefined:
             return
         self.stop()
-        overlays = self._overlays(self._xml())
+        overlays = [overlay for overlay, _, _ in _overlay_bases(self._xml_text())]
         try:
             # Delete snapshots for real (QEMU keeps internal ones inside the qcow2 otherwise), newest
             # first so that no revert-able state is reparented needlessly.
@@ -471,40 +499,13 @@ class VirtualMachine:
 
     # -- overlays ------------------------------------------------------------------------------------
 
-    @staticmethod
-    def _overlays(root: ET.Element) -> list[Path]:
-        out = []
-        for disk in root.iterfind("devices/disk"):
-            source = disk.find("source")
-            path = source.get("file", "") if source is not None else ""
-            if path.endswith(OVERLAY_SUFFIX):
-                out.append(Path(path))
-        return out
-
-    def _overlay_bases(self, root: ET.Element) -> list[tuple[Path, Path, str]]:
-        """(overlay, base, base format) for each overlaid disk."""
-        out = []
-        for disk in root.iterfind("devices/disk"):
-            source = disk.find("source")
-            path = source.get("file", "") if source is not None else ""
-            if not path.endswith(OVERLAY_SUFFIX):
-                continue
-            backing = disk.find("backingStore")
-            bsrc = backing.find("source") if backing is not None else None
-            bfmt = backing.find("format") if backing is not None else None
-            if bsrc is None or not bsrc.get("file"):
-                raise ConfigError("rollback", f"overlay {path} has no backing file in the domain XML")
-            fmt = bfmt.get("type", "raw") if bfmt is not None else "raw"
-            out.append((Path(path), Path(bsrc.get("file", "")), fmt))
-        return out
-
     @property
     def uses_overlay(self) -> bool:
         """True when the system disk is a throwaway overlay (``rollback="overlay"``)."""
-        return bool(self._overlays(self._xml()))
+        return bool(_overlay_bases(self._xml_text()))
 
-    def _ensure_overlays(self, root: ET.Element) -> None:
-        for overlay, base, fmt in self._overlay_bases(root):
+    def _ensure_overlays(self, xml: str) -> None:
+        for overlay, base, fmt in _overlay_bases(xml):
             if not overlay.exists():
                 _create_overlay(overlay, base, fmt)
 
@@ -514,7 +515,7 @@ class VirtualMachine:
         Snapshots taken on the overlay go with it (their metadata is deleted).
         """
         self._require("discard the overlay of", *_STOPPED)
-        bases = self._overlay_bases(self._xml())
+        bases = _overlay_bases(self._xml_text())
         if not bases:
             raise UnsupportedOperationError(
                 f"VM {self.name!r} has no overlay; define it with rollback='overlay' "
@@ -574,6 +575,15 @@ class VirtualMachine:
                 raise SnapshotNotFoundError(self.name, name, self._snapshot_names()) from exc
             raise err from exc
 
+    def _has_snapshot(self, name: str) -> bool:
+        try:
+            self._dom.snapshotLookupByName(name, 0)
+        except lv.LibvirtError as exc:
+            if lv.is_missing_snapshot(exc):
+                return False
+            raise self._err(exc, "snapshot lookup", snapshot=name) from exc
+        return True
+
     def _snapshot_names(self) -> list[str]:
         try:
             return sorted(self._dom.snapshotListNames(0))
@@ -583,35 +593,40 @@ class VirtualMachine:
     def snapshot(self, name: str, description: str = "") -> Snapshot:
         """Take a snapshot called ``name`` (running: memory and disks; shut off: disks)."""
         _check_name("snapshot name", name)
-        state = self.state
-        if name in self._snapshot_names():
+        family = self.connection.family
+        # libvirt's QEMU and test drivers refuse a duplicate name themselves (checked after a failure,
+        # below); VirtualBox keeps duplicates, so elsewhere look first.
+        if family not in _REFUSES_DUPLICATE_SNAPSHOTS and self._has_snapshot(name):
             raise SnapshotExistsError(self.name, name)
-        self._check_can_snapshot(self._xml(), state in _ACTIVE)
-        root = ET.Element("domainsnapshot")
-        ET.SubElement(root, "name").text = name
-        if description:
-            ET.SubElement(root, "description").text = description
+        if family == "qemu":
+            self._check_can_snapshot(self._xml(), self.state in _ACTIVE)
+        desc = f"<description>{xml_escape(description)}</description>" if description else ""
         try:
-            snap = self._dom.snapshotCreateXML(ET.tostring(root, encoding="unicode"), 0)
+            snap = self._dom.snapshotCreateXML(
+                f"<domainsnapshot><name>{name}</name>{desc}</domainsnapshot>", 0
+            )
+            text = snap.getXMLDesc(0)
         except lv.LibvirtError as exc:
+            if self._has_snapshot(name):
+                raise SnapshotExistsError(self.name, name) from exc
             raise self._err(exc, "snapshot", snapshot=name) from exc
-        return self._snapshot_info(snap, current=True)
+        return _parse_snapshot(_snapshot_head(text), (), True)
 
     def _snapshot_info(self, snap: lv.DomainSnapshot, *, current: bool | None = None) -> Snapshot:
         try:
-            root = ET.fromstring(snap.getXMLDesc(0))
+            head = _snapshot_head(snap.getXMLDesc(0))
             children = tuple(sorted(snap.listChildrenNames(0)))
             is_current = bool(snap.isCurrent(0)) if current is None else current
         except lv.LibvirtError as exc:
             raise self._err(exc, "read snapshot") from exc
-        return _parse_snapshot(root, children, is_current)
+        return _parse_snapshot(head, children, is_current)
 
     def snapshots(self) -> list[Snapshot]:
         """All snapshots, oldest first, with parent, children and which one is current."""
         try:
             snaps = self._dom.listAllSnapshots(0)
             current = self._dom.snapshotCurrent(0).getName() if self._dom.hasCurrentSnapshot(0) else None
-            roots = [ET.fromstring(s.getXMLDesc(0)) for s in snaps]
+            roots = [_snapshot_head(s.getXMLDesc(0)) for s in snaps]
         except lv.LibvirtError as exc:
             raise self._err(exc, "list snapshots") from exc
         children: dict[str, list[str]] = {}
@@ -667,8 +682,11 @@ class VirtualMachine:
                 raise SnapshotNotFoundError(self.name, "<current>", self._snapshot_names())
             name = current.name
         snap = self._snapshot_obj(name)
-        info = self._snapshot_info(snap)
-        target = info.state
+        try:
+            head = _snapshot_head(snap.getXMLDesc(0))
+        except lv.LibvirtError as exc:
+            raise self._err(exc, "read snapshot", snapshot=name) from exc
+        target = _SNAPSHOT_STATES.get(head.findtext("state", "") or "", RunState.NOSTATE)
         self._reset_console()
         if target in (RunState.RUNNING, RunState.BLOCKED, RunState.PAUSED):
             flag = lv.REVERT_PAUSED if target is RunState.PAUSED else lv.REVERT_RUNNING
@@ -868,6 +886,17 @@ def _oldest_first(snaps: list[Snapshot]) -> list[Snapshot]:
 def _tail(text: str, limit: int = 400) -> str:
     text = text[-limit:]
     return f"last output: {text!r}" if text else "no output"
+
+
+_EMBEDDED_DOMAIN = re.compile(r"<domain[\s>]")
+
+
+def _snapshot_head(text: str) -> ET.Element:
+    """The snapshot's own elements, without the full domain definition libvirt embeds after them."""
+    match = _EMBEDDED_DOMAIN.search(text, 1)
+    if match is not None:
+        text = text[: match.start()] + "</domainsnapshot>"
+    return ET.fromstring(text)
 
 
 def _parse_snapshot(root: ET.Element, children: tuple[str, ...], is_current: bool | None) -> Snapshot:
