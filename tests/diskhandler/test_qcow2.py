@@ -710,3 +710,18 @@ def test_persistent_bitmaps_become_stale_after_a_write(tmp_path: Path) -> None:
     qemu_io(path, "qcow2", ["read -P 0 7 100"])
     with open_image(path) as image:
         assert image.read_at(0, 7) == b"changed"
+
+
+def test_small_refcount_cache_keeps_refcounts_right(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    from diskhandler.formats import _qcow2_refcount
+
+    monkeypatch.setattr(_qcow2_refcount, "_BLOCK_CACHE_BYTES", 2 * 512)  # two 512-byte blocks
+    path = tmp_path / "rc.qcow2"
+    model = bytearray(12 * MiB)
+    rng = random.Random("refcount-cache")
+    with create_image(path, len(model), cluster_size=512) as image:
+        _random_writes(image, model, rng, 15)
+    qemu_img("snapshot", "-c", "s", path)  # shared clusters: writes now copy and release
+    with open_image(path, writable=True) as image:
+        _random_writes(image, model, rng, 15)
+    _assert_qemu_agrees(path, model, tmp_path)

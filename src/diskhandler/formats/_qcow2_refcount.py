@@ -26,6 +26,7 @@ _ARRAY_CODES = {8: "B", 16: "H", 32: "I", 64: "Q"}
 _BIG_ENDIAN_HOST = sys.byteorder == "big"
 _MAX_OFFSET = 1 << 56  # host offsets have 56 bits in qcow2 tables
 _MAX_TABLE_BYTES = 8 << 20  # qemu's limit on the refcount table
+_BLOCK_CACHE_BYTES = 32 << 20
 
 
 def _to_native(data: bytes, code: str) -> array[int]:
@@ -143,6 +144,9 @@ class Refcounts:
             return None
         block = self._blocks.get(offset)
         if block is None:
+            if len(self._blocks) * self._cs >= _BLOCK_CACHE_BYTES:  # forget blocks already written
+                for key in [k for k, b in self._blocks.items() if b.dirty_lo >= b.dirty_hi]:
+                    del self._blocks[key]
             data = pread_exact(self._fd, offset, self._cs, self._path, "refcount block")
             block = RefcountBlock(offset, data, self.refcount_bits)
             self._blocks[offset] = block
@@ -253,7 +257,9 @@ class Refcounts:
         # Contents of the new blocks: zeros plus the refcounts of the region itself.
         for i, cluster in new_blocks.items():
             offset = cluster << self._bits
-            self._blocks[offset] = RefcountBlock(offset, bytes(self._cs), self.refcount_bits)
+            fresh = RefcountBlock(offset, bytes(self._cs), self.refcount_bits)
+            fresh.dirty_lo, fresh.dirty_hi = 0, fresh.entries  # written whole, and never evicted before
+            self._blocks[offset] = fresh
             if i >= len(self.table):
                 self.table.extend([0] * (i + 1 - len(self.table)))
         for i, cluster in new_blocks.items():
@@ -263,9 +269,6 @@ class Refcounts:
             assert covering is not None
             covering.set(c % be, covering.get(c % be) + 1)
         # Write the blocks (new ones whole), while the on-disk table does not point at new ones yet.
-        for cluster in new_blocks.values():
-            fresh = self._blocks[cluster << self._bits]
-            fresh.dirty_lo, fresh.dirty_hi = 0, fresh.entries
         self._write_dirty()
         if n_table:
             table_offset = (start + n_blocks) << self._bits
