@@ -266,13 +266,17 @@ def test_backing_file_without_format_is_probed(tmp_path: Path) -> None:
         assert image.read_at(0, 2) == b"\x31\x31"
 
 
-def test_created_overlay_stores_relative_name_and_format(tmp_path: Path) -> None:
+def test_created_overlay_stores_relative_name_and_format(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
     (tmp_path / "a").mkdir()
     (tmp_path / "b").mkdir()
+    (tmp_path / "link").symlink_to(tmp_path / "b")
     base = tmp_path / "a" / "base.raw"
     base.write_bytes(bytes(range(256)) * 4096)  # 1 MiB
     top = tmp_path / "b" / "top.qcow2"
-    with create_image(top, parent=base) as image:
+    monkeypatch.chdir(tmp_path)  # both paths relative to the current directory, one through a symlink
+    with create_image(Path("link/top.qcow2"), parent=Path("a/base.raw")) as image:
         assert image.size == MiB
         assert image.read_at(256, 4) == bytes(range(4))
         image.write_at(1000, b"xyz")

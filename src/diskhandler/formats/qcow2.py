@@ -778,8 +778,10 @@ class QCOW2Image(DiskImage):
 
 def _relative_backing_name(child: Path, parent: Path) -> str:
     """The parent's path as the child should store it: relative to the child's folder when possible."""
-    child_dir = os.path.realpath(child.parent if str(child.parent) else ".")
-    target = os.path.realpath(parent)
+    # Resolve the folders (the child's may be reached through a symlink), not the parent file itself:
+    # a parent that is a symlink stays one.
+    child_dir = os.path.realpath(child.parent)
+    target = os.path.join(os.path.realpath(parent.parent), parent.name)
     try:
         return os.path.relpath(target, child_dir)
     except ValueError:  # pragma: no cover (different drives; not on POSIX)
