@@ -45,7 +45,7 @@ import zlib
 from array import array
 from collections.abc import Callable, Sequence
 from pathlib import Path, PurePosixPath, PureWindowsPath
-from typing import TYPE_CHECKING, Any, ClassVar, Final, Self
+from typing import Any, ClassVar, Final, Self
 
 from typing_extensions import Buffer, override
 
@@ -152,15 +152,7 @@ _ZERO = 1
 _DATA = 2
 
 
-# mypy's attrs plugin knows ``attrs.frozen`` but not ``binary_layout``, which applies it: let the type
-# checker see the former so that the generated __init__ is checked.
-if TYPE_CHECKING:
-    from attrs import frozen as _little_endian
-else:
-    _little_endian = binary_layout("<")
-
-
-@_little_endian
+@binary_layout("<")
 class SparseExtentHeader(Layout):
     """The 512-byte header of a hosted sparse extent (``SparseExtentHeader`` in the VMware notes)."""
 
@@ -181,7 +173,7 @@ class SparseExtentHeader(Layout):
     pad: bytes = ffield("433s")
 
 
-@_little_endian
+@binary_layout("<")
 class Marker(Layout):
     """A streamOptimized marker: ``value`` is a sector count (metadata) or an LBA (grain)."""
 
