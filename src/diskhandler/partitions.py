@@ -19,6 +19,7 @@ from __future__ import annotations
 import html
 import os
 import re
+import sys
 import uuid
 import warnings
 import zlib
@@ -307,7 +308,13 @@ class PartitionSpec:
 
 
 def _warn(disk: DiskImage, message: str) -> None:
-    warnings.warn(f"{disk.path}: {message}", ImageWarning, stacklevel=3)
+    """Warn with ``ImageWarning``, pointing at the first caller outside this module."""
+    frame = sys._getframe(1)
+    level = 2
+    while frame.f_back is not None and frame.f_code.co_filename == __file__:
+        frame = frame.f_back
+        level += 1
+    warnings.warn(f"{disk.path}: {message}", ImageWarning, stacklevel=level)
 
 
 def _read(disk: DiskImage, offset: int, length: int) -> bytes:
@@ -460,10 +467,17 @@ def _read_ebr_chain(disk: DiskImage, container: MbrEntry) -> list[Partition]:
         sector = _read(disk, ebr * SECTOR, SECTOR)
         if sector[510:512] != _SIGNATURE:
             raise PartitionTableError(f"{disk.path}: the EBR at LBA {ebr} lacks the 55AA signature")
-        data, link = _mbr_entries(sector)[:2]
-        if not data.empty and data.type not in _EXTENDED_TYPES:
+        table = _mbr_entries(sector)
+        # Like Linux: every data entry of an EBR is a logical partition (entries 3-4 only when they fit
+        # the container, as they sometimes hold garbage); the first extended-type entry links onwards.
+        for slot, data in enumerate(table):
+            if data.empty or data.type in _EXTENDED_TYPES:
+                continue
             first = ebr + data.first_lba
-            if data.first_lba == 0 or first >= limit:
+            inside = data.first_lba > 0 and first < limit
+            if slot >= 2 and not (inside and first + data.sectors <= limit):
+                continue
+            if not inside:
                 raise PartitionTableError(
                     f"{disk.path}: logical partition {number} (EBR at LBA {ebr}) starts at LBA {first},"
                     f" outside the extended container (LBA {base + 1}-{limit - 1})"
@@ -484,7 +498,8 @@ def _read_ebr_chain(disk: DiskImage, container: MbrEntry) -> list[Partition]:
                 )
             )
             number += 1
-        if link.empty or link.type not in _EXTENDED_TYPES:
+        link = next((e for e in table if not e.empty and e.type in _EXTENDED_TYPES), None)
+        if link is None:
             return parts
         ebr = base + link.first_lba
     raise PartitionTableError(f"{disk.path}: the EBR chain has more than {_MAX_LOGICALS} links")
@@ -796,14 +811,22 @@ def create_partition_table(
     if not disk.writable():
         raise ReadOnlyImageError(f"{disk.path}: open the image with writable=True to write a partition table")
     if alignment < SECTOR or alignment % SECTOR:
-        raise PartitionTableError(f"alignment must be a positive multiple of {SECTOR} bytes, got {alignment}")
+        raise PartitionTableError(
+            f"{disk.path}: alignment must be a positive multiple of {SECTOR} bytes, got {alignment}"
+        )
     scheme = scheme.lower()
-    if scheme == "gpt":
-        _write_gpt(disk, partitions, alignment)
-    elif scheme == "mbr":
-        _write_mbr(disk, partitions, alignment)
-    else:
-        raise PartitionTableError(f"unknown partition table scheme {scheme!r}; use 'mbr' or 'gpt'")
+    if scheme not in ("gpt", "mbr"):
+        raise PartitionTableError(
+            f"{disk.path}: unknown partition table scheme {scheme!r}; use 'mbr' or 'gpt'"
+        )
+    try:
+        if scheme == "gpt":
+            _write_gpt(disk, partitions, alignment)
+        else:
+            _write_mbr(disk, partitions, alignment)
+    except PartitionTableError as exc:
+        # The layout helpers describe the request; say which disk it was for.
+        raise PartitionTableError(f"{disk.path}: cannot write the {scheme} table: {exc}") from None
     disk.flush()
     return list_partitions(disk)
 

@@ -240,9 +240,11 @@ def _flip(path: Path, offset: int) -> None:
 def test_damaged_primary_gpt_uses_backup(gpt_image: Path, where: str, offset: int) -> None:
     expected, _ = sgdisk_layout(gpt_image)
     _flip(gpt_image, offset)
-    with open_image(gpt_image) as image, pytest.warns(ImageWarning, match="primary GPT is damaged"):
+    with open_image(gpt_image) as image, pytest.warns(ImageWarning, match="primary GPT is damaged") as record:
         parts = list_partitions(image)
     assert _layout(parts) == expected, where
+    assert record[0].filename == __file__  # the warning points at the caller, not into diskhandler
+    assert str(gpt_image) in str(record[0].message)
 
 
 def test_wiped_primary_on_grown_disk_finds_backup(gpt_image: Path) -> None:
@@ -438,8 +440,9 @@ def test_create_rejects_impossible_layouts(
     tmp_path: Path, scheme: str, specs: list[PartitionSpec], match: str
 ) -> None:
     path = _blank(tmp_path / "bad.img")
-    with open_image(path, writable=True) as image, pytest.raises(PartitionTableError, match=match):
+    with open_image(path, writable=True) as image, pytest.raises(PartitionTableError, match=match) as info:
         create_partition_table(image, scheme, specs)
+    assert str(info.value).startswith(f"{path}: ")
     assert path.read_bytes().count(0) == 64 * MiB  # nothing was written
 
 
