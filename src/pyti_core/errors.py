@@ -54,10 +54,10 @@ class ConfigError(PytiError, ValueError):
         self.path = Path(path) if path is not None else None
         self.key = key
         self.message = message
-        where = str(self.path) if self.path is not None else "<job>"
+        where = [str(self.path)] if self.path is not None else []
         if key:
-            where = f"{where}: {key}"
-        super().__init__(f"{where}: {message}")
+            where.append(key)
+        super().__init__(": ".join([*where, message]))
 
 
 class TaskError(PytiError, ValueError):

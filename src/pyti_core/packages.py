@@ -23,6 +23,7 @@ through its HTTP cache (``cache_dir``) so repeated runs do not download again.
 from __future__ import annotations
 
 import email.parser
+import importlib.util
 import os
 import re
 import shutil
@@ -30,7 +31,8 @@ import subprocess
 import sys
 import tarfile
 import zipfile
-from collections.abc import Iterable, Sequence
+from collections.abc import Iterable, Iterator, Sequence
+from contextlib import contextmanager
 from pathlib import Path, PurePosixPath
 from typing import Final
 
@@ -217,11 +219,10 @@ def import_names_of_wheel(wheel: Path) -> tuple[str, ...]:
 
 def bundled_pip_wheel() -> Path | None:
     """The pip wheel bundled with this Python's ``ensurepip``, if the Python ships one (Debian strips it)."""
-    try:
-        import ensurepip
-    except ImportError:
+    spec = importlib.util.find_spec("ensurepip")
+    if spec is None or spec.origin is None:
         return None
-    bundled = Path(ensurepip.__file__).parent / "_bundled"
+    bundled = Path(spec.origin).parent / "_bundled"
     found = sorted(bundled.glob("pip-*-any.whl"))
     return found[-1] if found else None
 
@@ -247,7 +248,9 @@ def unpack_sdist(archive: Path, dest: Path) -> Path:
             with zipfile.ZipFile(archive) as zf:
                 infos = zf.infolist()
                 if len(infos) > MAX_ARCHIVE_MEMBERS:
-                    raise UnsafeArchiveError(f"{archive}: {len(infos)} members, more than {MAX_ARCHIVE_MEMBERS}")
+                    raise UnsafeArchiveError(
+                        f"{archive}: {len(infos)} members, more than {MAX_ARCHIVE_MEMBERS}"
+                    )
                 if sum(i.file_size for i in infos) > MAX_UNPACKED_BYTES:
                     raise UnsafeArchiveError(f"{archive}: unpacks to more than {MAX_UNPACKED_BYTES} bytes")
                 for info in infos:
@@ -305,7 +308,13 @@ class _Pip:
         env = dict(os.environ, PIP_DISABLE_PIP_VERSION_CHECK="1", PIP_NO_INPUT="1")
         try:
             proc = subprocess.run(
-                argv, capture_output=True, text=True, errors="replace", env=env, timeout=self.timeout
+                argv,
+                capture_output=True,
+                text=True,
+                errors="replace",
+                env=env,
+                timeout=self.timeout,
+                check=False,
             )
         except subprocess.TimeoutExpired as exc:
             raise PackageError(f"{what}: pip did not finish within {self.timeout:g} s", command=argv) from exc
@@ -329,23 +338,23 @@ class _Pip:
             self.run([*args, str(source)], what)
             built = sorted(tmp.glob("*.whl"))
             if len(built) != 1:
-                raise PackageError(f"{what}: expected one wheel from pip wheel, got {[p.name for p in built]}")
+                raise PackageError(
+                    f"{what}: expected one wheel from pip wheel, got {[p.name for p in built]}"
+                )
             final = out / built[0].name
             shutil.move(built[0], final)
         return final
 
 
-class _fresh_dir:  # noqa: N801 - used like a function: with _fresh_dir(path) as d
-    def __init__(self, path: Path) -> None:
-        self.path = path
-
-    def __enter__(self) -> Path:
-        shutil.rmtree(self.path, ignore_errors=True)
-        self.path.mkdir(parents=True)
-        return self.path
-
-    def __exit__(self, *exc: object) -> None:
-        shutil.rmtree(self.path, ignore_errors=True)
+@contextmanager
+def _fresh_dir(path: Path) -> Iterator[Path]:
+    """An empty folder at ``path`` for the block's duration, removed afterwards."""
+    shutil.rmtree(path, ignore_errors=True)
+    path.mkdir(parents=True)
+    try:
+        yield path
+    finally:
+        shutil.rmtree(path, ignore_errors=True)
 
 
 def _project_key(requirement: str) -> str:
@@ -415,8 +424,16 @@ def _build_from_sdist(pip: _Pip, requirement: str, built: Path, target: GuestTar
     """Download ``requirement``'s sdist and build a wheel on the host; it must be pure Python."""
     with _fresh_dir(built / ".sdist") as tmp:
         pip.run(
-            ["download", "--no-deps", "--no-binary", ":all:", "--dest", str(tmp), *pip.index_options(),
-             requirement],
+            [
+                "download",
+                "--no-deps",
+                "--no-binary",
+                ":all:",
+                "--dest",
+                str(tmp),
+                *pip.index_options(),
+                requirement,
+            ],
             f"{requirement} has no wheel for the guest; downloading its sdist",
         )
         sdists = sorted(tmp.iterdir())
@@ -439,8 +456,16 @@ def _fetch_sources(pip: _Pip, requirement: str, dest: Path) -> Path | None:
     with _fresh_dir(dest.parent / ".sdist-download") as tmp:
         try:
             pip.run(
-                ["download", "--no-deps", "--no-binary", ":all:", "--dest", str(tmp), *pip.index_options(),
-                 requirement],
+                [
+                    "download",
+                    "--no-deps",
+                    "--no-binary",
+                    ":all:",
+                    "--dest",
+                    str(tmp),
+                    *pip.index_options(),
+                    requirement,
+                ],
                 f"downloading the sdist of {requirement} (its tests)",
             )
         except PackageError as exc:
@@ -528,7 +553,9 @@ def prepare_distribution(
     root_key = _project_key(root)
     by_name = {normalize_name(p.name.split("-")[0]): p for p in saved}
     if root_key not in by_name or "pip" not in by_name:
-        raise PackageError(f"pip download did not produce a wheel of {root_key} and of pip: got {sorted(by_name)}")
+        raise PackageError(
+            f"pip download did not produce a wheel of {root_key} and of pip: got {sorted(by_name)}"
+        )
     own_wheel = by_name[root_key]
     name, version = wheel_metadata(own_wheel)
     if kind == "requirement" and sources:

@@ -20,7 +20,7 @@ from __future__ import annotations
 
 import json
 import shutil
-from collections.abc import Mapping, Sequence
+from collections.abc import Iterable, Mapping
 from pathlib import Path, PurePosixPath
 from typing import Any, Final, Literal, get_args
 
@@ -54,9 +54,21 @@ _PIP_ENV: Final = {
 _TEST_ENV: Final = {"PYTHONSAFEPATH": "1", "PYTHONDONTWRITEBYTECODE": "1"}
 
 
-def _env_items(value: Mapping[str, str] | Sequence[tuple[str, str]]) -> tuple[tuple[str, str], ...]:
+def _env_items(value: Mapping[str, object] | Iterable[tuple[str, object]]) -> tuple[tuple[str, str], ...]:
     items = value.items() if isinstance(value, Mapping) else value
     return tuple(sorted((str(k), str(v)) for k, v in items))
+
+
+def _argv(value: Iterable[object]) -> tuple[str, ...]:
+    return tuple(str(x) for x in value)
+
+
+def _tasks(value: Iterable[Task]) -> tuple[Task, ...]:
+    return tuple(value)
+
+
+def _strings(value: Iterable[str]) -> tuple[str, ...]:
+    return tuple(str(x) for x in value)
 
 
 def _check_kind(_: object, __: attrs.Attribute[str], value: str) -> None:
@@ -81,7 +93,7 @@ class Task:
     name: str
     kind: TaskKind = attrs.field(validator=_check_kind)
     timeout: float = attrs.field(default=DEFAULT_TIMEOUT, converter=float, validator=_check_timeout)
-    argv: tuple[str, ...] = attrs.field(default=(), converter=lambda a: tuple(str(x) for x in a))
+    argv: tuple[str, ...] = attrs.field(default=(), converter=_argv)
     env: tuple[tuple[str, str], ...] = attrs.field(default=(), converter=_env_items)
     stop_on_failure: bool | None = None
 
@@ -101,8 +113,8 @@ class Recipe:
     """A named list of tasks; ``requirements`` are installed in the guest after the distribution."""
 
     name: str
-    tasks: tuple[Task, ...] = attrs.field(converter=tuple)
-    requirements: tuple[str, ...] = attrs.field(default=(), converter=tuple)
+    tasks: tuple[Task, ...] = attrs.field(converter=_tasks)
+    requirements: tuple[str, ...] = attrs.field(default=(), converter=_strings)
 
     def __attrs_post_init__(self) -> None:
         if not self.tasks:
@@ -152,7 +164,16 @@ class GuestLayout:
 def _pip(dist: Distribution, layout: GuestLayout, *requirements: str) -> list[str]:
     wheels = layout.path(layout.wheels)
     pip = str(PurePosixPath(wheels, dist.pip_wheel.name, "pip"))
-    return [layout.python, pip, "install", "--no-index", "--no-cache-dir", "--find-links", wheels, *requirements]
+    return [
+        layout.python,
+        pip,
+        "install",
+        "--no-index",
+        "--no-cache-dir",
+        "--find-links",
+        wheels,
+        *requirements,
+    ]
 
 
 def to_agent_job(
@@ -175,7 +196,9 @@ def to_agent_job(
     results = layout.path(layout.results)
     tasks: list[dict[str, Any]] = []
 
-    def add(task: Task, name: str, argv: list[str], cwd: str, env: Mapping[str, str], parse: str | None) -> None:
+    def add(
+        task: Task, name: str, argv: list[str], *, cwd: str, env: Mapping[str, str], parse: str | None
+    ) -> None:
         task_id = str(len(tasks) + 1)
         tasks.append(
             {
@@ -192,30 +215,46 @@ def to_agent_job(
 
     for task in recipe.tasks:
         if task.kind == "install":
-            add(task, task.name, _pip(distribution, layout, distribution.requirement), work, _PIP_ENV, None)
+            add(
+                task,
+                task.name,
+                _pip(distribution, layout, distribution.requirement),
+                cwd=work,
+                env=_PIP_ENV,
+                parse=None,
+            )
             if recipe.requirements:
                 argv = _pip(distribution, layout, *recipe.requirements)
-                add(task, f"{task.name}-requirements", argv, work, _PIP_ENV, None)
+                add(task, f"{task.name}-requirements", argv, cwd=work, env=_PIP_ENV, parse=None)
         elif task.kind == "import":
             if distribution.import_names:
                 code = "import " + ", ".join(distribution.import_names)
-                add(task, task.name, [layout.python, "-c", code], work, {}, None)
+                add(task, task.name, [layout.python, "-c", code], cwd=work, env={}, parse=None)
         elif task.kind == "pytest":
             junit = str(PurePosixPath(results, "junit-{id}.xml"))
-            argv = [layout.python, "-m", "pytest", "-p", "no:cacheprovider", f"--junitxml={junit}", *task.argv]
+            argv = [
+                layout.python,
+                "-m",
+                "pytest",
+                "-p",
+                "no:cacheprovider",
+                f"--junitxml={junit}",
+                *task.argv,
+            ]
             if sources is None:
                 argv += ["--pyargs", *distribution.import_names]
-            add(task, task.name, argv, sources or work, _TEST_ENV, f"junit:{junit}")
+            add(task, task.name, argv, cwd=sources or work, env=_TEST_ENV, parse=f"junit:{junit}")
             tasks[-1]["argv"] = [a.replace("{id}", tasks[-1]["id"]) for a in argv]
         elif task.kind == "unittest":
             if sources is None:
                 raise TaskError(
-                    f"task {task.name!r} runs unittest in the sources, but {distribution.requirement} has none"
+                    f"task {task.name!r} runs unittest in the sources, "
+                    f"but {distribution.requirement} has none"
                 )
             argv = [layout.python, "-m", "unittest", *(task.argv or ("discover",))]
-            add(task, task.name, argv, sources, _TEST_ENV, "unittest")
+            add(task, task.name, argv, cwd=sources, env=_TEST_ENV, parse="unittest")
         else:
-            add(task, task.name, list(task.argv), sources or work, {}, None)
+            add(task, task.name, list(task.argv), cwd=sources or work, env={}, parse=None)
     return {"distribution": distribution.requirement, "output_cap": output_cap, "tasks": tasks}
 
 

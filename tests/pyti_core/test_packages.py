@@ -34,7 +34,7 @@ from pyti_core.packages import (
 
 # An in-tree PEP 517 backend: builds the wheel described by tiny.json with zipfile only.
 BACKEND = textwrap.dedent(
-    '''
+    """
     import base64, hashlib, json, os, tarfile, zipfile
 
     def _meta():
@@ -83,7 +83,7 @@ BACKEND = textwrap.dedent(
 
     def build_wheel(wheel_directory, config_settings=None, metadata_directory=None):
         return write_wheel(wheel_directory, _meta())
-    '''
+    """
 )
 
 PYPROJECT = textwrap.dedent(
@@ -103,7 +103,9 @@ def make_project(root: Path, name: str, version: str, files: dict[str, str], **m
     (project / "pyproject.toml").write_text(PYPROJECT)
     (project / "tinybackend.py").write_text(BACKEND)
     packages = meta.pop("packages", sorted({p.split("/")[0] for p in files if "/" in p and p[0] != "t"}))
-    (project / "tiny.json").write_text(json.dumps({"name": name, "version": version, "packages": packages, **meta}))
+    (project / "tiny.json").write_text(
+        json.dumps({"name": name, "version": version, "packages": packages, **meta})
+    )
     for rel, text in files.items():
         path = project / rel
         path.parent.mkdir(parents=True, exist_ok=True)
@@ -126,14 +128,13 @@ def make_wheel(project: Path, out: Path) -> Path:
     namespace: dict[str, Any] = {}
     exec(BACKEND, namespace)
     meta = json.loads((project / "tiny.json").read_text())
-    return out / namespace["write_wheel"](str(out), meta, str(project))
+    filename: str = namespace["write_wheel"](str(out), meta, str(project))
+    return out / filename
 
 
 def tiny_pair(root: Path) -> tuple[Path, Path]:
     """``pytiny`` (one passing, one failing test) and its dependency ``pytiny-dep``: the two projects."""
-    dep = make_project(
-        root, "pytiny-dep", "1.0", {"pytiny_dep/__init__.py": "def base():\n    return 2\n"}
-    )
+    dep = make_project(root, "pytiny-dep", "1.0", {"pytiny_dep/__init__.py": "def base():\n    return 2\n"})
     main = make_project(
         root,
         "pytiny",
@@ -297,7 +298,12 @@ def test_prepare_a_project_folder_with_an_sdist_only_dependency(tmp_path: Path, 
     index = tmp_path / "index"
     make_sdist(dep, index)  # no wheel: pyti must build one on the host
     dist = prepare_distribution(
-        main, tmp_path / "out", requirements=(), no_index=True, find_links=[index], pip_wheel=pip_wheel,
+        main,
+        tmp_path / "out",
+        requirements=(),
+        no_index=True,
+        find_links=[index],
+        pip_wheel=pip_wheel,
         build_isolation=False,
     )
     assert (dist.name, dist.version, dist.requirement) == ("pytiny", "0.3", "pytiny==0.3")
@@ -334,7 +340,12 @@ def test_a_compiled_sdist_only_dependency_is_a_clear_error(tmp_path: Path, pip_w
     make_sdist(compiled, index)
     with pytest.raises(PackageError, match=r"pytiny-dep.*compiled wheel.*does not match the guest") as info:
         prepare_distribution(
-            main, tmp_path / "out", requirements=(), no_index=True, find_links=[index], pip_wheel=pip_wheel,
+            main,
+            tmp_path / "out",
+            requirements=(),
+            no_index=True,
+            find_links=[index],
+            pip_wheel=pip_wheel,
             build_isolation=False,
         )
     assert not list((tmp_path / "out" / "built").glob("pytiny_dep*"))
@@ -346,8 +357,13 @@ def test_a_missing_dependency_names_it_with_pip_stderr(tmp_path: Path, pip_wheel
     (tmp_path / "empty").mkdir()
     with pytest.raises(PackageError, match="pytiny-dep") as info:
         prepare_distribution(
-            main, tmp_path / "out", requirements=(), no_index=True, find_links=[tmp_path / "empty"],
-            pip_wheel=pip_wheel, build_isolation=False,
+            main,
+            tmp_path / "out",
+            requirements=(),
+            no_index=True,
+            find_links=[tmp_path / "empty"],
+            pip_wheel=pip_wheel,
+            build_isolation=False,
         )
     assert "No matching distribution" in info.value.stderr
     assert info.value.command[:3] == (sys.executable, "-m", "pip")
@@ -360,7 +376,9 @@ def test_bad_specs_are_refused_before_pip_runs(tmp_path: Path, spec: str) -> Non
 
 
 def test_a_wheel_for_another_platform_is_refused(tmp_path: Path, pip_wheel: Path) -> None:
-    project = make_project(tmp_path, "arm", "1", {"arm/__init__.py": ""}, tag="cp311-cp311-manylinux_2_17_aarch64")
+    project = make_project(
+        tmp_path, "arm", "1", {"arm/__init__.py": ""}, tag="cp311-cp311-manylinux_2_17_aarch64"
+    )
     with pytest.raises(PackageError, match="does not install on the guest"):
         prepare_distribution(make_wheel(project, tmp_path / "w"), tmp_path / "out", pip_wheel=pip_wheel)
 
