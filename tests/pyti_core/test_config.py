@@ -1,0 +1,157 @@
+"""config: TOML job files, and errors that name the file and the key."""
+
+from __future__ import annotations
+
+import textwrap
+from pathlib import Path
+
+import pytest
+
+from pyti_core.config import JobConfig
+from pyti_core.errors import ConfigError
+from pyti_core.packages import DEBIAN_12, GuestTarget
+from pyti_core.tasks import RECIPES
+
+
+def write(tmp_path: Path, text: str, name: str = "job.toml") -> Path:
+    path = tmp_path / name
+    path.write_text(textwrap.dedent(text))
+    return path
+
+
+def test_a_full_job_file(tmp_path: Path) -> None:
+    (tmp_path / "wheels").mkdir()
+    path = write(
+        tmp_path,
+        """
+        distribution = "attrs==23.2.0"
+        recipe = "default"
+        timeout = 3600
+
+        [timeouts]
+        pytest = 900
+
+        [guest]
+        python = "3.12"
+        glibc = "2.39"
+
+        [packages]
+        index_url = "https://pypi.org/simple"
+        find_links = ["./wheels"]
+        cache_dir = "cache"
+
+        [results]
+        report = "out/report.json"
+        master = "http://127.0.0.1:8080/"
+        """,
+    )
+    config = JobConfig.from_toml(path)
+    assert config.distribution == "attrs==23.2.0"
+    assert [t.name for t in config.recipe.tasks] == ["install", "import", "pytest"]
+    assert config.recipe.tasks[2].timeout == 900
+    assert config.recipe.tasks[0].timeout == RECIPES["default"].tasks[0].timeout
+    assert config.recipe.requirements == ("pytest",)
+    assert config.job_timeout == 3600
+    assert config.target == GuestTarget(python_version=(3, 12), glibc=(2, 39))
+    assert config.index_url == "https://pypi.org/simple"
+    assert config.find_links == (tmp_path / "wheels",)
+    assert config.cache_dir == tmp_path / "cache"
+    assert config.report == tmp_path / "out" / "report.json"
+    assert config.master_url == "http://127.0.0.1:8080/"
+    assert config.source == path
+
+
+def test_minimal_job_and_local_paths(tmp_path: Path) -> None:
+    config = JobConfig.from_toml(write(tmp_path, 'distribution = "six"\n'))
+    assert (config.distribution, config.recipe, config.target) == ("six", RECIPES["default"], DEBIAN_12)
+    assert (config.report, config.master_url, config.job_timeout) == (None, None, None)
+    (tmp_path / "proj").mkdir()
+    (tmp_path / "x-1.0.tar.gz").write_bytes(b"")
+    assert JobConfig.from_toml(write(tmp_path, 'distribution = "./proj"\n')).distribution == tmp_path / "proj"
+    sdist = JobConfig.from_toml(write(tmp_path, 'distribution = "x-1.0.tar.gz"\n')).distribution
+    assert sdist == tmp_path / "x-1.0.tar.gz"
+
+
+def test_custom_tasks(tmp_path: Path) -> None:
+    config = JobConfig.from_toml(
+        write(
+            tmp_path,
+            """
+            distribution = "six==1.16.0"
+
+            [[tasks]]
+            kind = "install"
+
+            [[tasks]]
+            name = "smoke"
+            kind = "command"
+            argv = ["python3", "-c", "import six"]
+            timeout = 60
+            env = {LANG = "C.UTF-8"}
+
+            [[tasks]]
+            kind = "pytest"
+            argv = ["-x"]
+            """,
+        )
+    )
+    install, smoke, tests = config.recipe.tasks
+    assert (install.name, install.kind, install.stops_on_failure) == ("install", "install", True)
+    assert (smoke.argv, smoke.timeout, smoke.env) == (
+        ("python3", "-c", "import six"),
+        60.0,
+        (("LANG", "C.UTF-8"),),
+    )
+    assert (tests.name, tests.argv) == ("pytest", ("-x",))
+    assert config.recipe.requirements == ("pytest",)
+
+
+@pytest.mark.parametrize(
+    ("text", "key", "message"),
+    [
+        ("recipe = 'default'\n", "distribution", "is required"),
+        ("distribution = 3\n", "distribution", "non-empty string"),
+        ("distribution = 'x'\nrecipie = 'default'\n", "recipie", "unknown key"),
+        ("distribution = 'x'\nrecipe = 'fast'\n", "recipe", "unknown recipe 'fast'"),
+        ("distribution = './nope'\n", "distribution", "does not exist"),
+        ("distribution = '--index-url=http://evil'\n", "distribution", "must be a requirement"),
+        ("distribution = 'x'\ntimeout = -1\n", "timeout", "seconds > 0"),
+        ("distribution = 'x'\ntimeout = true\n", "timeout", "seconds > 0"),
+        ("distribution = 'x'\n[timeouts]\nunittest = 5\n", "timeouts.unittest", "unknown key"),
+        ("distribution = 'x'\n[guest]\npython = 3.11\n", "guest.python", "MAJOR.MINOR"),
+        ("distribution = 'x'\n[guest]\nos = 'win'\n", "guest.os", "unknown key"),
+        ("distribution = 'x'\n[packages]\nfind_links = './w'\n", "packages.find_links", "list of"),
+        ("distribution = 'x'\n[results]\nmaster = 'ftp://m'\n", "results.master", "http://"),
+        ("distribution = 'x'\nresults = 5\n", "results", "must be a table"),
+        ("distribution = 'x'\nrecipe = 'default'\n[[tasks]]\nkind = 'pytest'\n", "tasks", "not both"),
+        ("distribution = 'x'\n[[tasks]]\nkind = 'shell'\n", "tasks[0]", "kind must be one of"),
+        ("distribution = 'x'\n[[tasks]]\nkind = 'command'\n", "tasks[0]", "non-empty argv"),
+        ("distribution = 'x'\n[[tasks]]\nkind = 'pytest'\nargv = [1]\n", "tasks[0].argv", "list of"),
+        ("distribution = 'x'\n[[tasks]]\nkind = 'pytest'\n[[tasks]]\nkind = 'pytest'\n", "tasks", "unique"),
+        ("distribution = 'x'\ntasks = []\n", "tasks", "non-empty array"),
+    ],
+)
+def test_errors_name_the_file_and_the_key(tmp_path: Path, text: str, key: str, message: str) -> None:
+    path = write(tmp_path, text)
+    with pytest.raises(ConfigError, match=message) as info:
+        JobConfig.from_toml(path)
+    assert info.value.key == key
+    assert info.value.path == path
+    assert str(info.value).startswith(f"{path}: {key}: ")
+
+
+def test_unreadable_files(tmp_path: Path) -> None:
+    with pytest.raises(ConfigError, match="cannot read the job file") as info:
+        JobConfig.from_toml(tmp_path / "missing.toml")
+    assert info.value.key is None
+    with pytest.raises(ConfigError, match="not valid TOML"):
+        JobConfig.from_toml(write(tmp_path, "distribution = \n"))
+    bad = tmp_path / "bin.toml"
+    bad.write_bytes(b"distribution = '\xff'\n")
+    with pytest.raises(ConfigError, match="not UTF-8"):
+        JobConfig.from_toml(bad)
+    big = tmp_path / "big.toml"
+    big.write_bytes(b"#" * (2 << 20))
+    with pytest.raises(ConfigError, match="larger than"):
+        JobConfig.from_toml(big)
+    assert isinstance(info.value, ValueError)
