@@ -576,7 +576,7 @@ class _FuzzBase:
 
 @pytest.fixture(scope="module")
 def fuzz_bases(tmp_path_factory: pytest.TempPathFactory) -> dict[str, _FuzzBase]:
-    """Small GPT and MBR-with-logicals images; the fuzz test mutates their table sectors."""
+    """Small GPT and MBR-with-logicals images, ours and the tools'; the fuzz test mutates their tables."""
     folder = tmp_path_factory.mktemp("fuzz")
     bases: dict[str, _FuzzBase] = {}
     layouts = {
@@ -588,6 +588,16 @@ def fuzz_bases(tmp_path_factory: pytest.TempPathFactory) -> dict[str, _FuzzBase]
         with open_image(path, writable=True) as image:
             create_partition_table(image, scheme, specs, alignment=512 * 1024)
         bases[scheme] = _FuzzBase(path)
+    path = _blank(folder / "gpt-sgdisk.img", FUZZ_SIZE)
+    run("sgdisk", "-n", "1:0:+1M", "-n", "3:0:+2M", "-c", "3:x", "-n", "4:0:0", "-t", "4:8200", path)
+    bases["gpt-sgdisk"] = _FuzzBase(path)
+    path = _blank(folder / "mbr-parted.img", FUZZ_SIZE)
+    run(
+        "parted", "-s", path, "--", "mklabel", "msdos", "mkpart", "primary", "1MiB", "2MiB",
+        "mkpart", "extended", "2MiB", "100%", "mkpart", "logical", "3MiB", "4MiB",
+        "mkpart", "logical", "5MiB", "6MiB", "mkpart", "logical", "7MiB", "100%",
+    )  # fmt: skip
+    bases["mbr-parted"] = _FuzzBase(path)
     return bases
 
 
@@ -608,16 +618,17 @@ def _table_offsets(scheme: str, original: bytes) -> list[int]:
     suppress_health_check=[HealthCheck.function_scoped_fixture, HealthCheck.too_slow],
 )
 @given(
-    scheme=st.sampled_from(["gpt", "mbr"]),
+    base=st.sampled_from(["gpt", "mbr", "gpt-sgdisk", "mbr-parted"]),
     mutations=st.lists(
         st.tuples(st.integers(0, 10**6), st.binary(min_size=1, max_size=8)), min_size=1, max_size=6
     ),
     fix_crc=st.booleans(),
 )
 def test_fuzz_parsers(
-    fuzz_bases: dict[str, _FuzzBase], scheme: str, mutations: list[tuple[int, bytes]], fix_crc: bool
+    fuzz_bases: dict[str, _FuzzBase], base: str, mutations: list[tuple[int, bytes]], fix_crc: bool
 ) -> None:
-    path, original = fuzz_bases[scheme].path, fuzz_bases[scheme].original
+    path, original = fuzz_bases[base].path, fuzz_bases[base].original
+    scheme = base.split("-", maxsplit=1)[0]
     offsets = _table_offsets(scheme, original)
     data = bytearray(original)
     sectors = {1, FUZZ_SIZE // 512 - 1}
