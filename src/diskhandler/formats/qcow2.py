@@ -580,6 +580,13 @@ class QCOW2Image(DiskImage):
                     elif base:
                         kind = _DATA
                         host = base + within
+                        # Fast path: the following entries continue the run on the host (checked in C).
+                        count = min((n - pos + within - 1) >> cbits, l2_mask - index)
+                        if count > 0:
+                            step = self._cs
+                            run = array("Q", range(entry + step, entry + (count + 1) * step, step))
+                            if table[index + 1 : index + 1 + count] == run:
+                                span += count * step
                     else:
                         kind = _BACKING
                 else:
