@@ -420,26 +420,25 @@ def _download(
         return saved
 
 
+def _download_sdist(pip: _Pip, requirement: str, out: Path, what: str) -> Path:
+    """``requirement``'s sdist (only that project is taken from source; build tools stay wheels)."""
+    args = ["download", "--no-deps", "--no-binary", _project_key(requirement), "--dest", str(out)]
+    if not pip.build_isolation:
+        args.append("--no-build-isolation")
+    pip.run([*args, *pip.index_options(), requirement], what)
+    sdists = sorted(p for p in out.iterdir() if p.name.endswith(_SDIST_SUFFIXES))
+    if len(sdists) != 1:
+        raise PackageError(f"{what}: expected one sdist, got {[p.name for p in out.iterdir()]}")
+    return sdists[0]
+
+
 def _build_from_sdist(pip: _Pip, requirement: str, built: Path, target: GuestTarget) -> Path:
     """Download ``requirement``'s sdist and build a wheel on the host; it must be pure Python."""
     with _fresh_dir(built / ".sdist") as tmp:
-        pip.run(
-            [
-                "download",
-                "--no-deps",
-                "--no-binary",
-                ":all:",
-                "--dest",
-                str(tmp),
-                *pip.index_options(),
-                requirement,
-            ],
-            f"{requirement} has no wheel for the guest; downloading its sdist",
+        sdist = _download_sdist(
+            pip, requirement, tmp, f"{requirement} has no wheel for the guest; getting its sdist"
         )
-        sdists = sorted(tmp.iterdir())
-        if len(sdists) != 1:
-            raise PackageError(f"{requirement}: expected one sdist, got {[p.name for p in sdists]}")
-        wheel = pip.build_wheel(sdists[0], built, f"{requirement} has no wheel for the guest; building one")
+        wheel = pip.build_wheel(sdist, built, f"{requirement} has no wheel for the guest; building one")
     if not target.supports(wheel) or not wheel.name.endswith("-none-any.whl"):
         wheel.unlink()
         raise PackageError(
@@ -455,28 +454,15 @@ def _fetch_sources(pip: _Pip, requirement: str, dest: Path) -> Path | None:
     """The requirement's sdist unpacked under ``dest``, or None when the project publishes none."""
     with _fresh_dir(dest.parent / ".sdist-download") as tmp:
         try:
-            pip.run(
-                [
-                    "download",
-                    "--no-deps",
-                    "--no-binary",
-                    ":all:",
-                    "--dest",
-                    str(tmp),
-                    *pip.index_options(),
-                    requirement,
-                ],
-                f"downloading the sdist of {requirement} (its tests)",
+            sdist = _download_sdist(
+                pip, requirement, tmp, f"downloading the sdist of {requirement} (its tests)"
             )
         except PackageError as exc:
             if _NOT_FOUND.search(exc.stderr):
                 return None
             raise
-        sdists = [p for p in tmp.iterdir() if p.name.endswith(_SDIST_SUFFIXES)]
-        if len(sdists) != 1:
-            return None
         shutil.rmtree(dest, ignore_errors=True)
-        return unpack_sdist(sdists[0], dest)
+        return unpack_sdist(sdist, dest)
 
 
 def prepare_distribution(
