@@ -589,6 +589,10 @@ class QCOW2Image(DiskImage):
                                 span += count * step
                     else:
                         kind = _BACKING
+                    if kind != _DATA and entry <= _ZERO:  # a run of unallocated or plain zero entries
+                        count = min((n - pos + within - 1) >> cbits, l2_mask - index)
+                        if count > 0 and table[index + 1 : index + 1 + count] == array("Q", [entry]) * count:
+                            span += count << cbits
                 else:
                     kind, span, host = self._subcluster_run(cluster, entry, base, bitmap, within)
             span = min(span, n - pos)
