@@ -30,7 +30,7 @@ import shutil
 import subprocess
 import time
 import xml.etree.ElementTree as ET
-from collections.abc import Iterator, Mapping
+from collections.abc import Mapping
 from pathlib import Path
 from types import TracebackType
 from typing import Any, Final, Self
@@ -862,9 +862,6 @@ class VirtualMachine:
             f"<div><b>VirtualMachine {html.escape(self.name)}</b> — {state} on "
             f"<code>{html.escape(self.uri)}</code>{table}</div>"
         )
-
-    def __iter__(self) -> Iterator[Snapshot]:  # pragma: no cover - guard against accidental iteration
-        raise TypeError("VirtualMachine is not iterable; use .snapshots()")
 
 
 def _oldest_first(snaps: list[Snapshot]) -> list[Snapshot]:
