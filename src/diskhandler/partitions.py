@@ -844,6 +844,10 @@ def _write_mbr(disk: DiskImage, specs: Sequence[PartitionSpec], alignment: int) 
     for i, spec in enumerate(specs, start=1):
         if spec.name:
             raise PartitionTableError(f"partition {i}: MBR partitions have no name (got {spec.name!r})")
+    if len(specs) > 3 + _MAX_LOGICALS:
+        raise PartitionTableError(
+            f"{len(specs)} partitions asked for; an MBR holds at most {3 + _MAX_LOGICALS} (use 'gpt')"
+        )
     codes = [_resolve_type(s, "mbr", i) for i, s in enumerate(specs, start=1)]
     end = min(total, _MAX_MBR_LBA + 1)
     if len(specs) <= 4:
