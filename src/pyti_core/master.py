@@ -329,6 +329,10 @@ class Master:
             message = json.loads(body)
         except (UnicodeDecodeError, json.JSONDecodeError, RecursionError) as exc:
             return _dump(_error(None, PARSE_ERROR, f"parse error: {type(exc).__name__}: {exc}"[:300]))
+        try:  # JSON may escape lone surrogates (\ud800), which are not Unicode and cannot be stored
+            json.dumps(message, ensure_ascii=False).encode("utf-8")
+        except UnicodeEncodeError:
+            return _dump(_error(None, PARSE_ERROR, "parse error: a string holds a lone surrogate escape"))
         if isinstance(message, list):
             if not message:
                 return _dump(_error(None, INVALID_REQUEST, "invalid request: empty batch"))

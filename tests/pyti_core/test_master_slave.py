@@ -15,6 +15,8 @@ from pathlib import Path
 from typing import Any
 
 import pytest
+from hypothesis import HealthCheck, given, settings
+from hypothesis import strategies as st
 
 from pyti_core.errors import ConfigError, MasterUnreachableError, RpcError, TaskError
 from pyti_core.master import (
@@ -168,6 +170,10 @@ def test_submit_errors(master: tuple[Master, str]) -> None:
         (b"{not json", PARSE_ERROR),
         (b"\xff\xfe", PARSE_ERROR),
         (b"[" * 100_000 + b"]" * 100_000, PARSE_ERROR),
+        (
+            b'{"jsonrpc": "2.0", "method": "jobs.add", "params": {"distribution": "\\ud800"}, "id": 1}',
+            PARSE_ERROR,
+        ),
         (b"[]", INVALID_REQUEST),
         (b"42", INVALID_REQUEST),
         (b'{"jsonrpc": "1.0", "method": "jobs.take", "id": 1}', INVALID_REQUEST),
@@ -323,3 +329,34 @@ def test_job_validation(tmp_path: Path) -> None:
         Job.from_dict({"job_id": "x", "distribution": "a"})
     with pytest.raises(TaskError, match="must be an object"):
         Job.from_dict([])
+
+
+_json = st.recursive(
+    st.none() | st.booleans() | st.integers() | st.floats(allow_nan=False) | st.text(max_size=20),
+    lambda inner: st.lists(inner, max_size=4) | st.dictionaries(st.text(max_size=10), inner, max_size=4),
+    max_leaves=20,
+)
+_requests = st.fixed_dictionaries(
+    {
+        "jsonrpc": st.sampled_from(["2.0", "1.0"]),
+        "method": st.sampled_from(["jobs.take", "jobs.submit", "jobs.add", "jobs.get", "x"]),
+    },
+    optional={"params": _json, "id": _json},
+)
+
+
+@settings(max_examples=150, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture])
+@given(message=_json | _requests | st.lists(_requests, max_size=5) | st.binary(max_size=50))
+def test_handle_never_raises(tmp_path: Path, message: object) -> None:
+    with Master(tmp_path / "fuzz.sqlite") as m:
+        body = message if isinstance(message, bytes) else json.dumps(message).encode()
+        answer = m.handle(body)
+    if answer is None:
+        return
+    decoded = json.loads(answer)
+    for item in decoded if isinstance(decoded, list) else [decoded]:
+        assert item["jsonrpc"] == "2.0"
+        assert ("result" in item) != ("error" in item)
+        if "error" in item:
+            assert isinstance(item["error"]["code"], int)
+            assert item["error"]["code"] != -32603, item  # no internal errors from bad input
