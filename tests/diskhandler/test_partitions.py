@@ -9,6 +9,7 @@ from __future__ import annotations
 import os
 import re
 import shutil
+import subprocess
 import warnings
 import zlib
 from collections.abc import Iterator
@@ -27,7 +28,7 @@ from diskhandler.partitions import (
     describe,
     list_partitions,
 )
-from tests.diskhandler.imagetools import qemu_flatten, qemu_img, run
+from tests.diskhandler.imagetools import REAL_IMAGES, qemu_flatten, qemu_img, run
 
 MiB = 1 << 20
 
@@ -213,6 +214,24 @@ def test_ntfs_superfloppy_has_no_partitions(tmp_path: Path) -> None:
     run("mkntfs", "-q", "-F", "-f", path)
     with open_image(path) as image:
         assert image.read_at(3, 8) == b"NTFS    "
+        assert list_partitions(image) == []
+
+
+@pytest.mark.parametrize("name", ["dfvfs/ext2.qcow2", "dfvfs/ext2.vhd", "dfvfs/ext2.vmdk", "cot/blank.vmdk"])
+def test_real_partitionless_images(tmp_path: Path, name: str) -> None:
+    """Images made by other products: parted sees a whole-disk filesystem ("loop") or nothing."""
+    path = REAL_IMAGES / name
+    if not path.exists():
+        pytest.skip(f"{path} is not available")
+    flat = qemu_flatten(path, None, tmp_path / "flat.raw")
+    proc = subprocess.run(
+        ["parted", "-s", "-m", str(flat), "unit", "B", "print"], capture_output=True, text=True, check=False
+    )
+    if proc.returncode:
+        assert "unrecognised disk label" in proc.stderr
+    else:
+        assert proc.stdout.splitlines()[1].split(":")[5] == "loop"  # a filesystem on the whole disk
+    with open_image(path) as image:
         assert list_partitions(image) == []
 
 
