@@ -19,6 +19,7 @@ existing domain does not record (``rollback``, ``overlay_dir``).
 
 from __future__ import annotations
 
+import codecs
 import datetime as dt
 import enum
 import functools
@@ -59,6 +60,7 @@ __all__ = ["RunState", "Snapshot", "VirtualMachine"]
 
 _NAME_RE: Final = re.compile(r"[A-Za-z0-9][A-Za-z0-9._+-]{0,63}")
 _POLL: Final = 0.05
+_CONSOLE_KEEP: Final = 4 << 20
 OVERLAY_SUFFIX: Final = ".vmanager-overlay.qcow2"
 
 
@@ -223,8 +225,7 @@ class VirtualMachine:
             self.connection = lv.Connection.wrap(uri)
         self._console: lv.ConsoleStream | None = None
         self._undefined = False
-        self._console_buf = ""
-        self._console_pos = 0
+        self._console_decoder = _utf8_decoder()
         try:
             dom = self.connection.find(name)
             if dom is None:
@@ -249,8 +250,9 @@ class VirtualMachine:
     ) -> VirtualMachine:
         """A VM whose system disk is a read-only base under a throwaway qcow2 overlay (QEMU only).
 
-        :meth:`rollback` without a name then discards every change since the base in about a
-        millisecond, whatever the base's format (raw, VDI, VMDK, VHD, qcow2).
+        :meth:`rollback` without a name then discards every change since the base (milliseconds when
+        the VM is shut off), whatever the base's format (raw, VDI, VMDK, VHD, qcow2). The overlay is
+        made on this machine, so the hypervisor must be local too.
         """
         if isinstance(config, Mapping):
             config = VMConfig.from_dict({"name": name, **config})
@@ -298,9 +300,9 @@ class VirtualMachine:
                     raise DiskNotFoundError(field, path)
         overlays: dict[str, Path] = {}
         if config.rollback == "overlay":
-            if family != "qemu":
+            if family != "qemu" or not self.connection.is_local:
                 raise UnsupportedOperationError(
-                    f"overlay rollback needs a QEMU hypervisor, not {self.uri!r}; use snapshots"
+                    f"overlay rollback needs a local QEMU hypervisor, not {self.uri!r}; use snapshots"
                 )
             system = next(p for p in plan_disks(config, family) if p.field == "hd_location")
             overlays[system.target] = (
@@ -311,7 +313,12 @@ class VirtualMachine:
         for target, overlay in overlays.items():
             base = next(p for p in plan_disks(config, family) if p.target == target)
             _create_overlay(overlay, base.path, base.format)
-        return self.connection.define(self.name, xml)
+        try:
+            return self.connection.define(self.name, xml)
+        except VManagerError:
+            for overlay in overlays.values():
+                overlay.unlink(missing_ok=True)
+            raise
 
     def _check_disks_free(self, xml: str, *, active_only: bool) -> None:
         """Raise :class:`DiskInUseError` if another domain uses one of our disks and either side writes."""
@@ -772,7 +779,7 @@ class VirtualMachine:
             self._console.close()
             self._console = None
         self._console_buf = ""
-        self._console_pos = 0
+        self._console_decoder = _utf8_decoder()
 
     def _open_console(self) -> lv.ConsoleStream:
         if self._console is None or self._console.closed:
@@ -785,7 +792,9 @@ class VirtualMachine:
         console = self._open_console()
         data = console.read_available()
         if data:
-            self._console_buf += data.decode("utf-8", "replace")
+            self._console_buf += self._console_decoder.decode(data)
+            if len(self._console_buf) > _CONSOLE_KEEP:  # nobody matched it for megabytes: keep the tail
+                self._console_buf = self._console_buf[-_CONSOLE_KEEP:]
         return data is not None
 
     def console_write(self, text: str | bytes, timeout: float = 10.0) -> None:
@@ -813,18 +822,18 @@ class VirtualMachine:
         deadline = time.monotonic() + timeout
         while True:
             alive = self._drain_console()
-            match = regex.search(self._console_buf, self._console_pos)
+            match = regex.search(self._console_buf)
             if match is not None:
-                self._console_pos = match.end()
+                self._console_buf = self._console_buf[match.end() :]  # consumed
                 return match
             if not alive:
-                raise VMStateError(self.name, "read the console of", self.state, (RunState.RUNNING,))
+                state = self.state
+                if state not in _ACTIVE:
+                    raise VMStateError(self.name, "read the console of", state, (RunState.RUNNING,))
+                self._console = None  # the stream ended under a running guest: open a new one
             if time.monotonic() >= deadline:
                 raise VMTimeoutError(
-                    self.name,
-                    f"console expect {regex.pattern!r}",
-                    timeout,
-                    _tail(self._console_buf[self._console_pos :]),
+                    self.name, f"console expect {regex.pattern!r}", timeout, _tail(self._console_buf)
                 )
             time.sleep(_POLL / 2)
 
@@ -878,6 +887,11 @@ def _oldest_first(snaps: list[Snapshot]) -> list[Snapshot]:
             if child in by_name:
                 heapq.heappush(ready, (by_name[child].created, child))
     return out
+
+
+def _utf8_decoder() -> codecs.IncrementalDecoder:
+    """Decodes console bytes that may split a character between two reads."""
+    return codecs.getincrementaldecoder("utf-8")(errors="replace")
 
 
 def _tail(text: str, limit: int = 400) -> str:
