@@ -204,21 +204,19 @@ def _embed_root(uri: str) -> Path | None:
     return Path(roots[0]) if roots else None
 
 
+_CONF_MARKER = "# Written by vmanager"
+
+
 def _prepare_embed_root(root: Path) -> None:
     """Write ``etc/qemu.conf`` so that serial logs are written by QEMU itself.
 
     The embedded driver otherwise hands stdio and character-device logs to ``virtlogd``, a daemon that
-    an embedded setup does not have. As root, QEMU runs as root too (see below). An existing qemu.conf
-    is left alone.
+    an embedded setup does not have. As root, QEMU runs as root too (see below). A qemu.conf that
+    vmanager did not write is left alone; one it wrote is brought up to date.
     """
     conf = root / "etc" / "qemu.conf"
-    if conf.exists():
-        return
-    conf.parent.mkdir(parents=True, exist_ok=True)
-    text = (
-        "# Written by vmanager: no virtlogd in an embedded driver, QEMU writes its logs itself.\n"
-        'stdio_handler = "file"\n'
-    )
+    text = f"{_CONF_MARKER}: no virtlogd in an embedded driver, QEMU writes its logs itself.\n"
+    text += 'stdio_handler = "file"\n'
     if os.geteuid() == 0:
         # As root, libvirt would run QEMU as 'libvirt-qemu', which cannot reach files under a private
         # home such as /root/.cache. The embedded driver belongs to the calling program: run QEMU with
@@ -228,6 +226,13 @@ def _prepare_embed_root(root: Path) -> None:
         text += 'user = "root"\ngroup = "root"\ndynamic_ownership = 0\n'
     # No private /dev per guest: needs device-mapper and buys nothing for a local test VM.
     text += "namespaces = []\n"
+    try:
+        current = conf.read_text()
+    except FileNotFoundError:
+        current = None
+    if current == text or (current is not None and not current.startswith(_CONF_MARKER)):
+        return
+    conf.parent.mkdir(parents=True, exist_ok=True)
     conf.write_text(text)
 
 

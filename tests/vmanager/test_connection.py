@@ -44,6 +44,9 @@ def test_embed_root_config_written_once(tmp_path: Path) -> None:
     text = conf.read_text()
     assert 'stdio_handler = "file"' in text
     assert "namespaces = []" in text
+    conf.write_text(text.replace("namespaces = []\n", ""))  # written by an older vmanager
+    _prepare_embed_root(tmp_path)
+    assert conf.read_text() == text  # brought up to date
     conf.write_text("# mine\n")
     _prepare_embed_root(tmp_path)
     assert conf.read_text() == "# mine\n"  # a user's qemu.conf is never overwritten
