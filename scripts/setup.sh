@@ -14,7 +14,7 @@ APT_PACKAGES=(
   # guest filesystems in user space, FUSE
   libfuse2 fuse2fs ntfs-3g e2fsprogs dosfstools mtools
   # reference tools used by the tests (partition tables, image building)
-  gdisk parted cpio busybox-static
+  gdisk parted fdisk cpio busybox-static
 )
 
 SUDO=()
