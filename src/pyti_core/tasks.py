@@ -19,6 +19,7 @@ must look (wheels, sources, the agent, ``job.json``).
 from __future__ import annotations
 
 import json
+import os
 import shutil
 from collections.abc import Iterable, Mapping
 from pathlib import Path, PurePosixPath
@@ -157,6 +158,15 @@ class GuestLayout:
     results: str = "results"
     work: str = "work"
 
+    def __attrs_post_init__(self) -> None:
+        if not PurePosixPath(self.io_dir).is_absolute():
+            raise TaskError(f"the IO disk's mount point must be an absolute path, got {self.io_dir!r}")
+        for name in ("wheels", "sources", "results", "work"):
+            value = getattr(self, name)
+            parts = PurePosixPath(value).parts
+            if len(parts) != 1 or parts[0] in (".", "..", "/"):
+                raise TaskError(f"layout.{name} must be one folder name inside the IO disk, got {value!r}")
+
     def path(self, *parts: str) -> str:
         return str(PurePosixPath(self.io_dir, *parts))
 
@@ -258,6 +268,25 @@ def to_agent_job(
     return {"distribution": distribution.requirement, "output_cap": output_cap, "tasks": tasks}
 
 
+#: Left out when a project folder is copied as the sources: version control, virtualenvs, caches.
+_IGNORED_ANYWHERE: Final = frozenset(
+    {"__pycache__", ".mypy_cache", ".pytest_cache", ".ruff_cache", ".hypothesis"}
+)
+_IGNORED_AT_TOP: Final = frozenset(
+    {".git", ".hg", ".svn", ".venv", "venv", ".tox", ".nox", ".eggs", "build", "dist"}
+)
+
+
+def _ignore_in_sources(directory: str, names: list[str]) -> set[str]:
+    top = (
+        _IGNORED_AT_TOP
+        if os.path.exists(os.path.join(directory, "pyproject.toml"))
+        or os.path.exists(os.path.join(directory, "setup.py"))
+        else frozenset()
+    )
+    return {n for n in names if n in _IGNORED_ANYWHERE or n in top}
+
+
 def stage_io_folder(
     folder: Path,
     distribution: Distribution,
@@ -266,23 +295,23 @@ def stage_io_folder(
 ) -> dict[str, Any]:
     """Lay out ``folder`` as the IO disk must look; return the job written to ``folder/job.json``.
 
-    ``folder`` gets ``wheels/`` (every wheel), ``src/`` (the sources), an empty ``work/`` and
-    ``results/``, ``agent.py`` (the guest agent) and ``job.json``. Guest paths come from ``layout``
+    ``folder`` gets ``wheels/`` (every wheel), ``src/`` (the sources, without version-control folders,
+    virtualenvs, ``build``/``dist`` and caches), an empty ``work/`` and ``results/`` (emptied if they
+    existed), ``agent.py`` (the guest agent) and ``job.json``. Guest paths come from ``layout``
     (to run the agent on this host, use ``GuestLayout(io_dir=str(folder), python=...)``).
     """
     layout = layout or GuestLayout()
     job = to_agent_job(distribution, recipe, layout)
     folder.mkdir(parents=True, exist_ok=True)
-    wheels = folder / layout.wheels
-    wheels.mkdir(exist_ok=True)
+    for name in (layout.wheels, layout.sources, layout.work, layout.results):  # nothing stale survives
+        shutil.rmtree(folder / name, ignore_errors=True)
+        (folder / name).mkdir()
     for wheel in distribution.wheels:
-        shutil.copyfile(wheel, wheels / wheel.name)
+        shutil.copyfile(wheel, folder / layout.wheels / wheel.name)
     if distribution.sources is not None:
         target = folder / layout.sources
-        shutil.rmtree(target, ignore_errors=True)
-        shutil.copytree(distribution.sources, target, symlinks=True)
-    (folder / layout.work).mkdir(exist_ok=True)
-    (folder / layout.results).mkdir(exist_ok=True)
+        target.rmdir()
+        shutil.copytree(distribution.sources, target, symlinks=True, ignore=_ignore_in_sources)
     shutil.copyfile(agent.__file__, folder / "agent.py")
     (folder / "job.json").write_text(json.dumps(job, indent=2) + "\n")
     return job

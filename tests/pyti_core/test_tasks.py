@@ -204,3 +204,42 @@ def test_a_failed_install_stops_the_job(tmp_path: Path, guest_python: str) -> No
         records = parse_records(f)
     assert [(r.task, r.status) for r in records] == [("install", "failed")]
     assert "pytiny-dep" in records[0].stderr
+
+
+def test_layout_is_checked() -> None:
+    with pytest.raises(TaskError, match="absolute"):
+        GuestLayout(io_dir="mnt/disk")
+    with pytest.raises(TaskError, match=r"layout\.wheels"):
+        GuestLayout(wheels="../etc")
+    with pytest.raises(TaskError, match=r"layout\.results"):
+        GuestLayout(results="a/b")
+
+
+def test_staging_replaces_stale_files_and_skips_clutter(tmp_path: Path) -> None:
+    dist = _dist(tmp_path)
+    dist.wheelhouse.mkdir()
+    for wheel in dist.wheels:
+        wheel.write_bytes(b"wheel")
+    assert dist.sources is not None
+    for rel in (
+        "pyproject.toml",
+        "tests/test_x.py",
+        "pkg/__pycache__/x.pyc",
+        ".git/HEAD",
+        ".venv/bin/python",
+        "build/lib/x.py",
+        "pkg/build/keep.py",
+    ):
+        (dist.sources / rel).parent.mkdir(parents=True, exist_ok=True)
+        (dist.sources / rel).write_text("x")
+    io = tmp_path / "io"
+    (io / "wheels").mkdir(parents=True)
+    (io / "wheels" / "old-0.1-py3-none-any.whl").write_text("stale")
+    (io / "results").mkdir()
+    (io / "results" / "records.jsonl").write_text("{}\n")
+    stage_io_folder(io, dist, RECIPES["default"])
+    assert sorted(p.name for p in (io / "wheels").iterdir()) == sorted(w.name for w in dist.wheels)
+    assert list((io / "results").iterdir()) == []
+    copied = sorted(str(p.relative_to(io / "src")) for p in (io / "src").rglob("*") if p.is_file())
+    assert copied == ["pkg/build/keep.py", "pyproject.toml", "tests/test_x.py"]
+    assert json.loads((io / "job.json").read_text())["tasks"][0]["cwd"] == "/mnt/disk/work"
