@@ -17,6 +17,7 @@
     [packages]                         # how the host fetches wheels (optional)
     index_url = "https://pypi.org/simple"
     find_links = ["./wheels"]
+    no_index = false                   # true: resolve from find_links only, no index at all
     cache_dir = "~/.cache/pyti"
 
     [results]
@@ -46,7 +47,7 @@ from typing import Any, Final
 import attrs
 
 from pyti_core.errors import ConfigError, TaskError
-from pyti_core.packages import DEBIAN_12, GuestTarget
+from pyti_core.packages import DEBIAN_12, Distribution, GuestTarget, prepare_distribution
 from pyti_core.tasks import RECIPES, Recipe, Task
 
 __all__ = ["JobConfig"]
@@ -67,11 +68,28 @@ class JobConfig:
     target: GuestTarget = DEBIAN_12
     job_timeout: float | None = None
     index_url: str | None = None
+    no_index: bool = False
     find_links: tuple[Path, ...] = ()
     cache_dir: Path | None = None
     report: Path | None = None
     master_url: str | None = None
     source: Path | None = None
+
+    def prepare(self, dest: Path, **overrides: Any) -> Distribution:
+        """Fetch the distribution into ``dest`` with this job's settings (:func:`prepare_distribution`).
+
+        ``overrides`` replace keyword arguments of :func:`prepare_distribution` (e.g. ``pip_wheel``).
+        """
+        kwargs: dict[str, Any] = {
+            "requirements": self.recipe.requirements,
+            "target": self.target,
+            "cache_dir": self.cache_dir,
+            "index_url": self.index_url,
+            "no_index": self.no_index,
+            "find_links": self.find_links,
+        }
+        kwargs.update(overrides)
+        return prepare_distribution(self.distribution, dest, **kwargs)
 
     @classmethod
     def from_toml(cls, path: str | Path) -> JobConfig:
@@ -108,8 +126,11 @@ class JobConfig:
             glibc=reader.version(guest, "guest.glibc", DEBIAN_12.glibc),
             arch=reader.string(guest, "arch", key="guest.arch") or DEBIAN_12.arch,
         )
-        packages = reader.table(data, "packages", {"index_url", "find_links", "cache_dir"})
+        packages = reader.table(data, "packages", {"index_url", "no_index", "find_links", "cache_dir"})
         index_url = reader.url(packages, "index_url", "packages.index_url")
+        no_index = packages.get("no_index", False)
+        if not isinstance(no_index, bool):
+            raise reader.fail("packages.no_index", f"must be true or false, got {no_index!r}")
         find_links = tuple(
             reader.path(p, f"packages.find_links[{i}]")
             for i, p in enumerate(reader.strings(packages, "find_links", "packages.find_links"))
@@ -123,6 +144,7 @@ class JobConfig:
             target=target,
             job_timeout=job_timeout,
             index_url=index_url,
+            no_index=no_index,
             find_links=find_links,
             cache_dir=reader.path(cache, "packages.cache_dir") if cache is not None else None,
             report=reader.path(report, "results.report") if report is not None else None,

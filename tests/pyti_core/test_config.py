@@ -155,3 +155,33 @@ def test_unreadable_files(tmp_path: Path) -> None:
     with pytest.raises(ConfigError, match="larger than"):
         JobConfig.from_toml(big)
     assert isinstance(info.value, ValueError)
+
+
+def test_prepare_with_the_job_settings_offline(tmp_path: Path) -> None:
+    from pyti_core.packages import bundled_pip_wheel
+
+    from .test_packages import make_sdist, make_wheel, tiny_pair
+
+    pip_wheel = bundled_pip_wheel()
+    if pip_wheel is None:
+        pytest.skip("this Python has no ensurepip-bundled pip wheel")
+    main, dep = tiny_pair(tmp_path / "projects")
+    make_wheel(dep, tmp_path / "wheels")
+    make_sdist(main, tmp_path / "dist")
+    path = write(
+        tmp_path,
+        """
+        distribution = "dist/pytiny-0.3.tar.gz"
+        recipe = "install-only"
+        [packages]
+        no_index = true
+        find_links = ["wheels"]
+        """,
+    )
+    config = JobConfig.from_toml(path)
+    assert config.no_index
+    dist = config.prepare(tmp_path / "out", pip_wheel=pip_wheel)
+    assert dist.requirement == "pytiny==0.3"
+    assert sorted(p.name.split("-")[0] for p in dist.wheels) == ["pip", "pytiny", "pytiny_dep"]
+    with pytest.raises(ConfigError, match="true or false"):
+        JobConfig.from_toml(write(tmp_path, "distribution = 'x'\n[packages]\nno_index = 'yes'\n"))
