@@ -54,6 +54,8 @@ def main(argv: list[str] | None = None) -> int:
     # Imported only now: libvirt reads LIBVIRT_LOG_OUTPUTS when it is loaded.
     from pyti_core.guest.tinylinux import READY_MARKER, build_tiny_linux  # noqa: PLC0415
     from vmanager import (  # noqa: PLC0415
+        Connection,
+        DomainNotFoundError,
         RunState,
         VirtualMachine,
         VMConfig,
@@ -86,7 +88,13 @@ def main(argv: list[str] | None = None) -> int:
     )
     uri = args.uri or default_uri()
     print(f"   hypervisor: {uri}")
-    vm = timed("define the VM", lambda: VirtualMachine("pyti-demo", uri, config))
+    conn = Connection(uri)
+    try:
+        VirtualMachine("pyti-demo", conn).undefine()  # left over from an interrupted run
+        print("   removed a VM left over from an earlier run")
+    except DomainNotFoundError:
+        pass
+    vm = timed("define the VM", lambda: VirtualMachine("pyti-demo", conn, config))
     counter = iter(range(1, 1000))
 
     def sh(command: str) -> str:
@@ -121,7 +129,7 @@ def main(argv: list[str] | None = None) -> int:
             assert vm.state is RunState.SHUTOFF
     finally:
         timed("undefine the VM (and its snapshots)", vm.undefine)
-        vm.close()
+        conn.close()
         if args.keep_dir is None:
             shutil.rmtree(workdir, ignore_errors=True)
     kept = f"; disk and serial log kept in {workdir}" if args.keep_dir else ""
