@@ -46,7 +46,7 @@ def _memory(value: object) -> int:
         raise ConfigError("memory", f"expected MiB as an int or numeric string, got {value!r}")
     if isinstance(value, str):
         text = value.strip()
-        if not text.isdigit():
+        if not (text.isascii() and text.isdigit()):
             raise ConfigError("memory", f"expected MiB as an int or numeric string, got {value!r}")
         value = int(text)
     if not isinstance(value, int):
@@ -57,7 +57,7 @@ def _memory(value: object) -> int:
 
 
 def _vcpus(value: object) -> int:
-    if isinstance(value, str) and value.strip().isdigit():
+    if isinstance(value, str) and value.strip().isascii() and value.strip().isdigit():
         value = int(value)
     if isinstance(value, bool) or not isinstance(value, int) or not 1 <= value <= _MAX_VCPUS:
         raise ConfigError("vcpus", f"expected an int 1 .. {_MAX_VCPUS}, got {value!r}")

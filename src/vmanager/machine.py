@@ -13,8 +13,9 @@
 
 The first argument is the libvirt domain name and wins over ``config.name``, which becomes the domain's
 ``<title>`` when the two differ. With a config, the domain is defined (persistently) unless a domain of
-that name already exists, in which case the VM attaches to it and the config only supplies defaults the
-existing domain does not record (``rollback``, ``overlay_dir``).
+that name already exists, in which case the VM attaches to it and the config's hardware is not applied
+(undefine the domain first to change it). Everything else (disks, overlays, serial log) is read back
+from the domain's own XML, so a VM attached by name alone works the same.
 """
 
 from __future__ import annotations

@@ -8,6 +8,8 @@ import xml.etree.ElementTree as ET
 from pathlib import Path
 
 import pytest
+from hypothesis import given
+from hypothesis import strategies as st
 
 from vmanager import ConfigError, Disk, VMConfig
 from vmanager._diskformat import sniff_bytes, sniff_format
@@ -188,3 +190,35 @@ def test_missing_image_renders_as_raw_and_explicit_format_wins(tmp_path: Path) -
     config = VMConfig(name="m", hd_location=tmp_path / "nope.qcow2", disks=[Disk("io.img", format="qcow2")])
     drivers = [d.get("type") for d in ET.fromstring(config.to_xml("qemu")).iterfind("devices/disk/driver")]
     assert drivers == ["raw", "qcow2"]
+
+
+# -- properties -----------------------------------------------------------------------------------
+
+
+@given(head=st.binary(max_size=1024), tail=st.binary(max_size=512))
+def test_sniff_bytes_total(head: bytes, tail: bytes) -> None:
+    assert sniff_bytes(head, tail) in {"qcow2", "vdi", "vmdk", "vpc", "raw"}
+
+
+def _sane_mib(value: object) -> bool:
+    if isinstance(value, str):
+        text = value.strip()
+        value = int(text) if text.isascii() and text.isdigit() else None
+    return isinstance(value, int) and not isinstance(value, bool) and 1 <= value <= 16 * 1024 * 1024
+
+
+@given(value=st.one_of(st.integers(), st.text(max_size=12), st.floats(), st.none(), st.booleans()))
+def test_memory_accepts_only_sane_mib(value: object) -> None:
+    if _sane_mib(value):
+        config = VMConfig(name="m", memory=value, kernel="/k")  # type: ignore[arg-type]
+        assert config.memory == int(value)  # type: ignore[call-overload]
+    else:
+        with pytest.raises(ConfigError, match="memory"):
+            VMConfig(name="m", memory=value, kernel="/k")  # type: ignore[arg-type]
+
+
+def test_memory_rejects_non_ascii_digits() -> None:
+    with pytest.raises(ConfigError, match="memory"):
+        VMConfig(name="m", memory="²", kernel="/k")
+    with pytest.raises(ConfigError, match="vcpus"):
+        VMConfig(name="m", vcpus="٣", kernel="/k")  # type: ignore[arg-type]
