@@ -630,10 +630,13 @@ class VDIImage(DiskImage):
                 self._read_parent(first, view[extra : extra + n])
             view[extra + within : extra + within + len(chunk)] = chunk
             pwrite_all(self._fd, block, start)
-        # data first, then the map entry, then the header: a crash leaves at worst a leaked block
-        self._next_slot = max(self._next_slot, slot + 1)
+        # data first, then the header's count, then the map entry (VirtualBox's and qemu's order): a
+        # crash leaves at worst a leaked slot. The other way round, a map entry the count does not
+        # cover would be handed out again by the next VirtualBox or qemu allocation.
+        if slot >= self._next_slot:
+            self._next_slot = slot + 1
+            pwrite_all(self._fd, struct.pack("<I", self._next_slot), _OFF_BLOCKS_ALLOCATED)
         self._set_entry(index, slot)
-        pwrite_all(self._fd, struct.pack("<I", self._next_slot), _OFF_BLOCKS_ALLOCATED)
 
     def _reusable_slot(self) -> int:
         """A slot no map entry references (left by an interrupted allocation), once the slots
