@@ -64,6 +64,7 @@ _NOT_FOUND: Final = re.compile(
     r"(?:Could not find a version that satisfies the requirement|No matching distribution found for)"
     r" ([^\s(]+)"
 )
+_EXTRAS: Final = re.compile(r"^\s*[A-Za-z0-9][A-Za-z0-9._-]*\s*\[([^\]]*)\]")
 _SAVED: Final = re.compile(r"^\s*(?:Saved|File was already downloaded) (.+?\.whl)\s*$", re.MULTILINE)
 
 
@@ -154,11 +155,13 @@ class Distribution:
     wheelhouse: Path
     sources: Path | None
     import_names: tuple[str, ...]
+    extras: tuple[str, ...] = ()
 
     @property
     def requirement(self) -> str:
-        """``name==version``: what the guest installs."""
-        return f"{self.name}=={self.version}"
+        """``name[extras]==version``: what the guest installs."""
+        extras = f"[{','.join(self.extras)}]" if self.extras else ""
+        return f"{self.name}{extras}=={self.version}"
 
 
 # -- wheels -------------------------------------------------------------------------------------------
@@ -362,6 +365,13 @@ def _project_key(requirement: str) -> str:
     return normalize_name(match.group(1)) if match else requirement
 
 
+def _extras(requirement: str) -> tuple[str, ...]:
+    match = _EXTRAS.match(requirement)
+    if match is None:
+        return ()
+    return tuple(sorted({normalize_name(e.strip()) for e in match.group(1).split(",") if e.strip()}))
+
+
 def _classify(spec: str | Path) -> str:
     if not str(spec).strip():
         raise PackageError("an empty string is not a requirement such as 'attrs==23.2.0', nor a path")
@@ -435,9 +445,19 @@ def _download_sdist(pip: _Pip, requirement: str, out: Path, what: str) -> Path:
 def _build_from_sdist(pip: _Pip, requirement: str, built: Path, target: GuestTarget) -> Path:
     """Download ``requirement``'s sdist and build a wheel on the host; it must be pure Python."""
     with _fresh_dir(built / ".sdist") as tmp:
-        sdist = _download_sdist(
-            pip, requirement, tmp, f"{requirement} has no wheel for the guest; getting its sdist"
-        )
+        what = f"{requirement} has no wheel for the guest"
+        try:
+            sdist = _download_sdist(pip, requirement, tmp, f"{what}; getting its sdist")
+        except PackageError as exc:
+            if not _NOT_FOUND.search(exc.stderr):
+                raise
+            raise PackageError(
+                f"{what} (CPython {target.python_version[0]}.{target.python_version[1]}, glibc "
+                f"{target.glibc[0]}.{target.glibc[1]}, {target.arch}) and no sdist either: "
+                "check its name and version",
+                command=exc.command,
+                stderr=exc.stderr,
+            ) from exc
         wheel = pip.build_wheel(sdist, built, f"{requirement} has no wheel for the guest; building one")
     if not target.supports(wheel) or not wheel.name.endswith("-none-any.whl"):
         wheel.unlink()
@@ -504,8 +524,11 @@ def prepare_distribution(
         timeout=timeout,
     )
     source_dir: Path | None = None
+    extras: tuple[str, ...] = ()
     if kind == "requirement":
         root = str(spec).strip()
+        root_key = _project_key(root)
+        extras = _extras(root)
     else:
         path = Path(spec).resolve()
         if kind == "wheel":
@@ -524,8 +547,8 @@ def prepare_distribution(
                 f"{own.name} does not install on the guest ({target.python_tag}, "
                 f"glibc {target.glibc[0]}.{target.glibc[1]}, {target.arch})"
             )
-        name, version = wheel_metadata(own)
-        root = f"{name}=={version}"
+        root_key = normalize_name(wheel_metadata(own)[0])
+        root = str(own)  # the file itself: an index holding the same name and version cannot replace it
     wanted = [root, *requirements]
     if pip_wheel is None:
         wanted.append("pip")
@@ -536,7 +559,6 @@ def prepare_distribution(
     saved = _download(pip, wanted, wheels, built, target)
     if pip_wheel is not None:
         saved.append(wheels / Path(pip_wheel).name)
-    root_key = _project_key(root)
     by_name = {normalize_name(p.name.split("-")[0]): p for p in saved}
     if root_key not in by_name or "pip" not in by_name:
         raise PackageError(
@@ -549,6 +571,7 @@ def prepare_distribution(
     return Distribution(
         name=name,
         version=version,
+        extras=extras,
         wheel=own_wheel,
         wheels=tuple(sorted(set(saved))),
         pip_wheel=by_name["pip"],

@@ -365,8 +365,24 @@ def test_a_missing_dependency_names_it_with_pip_stderr(tmp_path: Path, pip_wheel
             pip_wheel=pip_wheel,
             build_isolation=False,
         )
+    assert "no sdist either" in str(info.value)
     assert "No matching distribution" in info.value.stderr
     assert info.value.command[:3] == (sys.executable, "-m", "pip")
+
+
+def test_prepare_a_requirement_from_an_index_folder(tmp_path: Path, pip_wheel: Path) -> None:
+    main, dep = tiny_pair(tmp_path / "projects")
+    index = tmp_path / "index"
+    make_wheel(main, index)
+    make_wheel(dep, index)
+    kw: dict[str, Any] = {"requirements": (), "no_index": True, "find_links": [index], "pip_wheel": pip_wheel}
+    dist = prepare_distribution("PyTiny[Fast]>=0.1", tmp_path / "a", **kw)
+    assert (dist.requirement, dist.extras, dist.sources) == ("pytiny[fast]==0.3", ("fast",), None)
+    make_sdist(main, index)  # now its tests can be fetched too
+    dist = prepare_distribution("pytiny", tmp_path / "b", **kw)
+    assert dist.sources == tmp_path / "b" / "src" / "pytiny-0.3"
+    assert (dist.sources / "tests" / "test_tiny.py").is_file()
+    assert dist.wheel.name == "pytiny-0.3-py3-none-any.whl"  # the wheel, not a build of the sdist
 
 
 @pytest.mark.parametrize("spec", ["-r requirements.txt", "--index-url=http://evil", "", "!!"])
