@@ -573,6 +573,10 @@ def _open_and_read_everything(path: Path) -> None:
             for snap in image.snapshots():
                 with image.open_snapshot(snap.name) as view:
                     view.read_at(0, 4 * MiB)
+        with open_image(path, format="qcow2", writable=True) as image:
+            for offset in (0, 5000, 1 * MiB + 10, image.size - 3):
+                if 0 <= offset < image.size:
+                    image.write_at(offset, b"abc"[: image.size - offset])
     except ImageFormatError:
         pass
 

@@ -730,6 +730,10 @@ class QCOW2Image(DiskImage):
         bitmap = table[slot + 1] if self._ext else 0
         vbase = cluster << cbits
         host = entry & _OFFSET_MASK
+        if host >> cbits >= rc.alloc_end and not entry & _COMPRESSED:
+            raise ImageFormatError(
+                self.path, "L2 table", f"cluster {cluster} points past the end of the file ({host:#x})"
+            )
         if entry & _COMPRESSED:
             target = rc.allocate()
             offset = entry & self._coffset_mask
