@@ -11,6 +11,8 @@ APT_PACKAGES=(
   python3 python3-venv python3-dev gcc pkg-config libvirt-dev
   # the hypervisor: libvirt's QEMU driver runs inside the Python process (qemu:///embed)
   libvirt-daemon-driver-qemu libvirt-daemon libvirt-clients qemu-system-x86 qemu-utils
+  # virt-xml-validate (libvirt-clients) needs xmllint
+  libxml2-utils
   # guest filesystems in user space, FUSE
   libfuse2 fuse2fs ntfs-3g e2fsprogs dosfstools mtools
   # reference tools used by the tests (partition tables, image building)
