@@ -730,7 +730,8 @@ class QCOW2Image(DiskImage):
         bitmap = table[slot + 1] if self._ext else 0
         vbase = cluster << cbits
         host = entry & _OFFSET_MASK
-        if host >> cbits >= rc.alloc_end and not entry & _COMPRESSED:
+        past_end = host >> cbits >= rc.alloc_end
+        if past_end and not entry & _COMPRESSED and (self._ext or not entry & _ZERO):
             raise ImageFormatError(
                 self.path, "L2 table", f"cluster {cluster} points past the end of the file ({host:#x})"
             )
@@ -748,7 +749,7 @@ class QCOW2Image(DiskImage):
                     table[slot] = host | _COPIED
                     self._mark_dirty(l2_offset, slot, slot + 1)
                 return
-            if host and entry & _ZERO and rc.get(host >> cbits) == 1:
+            if host and entry & _ZERO and not past_end and rc.get(host >> cbits) == 1:
                 target = host  # a preallocated zero cluster: reuse it
             else:
                 target = rc.allocate()
