@@ -191,7 +191,7 @@ def _driver_argv(fstype: str, device: Path, mountpoint: Path, readonly: bool) ->
     program, package = _DRIVERS[fstype]
     exe = _require(program, package, f"reading an {fstype} filesystem")
     if fstype == "ext":
-        opts = ["fakeroot", "nosuid", "nodev", "ro" if readonly else "rw"]
+        opts = ["fakeroot", "nosuid", "nodev", "big_writes", "max_write=131072", "ro" if readonly else "rw"]
         return [exe, str(device), str(mountpoint), "-f", "-o", ",".join(opts)]
     if fstype == "ntfs":
         opts = ["no_detach", "nosuid", "nodev", "ro" if readonly else "rw"]

@@ -302,7 +302,7 @@ def _serve(
     ops = _make_operations_class()(core)
     options: dict[str, Any] = {
         "foreground": foreground,
-        "nothreads": False,
+        "nothreads": True,
         "fsname": f"vdfuse:{Path(image).name}".replace(",", "_"),
         "subtype": "vdfuse",
         "big_writes": True,
