@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import hashlib
 import itertools
+import os
 import random
 import shutil
 import struct
@@ -762,3 +763,86 @@ def test_qemu_reads_the_sectors_a_child_holds(tmp_path: Path) -> None:
         image.write_at(4096, b"\x22" * 8192)
         image.write_at(5 * MiB, b"\x33" * 512)
     qemu_io(child, "vpc", ["read -P 0x22 4096 8192", f"read -P 0x33 {5 * MiB} 512"])
+
+
+class _PowerCut(OSError):
+    """The process dies here: nothing after this write reaches the file."""
+
+
+def _allocating_workload(path: Path) -> None:
+    with open_image(path, writable=True) as image:
+        image.write_at(2 * MiB + 5, b"\x22" * 100)  # a new block
+        image.write_at(0, b"\x12" * 10)  # in place
+        image.write_at(4 * MiB, b"\x33" * MiB)  # half of a new block
+        image.write_at(6 * MiB - 7, b"\x44" * 14)  # into the block at 6 MiB
+
+
+def _power_cut_at_every_write(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch, seed: Path, check: Any
+) -> None:
+    calls = 0
+    stop_at = -1
+    real_pwrite = os.pwrite
+
+    def pwrite(fd: int, data: Any, offset: int) -> int:
+        nonlocal calls
+        calls += 1
+        if calls == stop_at:
+            raise _PowerCut(5, "simulated power cut")
+        return real_pwrite(fd, data, offset)
+
+    monkeypatch.setattr(os, "pwrite", pwrite)
+    work = tmp_path / "work.vhd"
+    shutil.copyfile(seed, work)
+    _allocating_workload(work)
+    total = calls
+    assert total >= 12
+    for stop in range(1, total + 1):
+        calls, stop_at = 0, stop
+        shutil.copyfile(seed, work)
+        with pytest.raises(_PowerCut):
+            _allocating_workload(work)
+        calls, stop_at = 0, -1
+        check(work, f"power cut at write {stop} of {total}")
+
+
+def test_power_cut_at_any_write_leaves_no_stale_data_for_the_next_writer(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    seed = tmp_path / "seed.vhd"
+    with create_image(seed, 8 * MiB) as image:
+        image.write_at(0, b"\x11" * MiB)
+
+    def check(work: Path, when: str) -> None:
+        with open_image(work) as image:
+            survivors = bytearray(image.read_at(0, 8 * MiB))
+        assert survivors[MiB - 10 : MiB] == b"\x11" * 10, when
+        # qemu puts its next block right after the last one the BAT references and writes only the
+        # sectors it was given: whatever an interrupted allocation left there must read as zeros
+        qemu_io(work, "vpc", ["write -P 0x55 7M 4k"])
+        survivors[7 * MiB : 7 * MiB + 4096] = b"\x55" * 4096
+        with open_image(work) as image:
+            assert image.read_at(0, 8 * MiB) == survivors, when
+
+    _power_cut_at_every_write(tmp_path, monkeypatch, seed, check)
+
+
+def test_power_cut_in_a_child_leaves_the_parent_showing(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    base = tmp_path / "base.vhd"
+    with create_image(base, 8 * MiB) as image:
+        image.write_at(0, b"\x11" * 8 * MiB)
+    seed = tmp_path / "seed.vhd"
+    create_image(seed, parent=base).close()
+
+    def check(work: Path, when: str) -> None:
+        with open_image(work) as image:
+            got = image.read_at(0, 8 * MiB)
+        for start, data in [(0, b"\x12" * 10), (2 * MiB + 5, b"\x22" * 100), (4 * MiB, b"\x33" * MiB)]:
+            part = got[start : start + len(data)]
+            assert part in (data, b"\x11" * len(data)), when  # old or new, never anything else
+        rest = got[10 : 2 * MiB + 5] + got[2 * MiB + 105 : 4 * MiB] + got[5 * MiB : 6 * MiB - 7]
+        assert rest == b"\x11" * len(rest), when
+
+    _power_cut_at_every_write(tmp_path, monkeypatch, seed, check)

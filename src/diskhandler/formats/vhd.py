@@ -22,8 +22,10 @@ Virtual Server (``vs  ``) and old qemu (``qemu``), whose size is their CHS geome
 size disks by geometry. A geometry of 65535/16/255 always means "use the current size".
 
 Writing keeps a killed process from leaving a broken image: a new block is appended where the trailing
-footer was, after the footer has first been rewritten at the new end of the file; then the block's data
-and bitmap are written; the BAT entry comes last. Until then the new block is just unreferenced space.
+footer was, after the footer has first been rewritten at the new end of the file; then comes a bitmap
+under which the block reads as before (dynamic: all zeros; differencing: all from the parent), then the
+BAT entry, and only then the data and the bitmap bits of the sectors written. Until the BAT entry the
+new block is unreferenced space holding no data.
 """
 
 from __future__ import annotations
@@ -754,21 +756,25 @@ class VHDImage(DiskImage):
         new_end = data_at + self.block_size
         # 1. the footer at the new end: from here on the file always ends in a footer
         pwrite_all(fd, self._footer_bytes, new_end)
-        # 2. data, then the bitmap: dynamic disks mark every sector used (unwritten ones are zeros),
-        #    differencing disks only the sectors written, so the rest still reads from the parent
-        pwrite_all(fd, chunk, data_at + within)
+        # 2. a block that reads as before: on a dynamic disk every sector marked used (its data area,
+        #    new file space, is zeros, as qemu does), on a differencing disk none (all from the parent)
         bitmap = bytearray(self._bitmap_size)
-        if self._differencing:
-            _set_bits(bitmap, first, last)
-        else:
+        if not self._differencing:
             bitmap[:] = b"\xff" * self._bitmap_size
         pwrite_all(fd, bitmap, block_at)
-        # 3. the BAT entry last: only now does the block exist
+        # 3. the BAT entry: the block exists, still reading as it did
         pwrite_all(fd, (block_at // SECTOR).to_bytes(4, "big"), self._bat_offset + 4 * index)
         self._bat[index] = block_at // SECTOR
         self._next_block = new_end
         self._bitmaps[index] = bitmap
         self._runs.pop(index, None)
+        # 4. the data, then (differencing) the bits of the sectors written. Data is never written to
+        #    space the BAT does not reference: other writers (qemu) reuse such space after a crash
+        #    without zeroing it, and would show the stale bytes in their new block.
+        pwrite_all(fd, chunk, data_at + within)
+        if self._differencing:
+            lo, hi = _set_bits(bitmap, first, last)
+            pwrite_all(fd, memoryview(bitmap)[lo:hi], block_at + lo)
 
 
 def _set_bits(bitmap: bytearray, first: int, last: int) -> tuple[int, int]:
