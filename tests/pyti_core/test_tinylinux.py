@@ -554,7 +554,8 @@ def test_python_guest_imports_what_the_agent_needs(python_guest: TinyLinux, boot
     serial.wait_for("pyti# ")
     typed = time.monotonic()
     serial.type(
-        "python3 -c 'import json, subprocess, resource, zipfile, shutil, tempfile, xml.etree.ElementTree; "
+        "python3 -c 'import json, subprocess, resource, zipfile, shutil, tempfile, xml.etree.ElementTree, "
+        "ssl, sqlite3, ctypes, lzma, bz2, decimal; "
         'print(6 * 7, sys.version_info[:2]) if (sys := __import__("sys")) else 0\''
     )
     serial.wait_for("42 (3, 11)\r\n", 60)

@@ -99,6 +99,8 @@ PYTHON_PACKAGES: Final = (
     "liblzma5",
     "libffi8",
     "libuuid1",
+    "libssl3",  # ssl, and hashlib's OpenSSL algorithms
+    "libsqlite3-0",  # sqlite3 (coverage.py stores its data there)
 )
 #: Kernel modules loaded at boot (with everything they depend on). The cloud kernel has ext4, the
 #: serial console and devtmpfs built in; these are modules in it.
