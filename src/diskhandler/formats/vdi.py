@@ -801,11 +801,15 @@ def _open_parent(path: Path, header: VDIHeader, guard: ChainGuard) -> DiskImage:
             )
         pm = header.uuid_parent_modify
         if pm is not None and pm not in (_NULL_UUID, parent.uuid_modify):
-            warnings.warn(
-                f"{path}: parent {found} was modified after this differencing image was made"
-                f" (uuidParentModify {{{VDIHeader.uuid(pm)}}} != parent's uuidModify"
-                f" {{{VDIHeader.uuid(parent.uuid_modify)}}}); the chain may read inconsistent data",
-                ImageWarning,
-                stacklevel=4,
-            )
+            try:
+                warnings.warn(
+                    f"{path}: parent {found} was modified after this differencing image was made"
+                    f" (uuidParentModify {{{VDIHeader.uuid(pm)}}} != parent's uuidModify"
+                    f" {{{VDIHeader.uuid(parent.uuid_modify)}}}); the chain may read inconsistent data",
+                    ImageWarning,
+                    stacklevel=4,
+                )
+            except BaseException:  # a warnings filter turned it into an error
+                parent.close()
+                raise
     return parent

@@ -1005,7 +1005,11 @@ def _open_parent(path: Path, descriptor: Descriptor, guard: ChainGuard, *, writa
         if writable:
             parent.close()
             raise ChainError(path, "parentCID", message + "; refusing to write")
-        warnings.warn(ImageWarning(f"{path}: {message}"), stacklevel=5)
+        try:
+            warnings.warn(ImageWarning(f"{path}: {message}"), stacklevel=5)
+        except BaseException:  # a warnings filter turned it into an error
+            parent.close()
+            raise
     return parent
 
 
