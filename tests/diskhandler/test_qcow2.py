@@ -166,6 +166,8 @@ def test_compressed_images_read_and_write(tmp_path: Path, compression: str) -> N
         model[100:103] = b"\x01\x02\x03"
         image.write_at(MiB + 65530, b"\xee" * 20)  # across two compressed clusters
         model[MiB + 65530 : MiB + 65550] = b"\xee" * 20
+        image.write_at(MiB + 2 * 65536, bytes(65536))  # a whole compressed cluster of zeros
+        model[MiB + 2 * 65536 : MiB + 3 * 65536] = bytes(65536)
         _random_writes(image, model, rng, 15)
     _assert_qemu_agrees(path, model, tmp_path)
 
@@ -733,3 +735,43 @@ def test_small_refcount_cache_keeps_refcounts_right(tmp_path: Path, monkeypatch:
     with open_image(path, writable=True) as image:
         _random_writes(image, model, rng, 15)
     _assert_qemu_agrees(path, model, tmp_path)
+
+
+def test_whole_clusters_of_zeros_store_no_data(tmp_path: Path) -> None:
+    base = _qemu_create(tmp_path / "base.qcow2")
+    fill_with_pattern(base, "qcow2")
+    top = tmp_path / "top.qcow2"
+    model = _model_of(base, tmp_path)
+    with create_image(top, parent=base) as image:
+        image.write_at(MiB, bytes(MiB))  # over the base's data: zero clusters hide it
+        model[MiB : 2 * MiB] = bytes(MiB)
+    size_after_zeros = top.stat().st_size
+    info = json.loads(qemu_img("map", "--output=json", top))
+    zero_run = next(e for e in info if e["start"] == MiB)
+    assert zero_run["zero"] is True
+    assert zero_run["data"] is False
+    assert zero_run["depth"] == 0
+    with open_image(top, writable=True) as image:
+        image.write_at(8 * MiB, b"\x01" * 65536)  # data, then zeros over it: the cluster is released
+        image.write_at(8 * MiB, bytes(65536))
+        model[8 * MiB : 8 * MiB + 65536] = bytes(65536)
+    _assert_qemu_agrees(top, model, tmp_path)
+    assert top.stat().st_size <= size_after_zeros + 2 * 65536
+
+    fresh = tmp_path / "fresh.qcow2"
+    with create_image(fresh, SIZE) as image:  # zeros where the disk reads zeros: nothing at all
+        empty_size = fresh.stat().st_size
+        image.write_at(0, bytes(4 * MiB))
+    assert fresh.stat().st_size == empty_size
+    qemu_check(fresh, "qcow2")
+
+
+def test_zeros_in_a_version_2_overlay_are_stored_as_data(tmp_path: Path) -> None:
+    base = _qemu_create(tmp_path / "base.qcow2")
+    qemu_io(base, "qcow2", ["write -P 0x11 0 1M"])
+    top = tmp_path / "top.qcow2"
+    with create_image(top, parent=base, version=2) as image:
+        image.write_at(0, bytes(65536))  # v2 has no zero flag
+    model = bytearray(SIZE)
+    model[65536:MiB] = b"\x11" * (MiB - 65536)
+    _assert_qemu_agrees(top, model, tmp_path)

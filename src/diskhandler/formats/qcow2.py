@@ -722,6 +722,8 @@ class QCOW2Image(DiskImage):
     ) -> None:
         cs = self._cs
         cbits = self._cbits
+        if len(chunk) == cs and not self._ext and _all_zero(chunk) and self._write_zero_cluster(rc, cluster):
+            return
         l1_index = cluster >> self._l2_bits
         l2_offset, table = self._l2_for_write(rc, l1_index)
         index = cluster & ((1 << self._l2_bits) - 1)
@@ -785,11 +787,50 @@ class QCOW2Image(DiskImage):
             table[slot + 1] = bitmap
         self._mark_dirty(l2_offset, slot, slot + (2 if self._ext else 1))
 
+    def _write_zero_cluster(self, rc: Refcounts, cluster: int) -> bool:
+        """Record a whole cluster of written zeros without storing data; False when it must be stored.
+
+        Nothing changes where the disk already reads zeros; otherwise (version 3) the entry becomes a
+        zero cluster and the clusters it used are released.
+        """
+        l1_index = cluster >> self._l2_bits
+        index = cluster & ((1 << self._l2_bits) - 1)
+        l2_offset = self._l1[l1_index] & _OFFSET_MASK
+        current = self._l2_table(l1_index, l2_offset)[index] if l2_offset else 0
+        if (current & _ZERO and not current & _COMPRESSED) or (current == 0 and self.parent is None):
+            return True
+        if self.header.version < 3:
+            return False
+        l2_offset, table = self._l2_for_write(rc, l1_index)
+        entry = table[index]
+        if entry & _COMPRESSED:
+            offset = entry & self._coffset_mask
+            sectors = ((entry >> self._csize_shift) & self._csize_mask) + 1
+            rc.free_later(offset & ~511, sectors * 512)
+        elif entry & _OFFSET_MASK:
+            rc.free_later(entry & _OFFSET_MASK, self._cs)
+        table[index] = _ZERO
+        self._mark_dirty(l2_offset, index, index + 1)
+        return True
+
     def _mark_dirty(self, l2_offset: int, lo: int, hi: int) -> None:
         old = self._dirty_l2.get(l2_offset)
         if old is not None:
             lo, hi = min(lo, old[0]), max(hi, old[1])
         self._dirty_l2[l2_offset] = (lo, hi)
+
+
+_zero_buffers: dict[int, bytes] = {}
+
+
+def _all_zero(data: memoryview) -> bool:
+    """Whether ``data`` holds only zero bytes (cheap for data that does not)."""
+    if data[0] or data[-1]:
+        return False
+    zeros = _zero_buffers.get(len(data))
+    if zeros is None:
+        zeros = _zero_buffers.setdefault(len(data), bytes(len(data)))
+    return bytes(data) == zeros
 
 
 def _relative_backing_name(child: Path, parent: Path) -> str:
