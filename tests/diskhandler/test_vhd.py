@@ -276,6 +276,23 @@ def test_create_rejects_bad_sizes_and_fixed_children(tmp_path: Path) -> None:
         create_image(tmp_path / "d.vhd", MiB, subformat="differencing")
 
 
+def test_differencing_blocks_too_small_for_a_bitmap_are_refused(tmp_path: Path) -> None:
+    # The bitmap takes block_size / 512 / 8 bytes rounded down to sectors (qemu and VirtualBox agree):
+    # none at all below 4 KiB, so a child could not say which sectors it holds.
+    base = tmp_path / "base.vhd"
+    create_image(base, 64 * 1024, block_size=2048).close()
+    with pytest.raises(ValueError, match="at least 4 KiB"):
+        create_image(tmp_path / "small.vhd", parent=base, block_size=2048)
+    assert not (tmp_path / "small.vhd").exists()
+    child = tmp_path / "child.vhd"
+    with create_image(child, parent=base, block_size=4096) as image:
+        image.write_at(0, b"x" * 100)
+    _patch(child, 512 + 28, struct.pack(">II", 32, 2048))  # max table entries, block size
+    with pytest.raises(UnsupportedImageError, match="at least 4 KiB") as excinfo:
+        open_image(child)
+    assert excinfo.value.field == "dynamic header block size"
+
+
 # -- differencing chains ------------------------------------------------------------------------------
 
 

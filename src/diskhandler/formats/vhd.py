@@ -92,6 +92,9 @@ CHS_CREATORS = frozenset({b"vpc ", b"vs  ", b"qemu"})
 
 DEFAULT_BLOCK_SIZE = 2 << 20
 MAX_BLOCK_SIZE = 256 << 20
+#: The bitmap is block_size // 512 // 8 bytes padded to whole sectors (as qemu and VirtualBox size it):
+#: smaller blocks have none, which a differencing image cannot do without.
+MIN_DIFFERENCING_BLOCK_SIZE = 4096
 #: The format's limit (2040 GiB); qemu refuses larger dynamic images too.
 MAX_VHD_SIZE = 2040 << 30
 #: At most 16 MiB of BAT in memory (2040 GiB in 512 KiB blocks).
@@ -467,6 +470,13 @@ class VHDImage(DiskImage):
                 "dynamic header block size",
                 f"block size {bs} is not a power of two between 512 bytes and {MAX_BLOCK_SIZE >> 20} MiB",
             )
+        if footer.disk_type == DISK_DIFFERENCING and bs < MIN_DIFFERENCING_BLOCK_SIZE:
+            raise UnsupportedImageError(
+                path,
+                "dynamic header block size",
+                f"a differencing VHD needs blocks of at least 4 KiB; {bs}-byte blocks have no room for"
+                " the sector bitmap that says which sectors the child holds",
+            )
         return header, raw
 
     @staticmethod
@@ -575,6 +585,8 @@ class VHDImage(DiskImage):
                 f"block_size must be a power of two between 512 and {MAX_BLOCK_SIZE}, got {block_size!r}"
             )
 
+        if parent is not None and block_size < MIN_DIFFERENCING_BLOCK_SIZE:
+            raise ValueError(f"a differencing VHD needs blocks of at least 4 KiB, not {block_size}")
         parent_info: tuple[int, bytes, int, Path] | None = None
         if parent is not None:
             parent_info = _parent_identity(path, parent, guard)
