@@ -775,3 +775,22 @@ def test_zeros_in_a_version_2_overlay_are_stored_as_data(tmp_path: Path) -> None
     model = bytearray(SIZE)
     model[65536:MiB] = b"\x11" * (MiB - 65536)
     _assert_qemu_agrees(top, model, tmp_path)
+
+
+def test_failed_write_leaves_tables_as_they_were(tmp_path: Path) -> None:
+    path = _qemu_create(tmp_path / "f.qcow2")
+    qemu_io(path, "qcow2", ["write -c -P 0x21 64k 64k"])
+    l1 = _header_field(path, 40, ">Q")
+    l2 = _header_field(path, l1, ">Q") & 0x00FFFFFFFFFFFE00
+    compressed_at = _header_field(path, l2 + 8, ">Q") & ((1 << 54) - 1)
+    _patch(path, compressed_at, b"\xff" * 64)  # the deflate stream is damaged
+    with open_image(path, writable=True) as image:
+        with pytest.raises(ImageFormatError, match="compressed cluster"):
+            image.write_at(65536 - 50, b"\x33" * 100)  # cluster 0 is fine, cluster 1 cannot be merged
+        assert image.read_at(65536 - 50, 50) == bytes(50)  # nothing of the failed write shows
+        image.write_at(MiB, b"\x44" * 10)
+    proc = subprocess.run(["qemu-img", "check", path], check=False, capture_output=True, text=True)
+    assert proc.returncode in (0, 3), proc.stdout + proc.stderr  # at worst a leaked cluster
+    with open_image(path) as image:
+        assert image.read_at(65536 - 50, 50) == bytes(50)
+        assert image.read_at(MiB, 10) == b"\x44" * 10

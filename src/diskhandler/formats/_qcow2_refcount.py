@@ -205,6 +205,10 @@ class Refcounts:
         last = (host_offset + length - 1) >> self._bits
         self._pending_frees.extend(range(first, last + 1))
 
+    def discard_frees(self) -> None:
+        """Forget the clusters queued by :meth:`free_later` (the write that queued them failed)."""
+        self._pending_frees.clear()
+
     def flush(self) -> None:
         """Write the refcount entries changed in memory."""
         self._write_dirty()

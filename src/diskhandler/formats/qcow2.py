@@ -665,13 +665,22 @@ class QCOW2Image(DiskImage):
         pieces: list[tuple[int, memoryview | bytes | bytearray]] = []
         n = len(data)
         pos = 0
-        while pos < n:
-            voff = offset + pos
-            cluster = voff >> cbits
-            within = voff & (cs - 1)
-            span = min(cs - within, n - pos)
-            self._write_cluster(rc, cluster, within, data[pos : pos + span], pieces)
-            pos += span
+        try:
+            while pos < n:
+                voff = offset + pos
+                cluster = voff >> cbits
+                within = voff & (cs - 1)
+                span = min(cs - within, n - pos)
+                self._write_cluster(rc, cluster, within, data[pos : pos + span], pieces)
+                pos += span
+        except BaseException:
+            # Nothing of this write reached the tables on disk: forget its changes in memory (the
+            # clusters it allocated stay counted, so at worst they leak).
+            for l2_offset in self._dirty_l2:
+                self._l2_cache.pop(l2_offset, None)
+            self._dirty_l2.clear()
+            rc.discard_frees()
+            raise
         _pwrite_runs(self._fd, pieces)  # 1. data
         rc.flush()  # 2. refcounts of new clusters
         for l2_offset, (lo, hi) in self._dirty_l2.items():  # 3. L2 entries
