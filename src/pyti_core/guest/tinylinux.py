@@ -864,6 +864,11 @@ def build_tiny_linux(
             if build_dir.exists():  # a broken earlier build (no build.json): replace it
                 shutil.rmtree(build_dir)
             os.replace(out, build_dir)
+            dir_fd = os.open(cache, os.O_RDONLY | os.O_DIRECTORY)
+            try:
+                os.fsync(dir_fd)  # the rename itself survives a crash
+            finally:
+                os.close(dir_fd)
     result = _load(build_dir)
     if result is None:
         raise GuestImageError(f"{build_dir}: build finished but its files are not readable")
