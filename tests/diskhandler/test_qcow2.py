@@ -308,8 +308,9 @@ def test_missing_and_cyclic_backing_files(tmp_path: Path) -> None:
 # -- internal snapshots -------------------------------------------------------------------------
 
 
-def test_internal_snapshots_read_by_name_and_cow_on_write(tmp_path: Path) -> None:
-    path = _qemu_create(tmp_path / "snap.qcow2")
+@pytest.mark.parametrize("options", ["", "compat=0.10", "extended_l2=on,cluster_size=64k"])
+def test_internal_snapshots_read_by_name_and_cow_on_write(tmp_path: Path, options: str) -> None:
+    path = _qemu_create(tmp_path / "snap.qcow2", options)
     fill_with_pattern(path, "qcow2")
     qemu_img("snapshot", "-c", "first", path)
     qemu_io(path, "qcow2", ["write -P 0x81 0 128k", "write -P 0x82 20M 64k", "write -z 1M 64k"])
@@ -342,7 +343,7 @@ def test_internal_snapshots_read_by_name_and_cow_on_write(tmp_path: Path) -> Non
 
     model = _model_of(path, tmp_path)
     with open_image(path, writable=True) as image:
-        _random_writes(image, model, random.Random("snap"), 20)
+        _random_writes(image, model, random.Random(f"snap-{options}"), 20)
         image.write_at(5, b"after")  # a cluster shared with both snapshots
         model[5:10] = b"after"
     _assert_qemu_agrees(path, model, tmp_path)
