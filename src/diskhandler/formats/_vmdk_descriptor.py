@@ -33,6 +33,7 @@ from diskhandler.errors import ImageFormatError
 __all__ = [
     "MAX_DESCRIPTOR_BYTES",
     "MAX_EXTENTS",
+    "MAX_EXTENT_SECTORS",
     "NO_PARENT_CID",
     "Descriptor",
     "ExtentLine",
@@ -45,6 +46,8 @@ __all__ = [
 MAX_DESCRIPTOR_BYTES = 1 << 20
 #: At most this many extent lines (a 64 TiB twoGbMaxExtent disk has 32768).
 MAX_EXTENTS = 65536
+#: Largest extent size or start sector accepted (2 EiB): byte offsets then stay far from 2^63.
+MAX_EXTENT_SECTORS = 1 << 52
 #: The parentCID of an image without a parent.
 NO_PARENT_CID = 0xFFFFFFFF
 
@@ -188,7 +191,21 @@ def parse_descriptor(data: bytes, path: Path, *, extents_matter: bool = True) ->
                 raise ImageFormatError(path, f"descriptor line {number}", f"bad extent line {line!r}")
             if len(extents) >= MAX_EXTENTS:
                 raise ImageFormatError(path, "extents", f"more than {MAX_EXTENTS} extent lines")
-            sectors = int(match["sectors"])
+            sectors = _bounded(match["sectors"])
+            offset = _bounded(match["offset"] or "0")
+            if sectors is None or offset is None:
+                if not extents_matter:
+                    continue
+                what = (
+                    f"an extent of {_shorten(match['sectors'])} sectors"
+                    if sectors is None
+                    else f"an extent starting at sector {_shorten(match['offset'])}"
+                )
+                raise ImageFormatError(
+                    path,
+                    f"descriptor line {number}",
+                    f"{what} is absurd (at most {MAX_EXTENT_SECTORS} sectors); the descriptor is damaged",
+                )
             name = match["qname"] if match["qname"] is not None else match["name"]
             extents.append(
                 ExtentLine(
@@ -196,7 +213,7 @@ def parse_descriptor(data: bytes, path: Path, *, extents_matter: bool = True) ->
                     sectors=sectors,
                     type=match["type"].upper(),
                     filename=name,
-                    offset=int(match["offset"] or 0),
+                    offset=offset,
                 )
             )
             continue
@@ -208,6 +225,18 @@ def parse_descriptor(data: bytes, path: Path, *, extents_matter: bool = True) ->
             value = value[1:-1]
         fields.setdefault(kv["key"].lower(), value)
     return Descriptor(text=text, encoding=encoding, fields=fields, extents=tuple(extents))
+
+
+def _bounded(digits: str) -> int | None:
+    """A sector count or offset of an extent line, or ``None`` when it is absurdly large."""
+    if len(digits) > 20:  # also keeps int() clear of its 4300-digit limit
+        return None
+    value = int(digits)
+    return value if value <= MAX_EXTENT_SECTORS else None
+
+
+def _shorten(digits: str) -> str:
+    return digits if len(digits) <= 20 else digits[:20] + "..."
 
 
 def render_descriptor(
