@@ -795,3 +795,11 @@ def test_failed_write_leaves_tables_as_they_were(tmp_path: Path) -> None:
     with open_image(path) as image:
         assert image.read_at(65536 - 50, 50) == bytes(50)
         assert image.read_at(MiB, 10) == b"\x44" * 10
+
+
+def test_old_qcow_version_1_is_refused_with_advice(tmp_path: Path) -> None:
+    path = tmp_path / "old.qcow"
+    qemu_img("create", "-f", "qcow", path, "1M")
+    with pytest.raises(UnsupportedImageError, match=r"convert -O qcow2") as excinfo:
+        open_image(path)
+    assert excinfo.value.field == "version"

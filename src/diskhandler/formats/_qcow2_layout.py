@@ -208,7 +208,10 @@ def parse_header(head: bytes, file_size: int, path: Path) -> QCow2Header:
     if base.magic != MAGIC:
         raise _err(path, "magic", f"not a qcow2 image (magic {base.magic!r}, expected {MAGIC!r})")
     if base.version not in (2, 3):
-        raise UnsupportedImageError(path, "version", f"qcow2 version {base.version} (only 2 and 3 exist)")
+        hint = " (the old qcow format: convert it with qemu-img convert -O qcow2)"
+        raise UnsupportedImageError(
+            path, "version", f"qcow2 version {base.version} is not 2 or 3{hint if base.version == 1 else ''}"
+        )
     if not 9 <= base.cluster_bits <= 21:
         raise _err(path, "cluster_bits", f"{base.cluster_bits} is outside 9..21 (512 B to 2 MiB clusters)")
     cs = 1 << base.cluster_bits
