@@ -1,5 +1,58 @@
-"""pyti_core: test a Python distribution inside a network-less virtual machine."""
+"""pyti_core: test a Python distribution inside a network-less virtual machine.
+
+The building blocks are here — fetching a distribution for the guest (:func:`prepare_distribution`),
+recipes and the guest agent's job (:class:`Recipe`, :func:`to_agent_job`), JSON-RPC 2.0 raw-data
+records (:class:`RawDataRecord`, :class:`Report`), TOML job files (:class:`JobConfig`), the master and
+slave (:class:`Master`, :class:`Slave`) and the tiny test guest (``pyti_core.guest.tinylinux``).
+"""
 
 from __future__ import annotations
 
-__all__: list[str] = []
+from pyti_core.config import JobConfig
+from pyti_core.errors import (
+    ConfigError,
+    GuestImageError,
+    MasterUnreachableError,
+    PackageError,
+    PytiError,
+    RawDataError,
+    RpcError,
+    TaskError,
+    UnsafeArchiveError,
+)
+from pyti_core.master import Job, Master
+from pyti_core.packages import Distribution, GuestTarget, prepare_distribution
+from pyti_core.rawdata import RawDataRecord, Report, TestCounts, parse_record, parse_records
+from pyti_core.slave import Slave
+from pyti_core.tasks import RECIPES, GuestLayout, Recipe, Task, get_recipe, stage_io_folder, to_agent_job
+
+__all__ = [
+    "RECIPES",
+    "ConfigError",
+    "Distribution",
+    "GuestImageError",
+    "GuestLayout",
+    "GuestTarget",
+    "Job",
+    "JobConfig",
+    "Master",
+    "MasterUnreachableError",
+    "PackageError",
+    "PytiError",
+    "RawDataError",
+    "RawDataRecord",
+    "Recipe",
+    "Report",
+    "RpcError",
+    "Slave",
+    "Task",
+    "TaskError",
+    "TestCounts",
+    "UnsafeArchiveError",
+    "get_recipe",
+    "parse_record",
+    "parse_records",
+    "prepare_distribution",
+    "stage_io_folder",
+    "to_agent_job",
+]

@@ -5,6 +5,8 @@ exception it *is*, so ``except ValueError`` or ``except OSError`` in a caller ke
 
     PytiError
     ├── RawDataError (ValueError)       a raw-data record is not JSON, too large, or breaks the schema
+    ├── GuestImageError                 the tiny guest could not be built (package missing, tool failed)
+    │   └── CpioEntryError (ValueError) an entry cannot go into a newc cpio archive
     ├── ConfigError (ValueError)        a job file is unreadable TOML or has a missing/mistyped key
     ├── TaskError (ValueError)          a task or recipe cannot be built (unknown recipe, bad kind, ...)
     ├── PackageError (OSError)          pip could not resolve, download or build what the guest needs
@@ -21,6 +23,8 @@ from pathlib import Path
 
 __all__ = [
     "ConfigError",
+    "CpioEntryError",
+    "GuestImageError",
     "MasterUnreachableError",
     "PackageError",
     "PytiError",
@@ -107,3 +111,20 @@ class MasterUnreachableError(RpcError, ConnectionError):
 
     def __str__(self) -> str:
         return self.message
+
+
+class GuestImageError(PytiError):
+    """The tiny guest could not be built: a package is missing, a tool failed, or a file is malformed.
+
+    ``command`` and ``output`` hold the failing command and what it printed, when one failed.
+    """
+
+    def __init__(self, message: str, *, command: Sequence[str] | None = None, output: str = "") -> None:
+        self.command = tuple(command) if command is not None else None
+        self.output = output
+        detail = f"\n{output.strip()}" if output.strip() else ""
+        super().__init__(f"{message}{detail}")
+
+
+class CpioEntryError(GuestImageError, ValueError):
+    """An entry cannot go into a newc cpio archive (bad or duplicate name, file too large)."""

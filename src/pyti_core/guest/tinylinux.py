@@ -58,7 +58,7 @@ from typing import Final, Protocol
 
 import attrs
 
-from pyti_core.errors import PytiError
+from pyti_core.errors import CpioEntryError, GuestImageError
 
 __all__ = [
     "BUSYBOX_PACKAGE",
@@ -140,23 +140,6 @@ _EXCLUDED_NAMES: Final = re.compile(r"_test[a-z_]*\.cpython-.*\.so$|^xxlimited.*
 _BUILD_FORMAT: Final = 2  # bump when the builder's output changes for the same inputs
 _MODULES_DIR: Final = "lib/modules/pyti"
 _APT_TIMEOUT: Final = 600.0
-
-
-class GuestImageError(PytiError):
-    """The tiny guest could not be built: a package is missing, a tool failed, or a file is malformed.
-
-    ``command`` and ``output`` hold the failing command and what it printed, when one failed.
-    """
-
-    def __init__(self, message: str, *, command: Sequence[str] | None = None, output: str = "") -> None:
-        self.command = tuple(command) if command is not None else None
-        self.output = output
-        detail = f"\n{output.strip()}" if output.strip() else ""
-        super().__init__(f"{message}{detail}")
-
-
-class CpioEntryError(GuestImageError, ValueError):
-    """An entry cannot go into a newc cpio archive (bad or duplicate name, file too large)."""
 
 
 @attrs.frozen
