@@ -228,7 +228,7 @@ def mount_filesystem(
     log_fd, log_name = tempfile.mkstemp(prefix="diskhandler-fs-", suffix=".log")
     log = Path(log_name)
     try:
-        process = subprocess.Popen(argv, stdin=subprocess.DEVNULL, stdout=log_fd, stderr=log_fd)
+        process = subprocess.Popen(argv, stdin=subprocess.DEVNULL, stdout=subprocess.DEVNULL, stderr=log_fd)
     except BaseException:
         log.unlink(missing_ok=True)
         raise

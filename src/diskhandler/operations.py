@@ -329,6 +329,8 @@ class DiskOperations:
             raise FileExistsError(errno.EEXIST, "already exists in the guest", path) from None
         except OSError as exc:
             raise _guest_error(exc, path) from exc
+        if not self._has_permissions:
+            return
         os.chmod(host, mode, follow_symlinks=False)
         if owner is not None:
             os.chown(host, owner[0], owner[1], follow_symlinks=False)
@@ -351,6 +353,10 @@ class DiskOperations:
         else:
             os.unlink(host)
 
+    @property
+    def _has_permissions(self) -> bool:
+        return self.filesystem != "vfat"  # FAT keeps no owners or modes: both are ignored there
+
     def _check_writable(self) -> None:
         self._mount_root()
         if self.readonly:
@@ -369,7 +375,8 @@ class DiskOperations:
     ) -> None:
         """Copy one host file to the guest path ``dst`` (into it, when ``dst`` is a guest directory).
 
-        ``mode`` defaults to the host file's permission bits; ``owner`` is a ``(uid, gid)`` pair.
+        ``mode`` defaults to the host file's permission bits; ``owner`` is a ``(uid, gid)`` pair (FAT
+        keeps neither; both are ignored there).
         When the guest filesystem fills up, the partial file is removed and
         :class:`FilesystemError` (``ENOSPC``) is raised.
         """
@@ -396,9 +403,10 @@ class DiskOperations:
                 raise _guest_error(exc, dst) from exc
             try:
                 _copy_fd(fin.fileno(), fd, total, callback)
-                os.fchmod(fd, mode)
-                if owner is not None:
-                    os.fchown(fd, owner[0], owner[1])
+                if self._has_permissions:
+                    os.fchmod(fd, mode)
+                    if owner is not None:
+                        os.fchown(fd, owner[0], owner[1])
             except OSError as exc:
                 os.close(fd)
                 fd = -1
@@ -473,14 +481,14 @@ class DiskOperations:
             if kind == "dir":
                 dir_mode = stat.S_IMODE(host_src.lstat().st_mode)
                 self.mkdir(guest, exist_ok=True, mode=dir_mode, owner=owner)
-            elif kind == "link":
+            elif kind == "link" and self._has_permissions:  # FAT has no symlinks
                 target_host = self._resolve(guest, follow_last=False)
                 if os.path.lexists(target_host):
                     os.unlink(target_host)
                 os.symlink(os.readlink(host_src), target_host)
                 if owner is not None:
                     os.chown(target_host, owner[0], owner[1], follow_symlinks=False)
-            else:
+            elif kind == "file":
                 self.put_file(host_src, guest, owner=owner, mode=mode, callback=progress.child())
 
     def download(
