@@ -295,6 +295,31 @@ def test_writes_into_qemu_zeroed_grains(tmp_path: Path) -> None:
     )
 
 
+def test_write_over_allocated_new_allocated_grains(tmp_path: Path) -> None:
+    # Grains 0 and 2 land next to each other in the file; grain 1, between them on the disk, is
+    # new. One write over all three must not run grain 0's file write on into grain 2's.
+    path = tmp_path / "g.vmdk"
+    grain = 64 * 1024
+    with create_image(path, 4 * MiB) as image:
+        image.write_at(0, b"\x01" * grain)
+        image.write_at(2 * grain, b"\x03" * grain)
+    with open_image(path, writable=True) as image:
+        image.write_at(100, b"\x11" * (grain - 100) + b"\x22" * grain + b"\x33" * 100)
+    with open_image(path) as image:
+        assert image.read_at(2 * grain, 200) == b"\x33" * 100 + b"\x03" * 100
+    qemu_io(
+        path,
+        "vmdk",
+        [
+            "read -P 0x01 0 100",
+            f"read -P 0x11 100 {grain - 100}",
+            f"read -P 0x22 {grain} {grain}",
+            f"read -P 0x33 {2 * grain} 100",
+            f"read -P 0x03 {2 * grain + 100} {grain - 100}",
+        ],
+    )
+
+
 def test_size_rounded_up_to_sectors(tmp_path: Path) -> None:
     with create_image(tmp_path / "odd.vmdk", 1_000_000) as image:
         assert image.size == 1_000_448

@@ -503,7 +503,8 @@ class _SparseExtent(_Extent):
                         f"grain table entry of grain {grain}",
                         f"points at sector {entry}, inside the metadata area; refusing to write there",
                     )
-                if run_file >= 0 and run_file + run_len == file_at:
+                # one pwrite only while both the file and the data run on (a new grain may lie between)
+                if run_file >= 0 and run_file + run_len == file_at and run_start + run_len == pos:
                     run_len += take
                 else:
                     if run_file >= 0:
