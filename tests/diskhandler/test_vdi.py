@@ -497,6 +497,16 @@ def test_missing_and_cyclic_parents(tmp_path: Path) -> None:
         open_image(lone)
 
 
+def test_damaged_parent_is_named_not_called_missing(tmp_path: Path) -> None:
+    base, child = tmp_path / "base.vdi", tmp_path / "child.vdi"
+    create_image(base, MiB).close()
+    create_image(child, parent=base).close()
+    patch(base, OFF_BLOCK_SIZE, struct.pack("<I", 3))
+    with pytest.raises(ChainError, match=r"could not be read.*base\.vdi: cbBlock") as excinfo:
+        open_image(child)
+    assert excinfo.value.field == "uuidLinkage"
+
+
 def test_stale_parent_warns(tmp_path: Path) -> None:
     base, child = tmp_path / "base.vdi", tmp_path / "child.vdi"
     create_image(base, MiB).close()

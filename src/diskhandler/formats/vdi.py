@@ -733,14 +733,15 @@ def _same_file(a: Path, b: Path) -> bool:
         return False
 
 
-def _peek_uuids(candidate: Path) -> tuple[bytes, bytes] | None:
-    """``(uuidCreate, uuidModify)`` of a file if it is a VDI, else ``None``."""
+def _peek_uuids(candidate: Path, unreadable: list[str]) -> tuple[bytes, bytes] | None:
+    """``(uuidCreate, uuidModify)`` of a file if it is a VDI, else ``None`` (and why, in ``unreadable``)."""
     try:
         with candidate.open("rb") as f:
             head = f.read(PRE_HEADER_SIZE + MAX_HEADER_SIZE)
             size = os.fstat(f.fileno()).st_size
         h = parse_header(head, candidate, size)
-    except (OSError, ImageFormatError):
+    except (OSError, ImageFormatError) as exc:
+        unreadable.append(str(exc))
         return None
     return h.uuid_create, h.uuid_modify
 
@@ -759,6 +760,7 @@ def _open_parent(path: Path, header: VDIHeader, guard: ChainGuard) -> DiskImage:
             found_format = medium.format.lower() if medium.format.upper() != "VDI" else "vdi"
             break
     searched: list[Path] = []
+    unreadable: list[str] = []  # a damaged parent must not be reported as a missing one
     if found is None:
         folder = path.resolve().parent
         me = path.resolve()
@@ -772,7 +774,7 @@ def _open_parent(path: Path, header: VDIHeader, guard: ChainGuard) -> DiskImage:
             for entry in entries:
                 if entry.suffix.lower() != ".vdi" or entry.resolve() == me or not entry.is_file():
                     continue
-                ids = _peek_uuids(entry)
+                ids = _peek_uuids(entry, unreadable)
                 if ids is not None and ids[0] == want:
                     matches.append((ids[1] != header.uuid_parent_modify, entry))
             if matches:
@@ -784,11 +786,17 @@ def _open_parent(path: Path, header: VDIHeader, guard: ChainGuard) -> DiskImage:
         where = ", ".join(str(d) for d in searched)
         if registries:
             where += " and the media registries of " + ", ".join(str(r) for r in registries)
+        damaged = ""
+        if unreadable:
+            damaged = " These .vdi files there could not be read (is one of them the parent?): " + "; ".join(
+                unreadable[:5]
+            )
         raise ChainError(
             path,
             "uuidLinkage",
             f"parent image {{{want_uuid}}} not found (searched the .vdi files in {where});"
-            " put the parent beside the child or in the folder above, or register it in the VM's .vbox",
+            " put the parent beside the child or in the folder above, or register it in the VM's .vbox."
+            + damaged,
         )
     parent = guard.open_parent(path, found, format=found_format)
     if isinstance(parent, VDIImage):
