@@ -409,6 +409,16 @@ def test_missing_parent(tmp_path: Path) -> None:
     assert excinfo.value.path == tmp_path / "child.vhd"
 
 
+def test_damaged_parent_is_named_not_called_missing(tmp_path: Path) -> None:
+    base, child = tmp_path / "base.vhd", tmp_path / "child.vhd"
+    create_image(base, 4 * MiB).close()
+    create_image(child, parent=base).close()
+    _patch_footers(base, 0, b"CONECTIX")
+    with pytest.raises(ChainError, match=r"could not be read.*base\.vhd: footer cookie") as excinfo:
+        open_image(child)
+    assert excinfo.value.field == "parent locator"
+
+
 def test_replaced_parent_is_refused(tmp_path: Path) -> None:
     base = tmp_path / "base.vhd"
     create_image(base, 4 * MiB).close()

@@ -839,15 +839,18 @@ def _bitmap_runs(bitmap: bytes | bytearray, sectors: int) -> list[tuple[int, int
 # -- parents ----------------------------------------------------------------------------------------
 
 
-def _peek_unique_id(path: Path) -> bytes | None:
-    """The unique id in ``path``'s footer, or ``None`` when it is not a readable VHD."""
+def _peek_unique_id(path: Path, unreadable: list[str]) -> bytes | None:
+    """The unique id in ``path``'s footer, or ``None`` (and why, in ``unreadable``) when it is not a
+    readable VHD."""
     try:
         fd = os.open(path, os.O_RDONLY | os.O_CLOEXEC)
-    except OSError:
+    except OSError as exc:
+        unreadable.append(str(exc))
         return None
     try:
         footer, _, _ = _read_footer(fd, path, os.fstat(fd).st_size)
-    except (ImageFormatError, OSError):
+    except (ImageFormatError, OSError) as exc:
+        unreadable.append(str(exc))
         return None
     finally:
         os.close(fd)
@@ -908,10 +911,11 @@ def _open_parent(child: Path, header: VHDDynamicHeader, guard: ChainGuard) -> Di
         os.close(fd)
     wanted = header.parent_unique_id
     mismatched: list[str] = []
+    unreadable: list[str] = []  # a damaged parent must not be reported as a missing one
     for candidate in candidates:
         if not candidate.is_file():
             continue
-        found = _peek_unique_id(candidate)
+        found = _peek_unique_id(candidate, unreadable)
         if found == wanted:
             return guard.open_parent(child, candidate, format="vhd")
         if found is not None:
@@ -925,7 +929,10 @@ def _open_parent(child: Path, header: VHDDynamicHeader, guard: ChainGuard) -> Di
             "replaced or changed after this differencing image was made",
         )
     tried = ", ".join(str(c) for c in candidates) or "no usable parent locator or parent name"
-    raise ChainError(child, "parent locator", f"parent image (unique id {want}) not found; tried {tried}")
+    damaged = f". Of these, could not be read: {'; '.join(unreadable)}" if unreadable else ""
+    raise ChainError(
+        child, "parent locator", f"parent image (unique id {want}) not found; tried {tried}{damaged}"
+    )
 
 
 def _parent_identity(child: Path, parent: Path, guard: ChainGuard) -> tuple[int, bytes, int, Path]:
