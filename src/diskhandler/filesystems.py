@@ -86,7 +86,8 @@ def _require(program: str, package: str, what: str) -> str:
     found = shutil.which(program)
     if found is None:
         raise MissingDependencyError(
-            f"{what} needs the program {program}; install the Debian package {package} (apt-get install {package})"
+            f"{what} needs the program {program}; "
+            f"install the Debian package {package} (apt-get install {package})"
         )
     return found
 
@@ -105,6 +106,7 @@ class FilesystemMount:
     def __init__(
         self,
         device: Path,
+        *,
         mountpoint: Path,
         fstype: str,
         method: MountMethod,
@@ -191,7 +193,8 @@ def _driver_argv(fstype: str, device: Path, mountpoint: Path, readonly: bool) ->
     program, package = _DRIVERS[fstype]
     exe = _require(program, package, f"reading an {fstype} filesystem")
     if fstype == "ext":
-        opts = ["fakeroot", "nosuid", "nodev", "big_writes", "max_write=131072", "ro" if readonly else "rw"]
+        opts = ["fakeroot", "nosuid", "nodev", "big_writes", "max_write=131072"]
+        opts.append("ro" if readonly else "rw")
         return [exe, str(device), str(mountpoint), "-f", "-o", ",".join(opts)]
     if fstype == "ntfs":
         opts = ["no_detach", "nosuid", "nodev", "ro" if readonly else "rw"]
@@ -234,7 +237,9 @@ def mount_filesystem(
         raise
     finally:
         os.close(log_fd)
-    fs = FilesystemMount(dev, mp, fstype, "fuse", readonly, process, log)
+    fs = FilesystemMount(
+        device=dev, mountpoint=mp, fstype=fstype, method="fuse", readonly=readonly, process=process, log=log
+    )
     deadline = time.monotonic() + timeout
     delay = 0.0005
     while not is_mountpoint(mp):
@@ -269,4 +274,6 @@ def _kernel_mount(dev: Path, mp: Path, fstype: str, readonly: bool) -> Filesyste
             f"{proc.stderr.decode(errors='replace').strip()}",
             str(dev),
         )
-    return FilesystemMount(dev, mp, fstype, "kernel", readonly, None, None)
+    return FilesystemMount(
+        device=dev, mountpoint=mp, fstype=fstype, method="kernel", readonly=readonly, process=None, log=None
+    )

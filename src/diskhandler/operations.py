@@ -25,6 +25,7 @@ open uses ``O_NOFOLLOW``.
 
 from __future__ import annotations
 
+import contextlib
 import errno
 import os
 import posixpath
@@ -185,10 +186,8 @@ class DiskOperations:
         self._view = None
         if self._workdir is not None:
             for sub in ("root", "view", ""):
-                try:
+                with contextlib.suppress(OSError):  # left in place when something is still mounted there
                     (self._workdir / sub).rmdir()
-                except OSError:
-                    pass
             self._workdir = None
         if errors:
             raise errors[0]
@@ -410,10 +409,8 @@ class DiskOperations:
             except OSError as exc:
                 os.close(fd)
                 fd = -1
-                try:
+                with contextlib.suppress(OSError):
                     os.unlink(host)
-                except OSError:
-                    pass
                 raise _guest_error(exc, dst) from exc
             finally:
                 if fd >= 0:
@@ -663,8 +660,7 @@ def _disk_of_vm(vm: Any, target: str | int | None) -> Path:
     if callable(disks):
         listed = disks()
         if isinstance(listed, Mapping):
-            mapping = {str(k): Path(v) for k, v in listed.items()}
-            return _pick(mapping, target, "disks()")
+            return _pick({str(k): Path(v) for k, v in listed.items()}, target, "disks()")
         paths = [Path(p) for p in listed]
         return _pick({str(i): p for i, p in enumerate(paths)}, target, "disks()")
     xml_text: str | None = vm if isinstance(vm, str) else None
@@ -681,7 +677,7 @@ def _disk_of_vm(vm: Any, target: str | int | None) -> Path:
         domain = ET.fromstring(xml_text)
     except ET.ParseError as exc:
         raise ValueError(f"the VM's domain XML does not parse: {exc}") from exc
-    mapping = {}
+    mapping: dict[str, Path] = {}
     for disk in domain.iterfind("./devices/disk"):
         if disk.get("device", "disk") != "disk":
             continue
@@ -690,8 +686,8 @@ def _disk_of_vm(vm: Any, target: str | int | None) -> Path:
         file = source.get("file") if source is not None else None
         if file is None:
             continue
-        name = dev.get("dev") if dev is not None else None
-        mapping[name or str(len(mapping))] = Path(file)
+        dev_name = dev.get("dev") if dev is not None else None
+        mapping[dev_name or str(len(mapping))] = Path(file)
     return _pick(mapping, target, "the domain XML")
 
 

@@ -450,9 +450,7 @@ class VDFuseMount:
         process: the child serving the mount.
     """
 
-    def __init__(
-        self, image: Path, mountpoint: Path, readonly: bool, process: subprocess.Popen[bytes]
-    ) -> None:
+    def __init__(self, image: Path, mountpoint: Path, readonly: bool, process: _Process) -> None:
         self.image = image
         self.mountpoint = mountpoint
         self.readonly = readonly
@@ -553,7 +551,7 @@ def mount_vdfuse(
         if spawn:
             process = _spawn(img, mp, readonly, format, write_end)
         else:
-            process = _fork(img, mp, readonly, format, read_end, write_end)
+            process = _fork(img, mp, readonly, format, write_end)
     finally:
         os.close(write_end)
     try:
@@ -635,7 +633,7 @@ def _spawn(img: Path, mp: Path, readonly: bool, format: str | None, write_end: i
     )
 
 
-def _fork(img: Path, mp: Path, readonly: bool, format: str | None, read_end: int, write_end: int) -> _Process:
+def _fork(img: Path, mp: Path, readonly: bool, format: str | None, write_end: int) -> _Process:
     import fuse  # noqa: F401, PLC0415  (imported before forking, so the child need not)
 
     pid = os.fork()
