@@ -349,6 +349,24 @@ def test_first_write_changes_the_cid_of_the_leaf_only(tmp_path: Path) -> None:
     assert f'"cid": {int(changed, 16)}' in info
 
 
+@pytest.mark.parametrize("subformat", ["monolithicFlat", "monolithicSparse"])
+def test_cid_update_keeps_a_byte_order_mark(tmp_path: Path, subformat: str) -> None:
+    path = tmp_path / "bom.vmdk"
+    create_image(path, MiB, subformat=subformat).close()
+    data = path.read_bytes()
+    start = 512 if subformat == "monolithicSparse" else 0  # the embedded descriptor's sector
+    text = data[start:].split(b"\0", 1)[0]
+    data = data[:start] + b"\xef\xbb\xbf" + text + data[start + len(text) + 3 :]
+    path.write_bytes(data)
+    with open_image(path, writable=True) as image:
+        image.write_at(0, b"x")
+    after = path.read_bytes()[start:].split(b"\0", 1)[0]
+    assert after.startswith(b"\xef\xbb\xbf# Disk DescriptorFile")
+    assert after.endswith(b'ddb.adapterType = "ide"\n')  # nothing of the old text left behind
+    assert len(after) == len(text) + 3
+    qemu_io(path, "vmdk", ["read -P 0x78 0 1"])
+
+
 def test_parent_cid_mismatch_warns_on_read_and_refuses_write(tmp_path: Path) -> None:
     base = tmp_path / "base.vmdk"
     create_image(base, 4 * MiB).close()

@@ -52,6 +52,7 @@ MAX_EXTENT_SECTORS = 1 << 52
 NO_PARENT_CID = 0xFFFFFFFF
 
 _ACCESS = {"RW", "RDONLY", "NOACCESS"}
+_BOM = b"\xef\xbb\xbf"
 _EXTENT_RE = re.compile(
     r"""^(?P<access>RW|RDONLY|NOACCESS)\s+(?P<sectors>\d+)\s+(?P<type>[A-Za-z]+)
         (?:\s+(?:"(?P<qname>[^"]*)"|(?P<name>\S+))(?:\s+(?P<offset>\d+))?)?\s*$""",
@@ -74,12 +75,14 @@ class ExtentLine:
 
 @attrs.frozen
 class Descriptor:
-    """A parsed descriptor. ``fields`` maps lower-case keys to unquoted values."""
+    """A parsed descriptor. ``fields`` maps lower-case keys to unquoted values; ``bom`` says whether the
+    stored text starts with a UTF-8 byte order mark (kept when the descriptor is rewritten)."""
 
     text: str
     encoding: str
     fields: dict[str, str]
     extents: tuple[ExtentLine, ...]
+    bom: bool = False
 
     def get(self, key: str) -> str | None:
         """The value of ``key`` (case-insensitive), or ``None``."""
@@ -119,7 +122,8 @@ class Descriptor:
         return attrs.evolve(self, text=text, fields=fields)
 
     def encoded(self) -> bytes:
-        return self.text.encode(self.encoding, errors="strict")
+        """The descriptor's bytes as stored (byte order mark included)."""
+        return (_BOM if self.bom else b"") + self.text.encode(self.encoding, errors="strict")
 
 
 def looks_like_descriptor(head: bytes) -> bool:
@@ -129,7 +133,7 @@ def looks_like_descriptor(head: bytes) -> bool:
     besides whitespace; NUL padding at the end) whose leading comment block holds
     ``# Disk DescriptorFile`` and which sets ``createType``.
     """
-    text, _, padding = head.removeprefix(b"\xef\xbb\xbf").partition(b"\0")
+    text, _, padding = head.removeprefix(_BOM).partition(b"\0")
     if padding.strip(b"\0"):  # qemu pads descriptors with NULs; nothing may follow them
         return False
     if not text.lstrip().startswith(b"#"):
@@ -149,7 +153,7 @@ def looks_like_descriptor(head: bytes) -> bool:
 
 
 def _decode(data: bytes, path: Path) -> tuple[str, str]:
-    data = data.removeprefix(b"\xef\xbb\xbf")
+    data = data.removeprefix(_BOM)
     declared = re.search(rb'(?im)^\s*encoding\s*=\s*"?([A-Za-z0-9_-]+)"?', data)
     candidates: list[str] = []
     if declared is not None:
@@ -175,6 +179,7 @@ def parse_descriptor(data: bytes, path: Path, *, extents_matter: bool = True) ->
             path, "descriptor", f"{len(data)} bytes is far larger than any VMDK descriptor"
         )
     data = data.split(b"\0", 1)[0]
+    bom = data.startswith(_BOM)
     text, encoding = _decode(data, path)
     fields: dict[str, str] = {}
     extents: list[ExtentLine] = []
@@ -224,7 +229,7 @@ def parse_descriptor(data: bytes, path: Path, *, extents_matter: bool = True) ->
         if len(value) >= 2 and value[0] == value[-1] == '"':
             value = value[1:-1]
         fields.setdefault(kv["key"].lower(), value)
-    return Descriptor(text=text, encoding=encoding, fields=fields, extents=tuple(extents))
+    return Descriptor(text=text, encoding=encoding, fields=fields, extents=tuple(extents), bom=bom)
 
 
 def _bounded(digits: str) -> int | None:
