@@ -6,9 +6,12 @@ exception it *is*, so ``except ValueError`` or ``except OSError`` in a caller ke
     PytiError
     ├── RawDataError (ValueError)       a raw-data record is not JSON, too large, or breaks the schema
     ├── GuestImageError                 the tiny guest could not be built (package missing, tool failed)
-    │   └── CpioEntryError (ValueError) an entry cannot go into a newc cpio archive
+    │   ├── CpioEntryError (ValueError) an entry cannot go into a newc cpio archive
+    │   └── ImagePrepareError           a user's disk image cannot take the agent (no init system, no python3)
     ├── ConfigError (ValueError)        a job file is unreadable TOML or has a missing/mistyped key
     ├── TaskError (ValueError)          a task or recipe cannot be built (unknown recipe, bad kind, ...)
+    ├── TaskManagerClosedError (RuntimeError)
+    │                                   a job was submitted to a TaskManager after close()
     ├── PackageError (OSError)          pip could not resolve, download or build what the guest needs
     │   └── UnsafeArchiveError          an sdist holds a path that would land outside its folder
     └── RpcError                        the master answered a JSON-RPC 2.0 call with an error object
@@ -25,12 +28,14 @@ __all__ = [
     "ConfigError",
     "CpioEntryError",
     "GuestImageError",
+    "ImagePrepareError",
     "MasterUnreachableError",
     "PackageError",
     "PytiError",
     "RawDataError",
     "RpcError",
     "TaskError",
+    "TaskManagerClosedError",
     "UnsafeArchiveError",
 ]
 
@@ -66,6 +71,10 @@ class ConfigError(PytiError, ValueError):
 
 class TaskError(PytiError, ValueError):
     """A task, recipe or agent job cannot be built from what was given."""
+
+
+class TaskManagerClosedError(PytiError, RuntimeError):
+    """A job was submitted to a :class:`~pyti_core.task_manager.TaskManager` that is closed."""
 
 
 class PackageError(PytiError, OSError):
@@ -128,3 +137,14 @@ class GuestImageError(PytiError):
 
 class CpioEntryError(GuestImageError, ValueError):
     """An entry cannot go into a newc cpio archive (bad or duplicate name, file too large)."""
+
+
+class ImagePrepareError(GuestImageError):
+    """A user's disk image cannot take the agent: no systemd or SysV init, no ``python3``, read-only, ...
+
+    ``image`` is the disk image's path.
+    """
+
+    def __init__(self, image: str | Path, message: str) -> None:
+        self.image = Path(image)
+        super().__init__(f"{self.image}: {message}")
