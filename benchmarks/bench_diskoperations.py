@@ -209,7 +209,7 @@ def _wait_mounted(path: Path, proc: subprocess.Popen[bytes]) -> None:
                 return
         if proc.poll() is not None:
             raise SystemExit(
-                f"{proc.args} exited {proc.returncode}: {proc.stderr.read() if proc.stderr else ''}"
+                f"{proc.args} exited {proc.returncode}: {proc.stderr.read().decode() if proc.stderr else ''}"
             )
         time.sleep(0.002)
 

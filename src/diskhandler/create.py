@@ -13,7 +13,6 @@ import errno
 import os
 import shutil
 import subprocess
-import tempfile
 from pathlib import Path
 
 from diskhandler.errors import FilesystemError, MissingDependencyError
@@ -68,6 +67,8 @@ def make_filesystem(
     source = Path(files) if files is not None else None
     if source is not None and not source.is_dir():
         raise NotADirectoryError(errno.ENOTDIR, "files must be a folder", str(source))
+    import tempfile  # noqa: PLC0415  (lazy: keeps ``import diskhandler`` fast)
+
     with tempfile.TemporaryDirectory(prefix="diskhandler-mkfs-") as tmp:
         flat = Path(tmp) / "fs.img"
         with flat.open("wb") as f:

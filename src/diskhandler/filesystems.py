@@ -19,7 +19,6 @@ import os
 import shutil
 import signal
 import subprocess
-import tempfile
 import time
 from pathlib import Path
 from types import TracebackType
@@ -162,7 +161,8 @@ class FilesystemMount:
             if self.process.returncode not in (0, -signal.SIGTERM):
                 raise FilesystemError(
                     errno.EIO,
-                    f"the {self.fstype} driver exited with status {self.process.returncode}: {self._stderr()}",
+                    f"the {self.fstype} driver exited with status {self.process.returncode}: "
+                    f"{self._stderr()}",
                     str(self.mountpoint),
                 )
         finally:
@@ -186,7 +186,8 @@ class FilesystemMount:
         self.unmount()
 
     def __repr__(self) -> str:
-        return f"<FilesystemMount {self.fstype} {str(self.device)!r} at {str(self.mountpoint)!r} ({self.method})>"
+        where = f"{str(self.device)!r} at {str(self.mountpoint)!r}"
+        return f"<FilesystemMount {self.fstype} {where} ({self.method})>"
 
 
 def _driver_argv(fstype: str, device: Path, mountpoint: Path, readonly: bool) -> list[str]:
@@ -228,6 +229,8 @@ def mount_filesystem(
     if method != "fuse":
         raise ValueError(f"unknown mount method {method!r}; expected 'fuse' or 'kernel'")
     argv = _driver_argv(fstype, dev, mp, readonly)
+    import tempfile  # noqa: PLC0415  (lazy: keeps ``import diskhandler`` fast)
+
     log_fd, log_name = tempfile.mkstemp(prefix="diskhandler-fs-", suffix=".log")
     log = Path(log_name)
     try:

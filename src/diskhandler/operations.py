@@ -31,8 +31,6 @@ import os
 import posixpath
 import shutil
 import stat
-import tempfile
-import xml.etree.ElementTree as ET
 from collections.abc import Callable, Iterable, Mapping
 from pathlib import Path
 from types import TracebackType
@@ -146,6 +144,8 @@ class DiskOperations:
             _locking.check_not_in_use(self.image)
         with open_image(self.image, format=self.format) as disk:
             number, fstype = _choose_volume(disk, partition)
+        import tempfile  # noqa: PLC0415  (lazy: keeps ``import diskhandler`` fast)
+
         workdir = Path(tempfile.mkdtemp(prefix="diskhandler-"))
         (workdir / "view").mkdir()
         (workdir / "root").mkdir()
@@ -673,6 +673,8 @@ def _disk_of_vm(vm: Any, target: str | int | None) -> Path:
             "for_vm needs a .vbox path, a domain XML string, or an object with xml_desc(), XMLDesc(), "
             f"xml() or disks(); got {type(vm).__name__}"
         )
+    import xml.etree.ElementTree as ET  # noqa: PLC0415  (lazy: only for_vm parses XML)
+
     try:
         domain = ET.fromstring(xml_text)
     except ET.ParseError as exc:

@@ -28,7 +28,6 @@ This is the only module that imports ``fuse`` (fusepy).
 
 from __future__ import annotations
 
-import argparse
 import errno
 import json
 import os
@@ -375,6 +374,8 @@ def _rebuild_error(info: dict[str, Any], image: Path) -> Exception:
 
 def main(argv: Sequence[str] | None = None) -> int:
     """``pyti-vdfuse IMAGE MOUNTPOINT [-r] [-f]``: show a disk image as EntireDisk / PartitionN files."""
+    import argparse  # noqa: PLC0415  (only the command line needs it; keeps ``import diskhandler`` fast)
+
     parser = argparse.ArgumentParser(
         prog="pyti-vdfuse",
         description="Show a disk image (VDI, VHD, VMDK, QCOW2, raw) as EntireDisk and Partition1..N files.",

@@ -210,7 +210,7 @@ def test_owner_mode_and_queries(tmp_path: Path, guest_files: Path) -> None:
         assert not d.exists("/srv/a/b/d")
         assert not d.exists("/root/b.txt/x")
         assert d.stat("/srv/a/b/c").st_uid == 7
-        with pytest.raises(OSError, match="not empty|Directory not empty") as info:
+        with pytest.raises(OSError, match="not empty") as info:
             d.remove("/srv/a")
         assert info.value.errno == errno.ENOTEMPTY
         d.remove("/srv/a", recursive=True)
