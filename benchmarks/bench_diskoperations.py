@@ -208,9 +208,8 @@ def _wait_mounted(path: Path, proc: subprocess.Popen[bytes]) -> None:
             if any(line.split()[4] == target for line in f):
                 return
         if proc.poll() is not None:
-            raise SystemExit(
-                f"{proc.args} exited {proc.returncode}: {proc.stderr.read().decode() if proc.stderr else ''}"
-            )
+            err = proc.stderr.read().decode() if proc.stderr else ""
+            raise SystemExit(f"{proc.args!r} exited {proc.returncode}: {err}")
         time.sleep(0.002)
 
 
