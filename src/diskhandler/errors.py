@@ -14,6 +14,7 @@ builtin exception it *is*, so ``except OSError`` or ``except ValueError`` in a c
     │                                          a write to an image opened read-only (or forced read-only,
     │                                          e.g. a VHD with a stale checksum)
     ├── ImageInUseError (OSError)              another process (a running VM, another writer) holds the image
+    ├── SnapshotNotFoundError (LookupError)    no internal snapshot of that name; ``names`` lists those there
     ├── MissingDependencyError (ImportError)   an optional module or host tool is needed; says what to install
     ├── GuestPathError (PermissionError)       a guest path escapes the guest's root
     └── FilesystemError (OSError)              the guest filesystem cannot be reached or is full
@@ -26,6 +27,8 @@ from __future__ import annotations
 import io
 from pathlib import Path
 
+from typing_extensions import override
+
 __all__ = [
     "ChainError",
     "DiskHandlerError",
@@ -37,6 +40,7 @@ __all__ = [
     "MissingDependencyError",
     "PartitionTableError",
     "ReadOnlyImageError",
+    "SnapshotNotFoundError",
     "UnsupportedImageError",
 ]
 
@@ -108,3 +112,18 @@ class FilesystemError(DiskHandlerError, OSError):
 
 class ImageWarning(UserWarning):
     """Something about an image is suspicious but readable (stale checksum, size mismatch)."""
+
+
+class SnapshotNotFoundError(DiskHandlerError, LookupError):
+    """No internal snapshot of that name (or id); ``names`` lists the ones that exist."""
+
+    def __init__(self, path: Path, wanted: str, names: list[str]) -> None:
+        self.path = path
+        self.wanted = wanted
+        self.names = names
+        listing = ", ".join(repr(n) for n in names) if names else "none"
+        super().__init__(f"{path}: no internal snapshot named {wanted!r}; existing snapshots: {listing}")
+
+    @override
+    def __str__(self) -> str:  # LookupError would quote the message like a key
+        return str(self.args[0])

@@ -32,7 +32,8 @@ from diskhandler import (
     create_image,
     open_image,
 )
-from diskhandler.formats.qcow2 import QCOW2Image, SnapshotNotFoundError
+from diskhandler.errors import SnapshotNotFoundError
+from diskhandler.formats.qcow2 import QCOW2Image
 from tests.diskhandler.imagetools import (
     REAL_IMAGES,
     assert_reads_like_qemu,

@@ -27,9 +27,9 @@ from typing import Any, ClassVar, Self
 from typing_extensions import override
 
 from diskhandler.errors import (
-    DiskHandlerError,
     ImageFormatError,
     MissingDependencyError,
+    SnapshotNotFoundError,
     UnsupportedImageError,
 )
 from diskhandler.formats._qcow2_layout import (
@@ -73,21 +73,6 @@ _NONE, _DATA, _ZEROS, _BACKING = 0, 1, 2, 3
 # qemu's names for backing formats -> ours.
 _BACKING_FORMATS = {"qcow2": "qcow2", "raw": "raw", "file": "raw", "vmdk": "vmdk", "vdi": "vdi", "vpc": "vhd"}
 _QEMU_FORMAT_NAMES = {"vhd": "vpc"}
-
-
-class SnapshotNotFoundError(DiskHandlerError, LookupError):
-    """No internal snapshot of that name (or id); ``names`` lists the ones that exist."""
-
-    def __init__(self, path: Path, wanted: str, names: list[str]) -> None:
-        self.path = path
-        self.wanted = wanted
-        self.names = names
-        listing = ", ".join(repr(n) for n in names) if names else "none"
-        super().__init__(f"{path}: no internal snapshot named {wanted!r}; existing snapshots: {listing}")
-
-    @override
-    def __str__(self) -> str:  # LookupError would quote the message like a key
-        return str(self.args[0])
 
 
 def _native_u64(data: bytes) -> array[int]:
