@@ -15,6 +15,7 @@ import shutil
 import struct
 import warnings
 from pathlib import Path
+from typing import Any
 
 import pytest
 from hypothesis import HealthCheck, given, settings
@@ -879,3 +880,66 @@ def test_fuzz_descriptor_parser(text: str, lines: list[str]) -> None:
         descriptor.cid(Path("fuzz.vmdk"), "parentCID")
     except ImageFormatError:
         pass
+
+
+class _PowerCut(OSError):
+    """The process dies here: nothing after this write reaches the file."""
+
+
+def _allocating_workload(path: Path) -> None:
+    with open_image(path, writable=True) as image:
+        image.write_at(MiB + 5, b"\x22" * 100)  # a new grain, in a grain table that exists
+        image.write_at(0, b"\x12" * 10)  # in place
+        image.write_at(33 * MiB - 100, b"\x33" * 200_000)  # new grains in both tables, one table new
+
+
+def test_power_cut_at_any_write_leaves_old_or_new_bytes(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    seed = tmp_path / "seed.vmdk"
+    with create_image(seed, 40 * MiB) as image:  # two grain tables
+        image.write_at(0, b"\x11" * 65536)
+    data = seed.read_bytes()
+    rgd, gd = struct.unpack_from("<QQ", data, 48)
+    _patch(seed, rgd * 512 + 4, bytes(4))  # the second table was never preallocated
+    _patch(seed, gd * 512 + 4, bytes(4))
+    calls = 0
+    stop_at = -1
+    real_pwrite, real_pwritev = os.pwrite, os.pwritev
+
+    def counted(real: Any) -> Any:
+        def write(*args: Any) -> Any:
+            nonlocal calls
+            calls += 1
+            if calls == stop_at:
+                raise _PowerCut(5, "simulated power cut")
+            return real(*args)
+
+        return write
+
+    monkeypatch.setattr(os, "pwrite", counted(real_pwrite))
+    monkeypatch.setattr(os, "pwritev", counted(real_pwritev))
+    work = tmp_path / "work.vmdk"
+    shutil.copyfile(seed, work)
+    _allocating_workload(work)
+    total = calls
+    assert total >= 8
+    writes = [(0, b"\x12" * 10), (MiB + 5, b"\x22" * 100), (33 * MiB - 100, b"\x33" * 200_000)]
+    for stop in range(1, total + 1):
+        calls, stop_at = 0, stop
+        shutil.copyfile(seed, work)
+        with pytest.raises(_PowerCut):
+            _allocating_workload(work)
+        calls, stop_at = 0, -1
+        when = f"power cut at write {stop} of {total}"
+        qemu_check(work, "vmdk")
+        expect = bytearray(40 * MiB)
+        expect[:65536] = b"\x11" * 65536
+        with open_image(work) as image:
+            got = image.read_at(0, 40 * MiB)
+        for start, new in writes:  # each write shows entirely old or entirely new bytes per grain
+            for grain in range(start // 65536, (start + len(new) - 1) // 65536 + 1):
+                lo, hi = max(start, grain * 65536), min(start + len(new), (grain + 1) * 65536)
+                if got[lo:hi] == new[lo - start : hi - start]:
+                    expect[lo:hi] = got[lo:hi]
+        assert got == expect, when
