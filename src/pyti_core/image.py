@@ -1,0 +1,295 @@
+"""System images for pyti: build the default one, or prepare your own disk to run pyti's agent.
+
+``pyti image build`` makes the default system: the tiny Python guest (kernel + initramfs, see
+``docs/guest-image.md``) that the embedded QEMU driver boots. ``pyti image prepare DISK`` installs the
+agent and a boot hook into a disk image of your own (any format diskhandler reads: qcow2, VDI, VMDK,
+VHD, raw), through :class:`diskhandler.DiskOperations` — the image is never booted::
+
+    from pyti_core.image import prepare_image
+
+    prepared = prepare_image("debian12.qcow2")
+    prepared.init            # "systemd" or "sysv"
+    prepared.files           # the guest paths written
+
+What goes into the guest:
+
+``/opt/pyti/agent.py``           the agent (the one on the IO disk is preferred when present)
+``/opt/pyti/run-agent``          the hook: find the IO disk, mount it, run the agent, power off
+``/etc/systemd/system/pyti-agent.service`` + its ``multi-user.target.wants`` link (systemd guests), or
+``/etc/init.d/pyti-agent`` + ``S99pyti-agent`` links in the ``rc2.d`` .. ``rc5.d`` folders (SysV guests)
+
+At boot the hook looks for the IO disk by its filesystem label (:data:`IO_LABEL`), then on every other
+disk (``vdb``.., ``sdb``.., ``xvdb``.., their partitions) for one holding ``job.json``; it mounts it at
+``/mnt/disk`` (where the job's paths point), runs ``python3 agent.py /mnt/disk`` and powers off. A boot
+**without** an IO disk, or with ``pyti.agent=0`` on the kernel command line, is left alone: the image
+stays usable as a normal system.
+"""
+
+from __future__ import annotations
+
+import os
+import tempfile
+from collections.abc import Callable
+from pathlib import Path, PurePosixPath
+from typing import TYPE_CHECKING, Final, Literal
+
+import attrs
+
+from diskhandler import DiskOperations
+from pyti_core import agent
+from pyti_core.errors import ImagePrepareError
+
+if TYPE_CHECKING:
+    from pyti_core.manager import GuestSystem
+
+__all__ = [
+    "AGENT_DIR",
+    "IO_LABEL",
+    "READY_MARKER",
+    "RUN_EXIT_MARKER",
+    "InitSystem",
+    "PreparedImage",
+    "build_default_image",
+    "detect_init",
+    "hook_script",
+    "prepare_image",
+    "systemd_unit",
+    "sysv_script",
+]
+
+#: The filesystem label pyti's IO disks carry (``pyti_core.manager``); the hook looks for it first.
+IO_LABEL: Final = "pyti-io"
+#: What the hook prints on the serial console once the IO disk is mounted, and when the job is over.
+READY_MARKER: Final = "PYTI-GUEST-READY"
+RUN_EXIT_MARKER: Final = "PYTI-RUN-EXIT"
+#: Where the agent and its hook go in a prepared guest.
+AGENT_DIR: Final = "/opt/pyti"
+SERVICE: Final = "pyti-agent"
+_SYSTEMD_BINARIES: Final = ("/lib/systemd/systemd", "/usr/lib/systemd/systemd")
+_PYTHONS: Final = ("/usr/bin/python3", "/bin/python3", "/usr/local/bin/python3")
+_RUNLEVELS: Final = ("2", "3", "4", "5")
+_SHELL_SAFE: Final = frozenset("ABCDEFGHIJKLMNOPQRSTUVWXYZabcdefghijklmnopqrstuvwxyz0123456789-_./")
+
+InitSystem = Literal["systemd", "sysv"]
+
+
+def build_default_image(cache_dir: Path | None = None) -> GuestSystem:
+    """Build (or find in the cache) the default system image: the tiny Python guest."""
+    from pyti_core.manager import GuestSystem  # noqa: PLC0415  (manager pulls in vmanager)
+
+    return GuestSystem.default(cache_dir)
+
+
+def _shell_word(value: str, what: str) -> str:
+    if not value or not set(value) <= _SHELL_SAFE:
+        raise ValueError(f"{what} may only hold letters, digits and - _ . /, got {value!r}")
+    return value
+
+
+def hook_script(*, label: str = IO_LABEL, mount_point: str = "/mnt/disk") -> str:
+    """The boot hook (POSIX sh): find and mount the IO disk, run the agent on it, power off."""
+    label = _shell_word(label, "label")
+    mount_point = _shell_word(mount_point, "mount_point")
+    if not PurePosixPath(mount_point).is_absolute():
+        raise ValueError(f"mount_point must be an absolute guest path, got {mount_point!r}")
+    return f"""#!/bin/sh
+# Installed by pyti (pyti image prepare). At boot: find pyti's IO disk, mount it at {mount_point},
+# run its run.sh (or the agent) on it, power off. Without an IO disk, or with pyti.agent=0 on the
+# kernel command line, it does nothing and the system boots as usual.
+LABEL='{label}'
+MNT='{mount_point}'
+AGENT='{AGENT_DIR}/agent.py'
+
+case " $(cat /proc/cmdline 2>/dev/null) " in
+    *" pyti.agent=0 "*) exit 0 ;;
+esac
+
+try_mount() {{  # mount $1 on $MNT; succeed only when it holds a job
+    mount "$1" "$MNT" 2>/dev/null || return 1
+    [ -f "$MNT/job.json" ] && return 0
+    umount "$MNT" 2>/dev/null
+    return 1
+}}
+
+mkdir -p "$MNT"
+found=
+dev=$(blkid -L "$LABEL" 2>/dev/null)
+if [ -z "$dev" ] && [ -e "/dev/disk/by-label/$LABEL" ]; then dev="/dev/disk/by-label/$LABEL"; fi
+if [ -n "$dev" ] && try_mount "$dev"; then found=$dev; fi
+if [ -z "$found" ]; then
+    for dev in /dev/vd[b-z]* /dev/sd[b-z]* /dev/xvd[b-z]* /dev/hd[b-z]*; do
+        [ -b "$dev" ] || continue
+        if try_mount "$dev"; then found=$dev; break; fi
+    done
+fi
+[ -n "$found" ] || exit 0
+
+say() {{  # on stdout (the journal / console) and on the serial port, where the host watches
+    echo "$1"
+    if [ -c /dev/ttyS0 ]; then echo "$1" > /dev/ttyS0 2>/dev/null; fi
+}}
+say "pyti: running the job on $found ($MNT)"
+say "{READY_MARKER}"
+cd "$MNT"
+if [ -f "$MNT/run.sh" ]; then
+    sh "$MNT/run.sh"
+else
+    agent="$MNT/agent.py"
+    [ -f "$agent" ] || agent=$AGENT
+    python=$(command -v python3 || echo /usr/bin/python3)
+    "$python" "$agent" "$MNT"
+fi
+status=$?
+cd /
+sync
+umount "$MNT" 2>/dev/null
+sync
+say "{RUN_EXIT_MARKER} $status"
+if [ -d /run/systemd/system ]; then
+    systemctl --no-block poweroff
+else
+    poweroff
+fi
+exit 0
+"""
+
+
+def systemd_unit() -> str:
+    """The systemd service that runs the hook once the local filesystems are up."""
+    return f"""[Unit]
+Description=pyti agent: run the job on pyti's IO disk, then power off
+After=local-fs.target
+ConditionPathExists={AGENT_DIR}/run-agent
+
+[Service]
+Type=oneshot
+ExecStart={AGENT_DIR}/run-agent
+TimeoutStartSec=infinity
+StandardOutput=journal+console
+StandardError=journal+console
+
+[Install]
+WantedBy=multi-user.target
+"""
+
+
+def sysv_script() -> str:
+    """The SysV init script (LSB header) that runs the hook last in runlevels 2-5."""
+    return f"""#!/bin/sh
+### BEGIN INIT INFO
+# Provides:          {SERVICE}
+# Required-Start:    $local_fs $remote_fs
+# Required-Stop:
+# Default-Start:     2 3 4 5
+# Default-Stop:
+# Short-Description: pyti agent: run the job on pyti's IO disk, then power off
+### END INIT INFO
+case "$1" in
+    start) {AGENT_DIR}/run-agent ;;
+    stop|restart|force-reload|status) exit 0 ;;
+    *) echo "Usage: $0 start" >&2; exit 3 ;;
+esac
+"""
+
+
+@attrs.frozen
+class PreparedImage:
+    """What :func:`prepare_image` did: the image, the init system it found, the guest paths it wrote."""
+
+    image: Path
+    init: InitSystem
+    python: str | None
+    files: tuple[str, ...]
+
+
+class _Guest:
+    """The few DiskOperations calls prepare_image needs, with errors naming the image."""
+
+    def __init__(self, ops: DiskOperations, image: Path) -> None:
+        self.ops = ops
+        self.image = image
+        self.written: list[str] = []
+
+    def put(self, text: str, guest_path: str, mode: int, tmp: Path) -> None:
+        host = tmp / PurePosixPath(guest_path).name
+        host.write_text(text, encoding="utf-8")
+        self.ops.mkdir(str(PurePosixPath(guest_path).parent), parents=True, exist_ok=True, owner=(0, 0))
+        self.ops.put_file(host, guest_path, mode=mode, owner=(0, 0))
+        self.written.append(guest_path)
+
+    def link(self, target: str, guest_path: str, tmp: Path) -> None:
+        """Create (or replace) the symlink ``guest_path`` -> ``target`` in the guest."""
+        parent = str(PurePosixPath(guest_path).parent)
+        holder = Path(tempfile.mkdtemp(dir=tmp))
+        os.symlink(target, holder / PurePosixPath(guest_path).name)
+        self.ops.mkdir(parent, parents=True, exist_ok=True, owner=(0, 0))
+        self.ops.upload(holder, parent, owner=(0, 0))  # DiskOperations copies a folder's symlinks as links
+        self.written.append(guest_path)
+
+
+def detect_init(exists: Callable[[str], bool]) -> InitSystem | None:
+    """``"systemd"`` when the guest has systemd's binary, ``"sysv"`` with ``/etc/init.d``, else None."""
+    if any(exists(p) for p in _SYSTEMD_BINARIES):
+        return "systemd"
+    if exists("/etc/init.d") or exists("/etc/rc.d/init.d"):
+        return "sysv"
+    return None
+
+
+def prepare_image(
+    image: str | os.PathLike[str],
+    *,
+    partition: int | None = None,
+    init: InitSystem | None = None,
+    label: str = IO_LABEL,
+    mount_point: str = "/mnt/disk",
+    require_python: bool = True,
+) -> PreparedImage:
+    """Install pyti's agent and boot hook into the disk image ``image`` without booting it.
+
+    ``partition`` picks the root filesystem's partition (default: the largest one diskhandler can
+    open). ``init`` forces ``"systemd"`` or ``"sysv"``; by default systemd is used when the guest has
+    ``/lib/systemd/systemd`` or ``/usr/lib/systemd/systemd``, else SysV when it has ``/etc/init.d``.
+    Running it again updates the files in place.
+
+    Raises :class:`ImagePrepareError` when the image has no init system pyti knows, or no ``python3``
+    (``require_python=False`` skips that check, for a Python you install later), and diskhandler's
+    errors (``FileNotFoundError``, ``ImageInUseError`` while a VM runs on it, ...) as they are.
+    """
+    path = Path(image)
+    script = hook_script(label=label, mount_point=mount_point)
+    if init is not None and init not in ("systemd", "sysv"):
+        raise ValueError(f"init must be 'systemd' or 'sysv', got {init!r}")
+    with DiskOperations(path, partition=partition) as ops, tempfile.TemporaryDirectory() as tmpdir:
+        tmp = Path(tmpdir)
+        if not ops.exists("/etc") or not (ops.exists("/bin") or ops.exists("/usr/bin")):
+            raise ImagePrepareError(
+                path, "the filesystem has no /etc and /bin: not a Linux root filesystem (pick --partition)"
+            )
+        chosen = init or detect_init(ops.exists)
+        if chosen is None:
+            raise ImagePrepareError(
+                path,
+                "found neither systemd (/lib/systemd/systemd, /usr/lib/systemd/systemd) nor SysV init "
+                "(/etc/init.d); pass init='systemd' or 'sysv' to choose",
+            )
+        python = next((p for p in _PYTHONS if ops.exists(p)), None)
+        if python is None and require_python:
+            raise ImagePrepareError(
+                path,
+                f"no python3 in the guest ({', '.join(_PYTHONS)}): the agent needs Python 3.8 or newer; "
+                "install it in the image first",
+            )
+        guest = _Guest(ops, path)
+        guest.put(Path(agent.__file__).read_text(encoding="utf-8"), f"{AGENT_DIR}/agent.py", 0o644, tmp)
+        guest.put(script, f"{AGENT_DIR}/run-agent", 0o755, tmp)
+        if chosen == "systemd":
+            unit = f"/etc/systemd/system/{SERVICE}.service"
+            guest.put(systemd_unit(), unit, 0o644, tmp)
+            guest.link(unit, f"/etc/systemd/system/multi-user.target.wants/{SERVICE}.service", tmp)
+        else:
+            base = "/etc" if ops.exists("/etc/init.d") or not ops.exists("/etc/rc.d") else "/etc/rc.d"
+            guest.put(sysv_script(), f"{base}/init.d/{SERVICE}", 0o755, tmp)
+            for level in _RUNLEVELS:
+                guest.link(f"../init.d/{SERVICE}", f"{base}/rc{level}.d/S99{SERVICE}", tmp)
+        return PreparedImage(image=path, init=chosen, python=python, files=tuple(guest.written))
