@@ -14,9 +14,12 @@ exception it *is*, so ``except ValueError`` or ``except OSError`` in a caller ke
     │                                   a job was submitted to a TaskManager after close()
     ├── PackageError (OSError)          pip could not resolve, download or build what the guest needs
     │   └── UnsafeArchiveError          an sdist holds a path that would land outside its folder
-    └── RpcError                        the master answered a JSON-RPC 2.0 call with an error object
-        └── MasterUnreachableError (ConnectionError)
-                                        the master could not be reached or sent no valid JSON-RPC reply
+    ├── RpcError                        the master answered a JSON-RPC 2.0 call with an error object
+    │   └── MasterUnreachableError (ConnectionError)
+    │                                   the master could not be reached or sent no valid JSON-RPC reply
+    └── GuestRunError                   a run's VM or IO disk failed where no record can say it (.serial_log)
+        └── GuestBootError (TimeoutError)
+                                        the guest did not report ready within its boot timeout
 """
 
 from __future__ import annotations
@@ -27,7 +30,9 @@ from pathlib import Path
 __all__ = [
     "ConfigError",
     "CpioEntryError",
+    "GuestBootError",
     "GuestImageError",
+    "GuestRunError",
     "ImagePrepareError",
     "MasterUnreachableError",
     "PackageError",
@@ -148,3 +153,37 @@ class ImagePrepareError(GuestImageError):
     def __init__(self, image: str | Path, message: str) -> None:
         self.image = Path(image)
         super().__init__(f"{self.image}: {message}")
+
+
+class GuestRunError(PytiError):
+    """A run failed where no raw-data record can describe it.
+
+    The VM could not be defined, started or stopped, or the IO disk could not be made or read back.
+    ``serial_log`` holds what the guest wrote on its serial console (empty if it never ran), ``vm`` the
+    name of the VM. The cause (a vmanager or diskhandler error) is chained as ``__cause__``.
+    """
+
+    def __init__(self, message: str, *, vm: str = "", serial_log: str = "") -> None:
+        self.message = message
+        self.vm = vm
+        self.serial_log = serial_log
+        super().__init__(message)
+
+
+class GuestBootError(GuestRunError, TimeoutError):
+    """The guest did not print its ready marker within ``timeout`` seconds (or stopped before it).
+
+    The message ends with the last lines of the serial console; ``serial_log`` holds all of it.
+    """
+
+    def __init__(self, message: str, *, vm: str = "", serial_log: str = "", timeout: float = 0.0) -> None:
+        self.timeout = timeout
+        tail = "\n".join(serial_log.rstrip().splitlines()[-_BOOT_TAIL_LINES:])
+        text = f"{message}\n--- serial console (last lines) ---\n{tail}" if tail else message
+        super().__init__(text, vm=vm, serial_log=serial_log)
+
+    def __str__(self) -> str:  # TimeoutError (an OSError) would show the args tuple
+        return str(self.args[0]) if self.args else self.message
+
+
+_BOOT_TAIL_LINES = 40

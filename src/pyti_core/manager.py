@@ -1,0 +1,657 @@
+"""One pyti run end to end: fetch, IO disk, boot a network-less guest, collect the records, roll back.
+
+::
+
+    import pyti_core
+
+    result = pyti_core.run("attrs==23.2.0")            # the tiny Python guest, the "default" recipe
+    result.ok                                          # every task passed
+    result.report.records                              # one RawDataRecord per task, measured in the guest
+    result.phases                                      # {"download": 4.1, "io-disk": 0.3, "boot": 3.2, ...}
+
+The phases of a run, in order (their names are the keys of :attr:`RunResult.phases` and the first
+argument of the progress callback):
+
+``download``
+    on the host, :func:`~pyti_core.packages.prepare_distribution` resolves the distribution and its
+    dependencies for the guest's Python and platform (only :func:`run` does this; a TaskManager calls
+    :func:`run_prepared` with a distribution it already has);
+``io-disk``
+    :func:`~pyti_core.tasks.stage_io_folder` lays out the wheels, sources, ``job.json``, the agent and a
+    ``run.sh`` in a folder, and :func:`diskhandler.create_io_disk` turns it into a fresh raw disk image
+    (MBR, one ext4 partition) that belongs to this run only;
+``boot``
+    a VM is defined with **no network interface at all**, the guest's system booted from its clean state
+    and the IO disk attached; the phase ends when the guest prints ``PYTI-GUEST-READY`` (else
+    :class:`~pyti_core.errors.GuestBootError`, with the serial log, after ``GuestSystem.boot_timeout``);
+``tasks``
+    the guest runs ``run.sh`` (the agent), which installs offline, runs each task with its own timeout,
+    writes one record per task onto the IO disk and powers the guest off. If the job ``timeout`` runs
+    out first the host stops the VM, and every task without a record is reported as ``timeout``;
+``collect``
+    the host reads ``results/`` back from the IO disk with :class:`diskhandler.DiskOperations` and
+    validates every record (:mod:`pyti_core.rawdata`); a record that is not JSON, too large, breaks the
+    schema or names a task the job does not have is rejected, and its task reported as an ``error``;
+``rollback``
+    the VM is undefined and the throwaway overlay of the system disk deleted, so no run ever sees
+    another's leftovers.
+
+**The clean state.** The tiny Python guest (:meth:`GuestSystem.default`) has its whole system in the
+initramfs, which the kernel unpacks into RAM at every boot: nothing the package does can outlive the run.
+A :class:`GuestSystem` may also name a ``system_disk`` (any format QEMU reads). Each run boots it through
+its own qcow2 overlay (vmanager's overlay rollback), so the base image is never written, and the overlay
+is deleted at the end of the run. The IO disk is attached as a second disk that is never rolled back.
+
+The library never prints: ``progress(phase, message)`` is called as the run goes (the default does
+nothing), and the CLI draws.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import datetime
+import os
+import re
+import shutil
+import tempfile
+import time
+import uuid
+from collections.abc import Callable, Iterable, Mapping, Sequence
+from pathlib import Path
+from typing import Any, Final, Literal
+
+import attrs
+
+from pyti_core.errors import ConfigError, GuestBootError, GuestRunError, PytiError, RawDataError
+from pyti_core.packages import DEBIAN_12, Distribution, GuestTarget, bundled_pip_wheel, prepare_distribution
+from pyti_core.rawdata import MAX_RECORD_BYTES, RawDataRecord, Report, parse_record
+from pyti_core.tasks import GuestLayout, Recipe, get_recipe, stage_io_folder
+
+__all__ = [
+    "PHASES",
+    "GuestSystem",
+    "ProgressCallback",
+    "RunResult",
+    "run",
+    "run_prepared",
+]
+
+#: The phases of a run, in order: the keys of :attr:`RunResult.phases`.
+PHASES: Final = ("download", "io-disk", "boot", "tasks", "collect", "rollback")
+#: ``progress(phase, message)``: called from the thread that runs the job; must not block for long.
+ProgressCallback = Callable[[str, str], None]
+
+READY_MARKER: Final = "PYTI-GUEST-READY"
+RUN_EXIT_MARKER: Final = "PYTI-RUN-EXIT"
+#: The IO disk holds the staged files twice over plus this much room for results and test files.
+_IO_DISK_SLACK: Final = 64 << 20
+_IO_DISK_MIN: Final = 96 << 20
+#: The serial log kept in a result (and read while waiting) is at most this many bytes, its tail.
+_SERIAL_KEEP: Final = 1 << 20
+_POLL: Final = 0.1
+#: Lines after these many oversize bytes are skipped, not read into memory.
+_MAX_RECORDS_FILE: Final = 256 << 20
+_RUN_SCRIPT: Final = "run.sh"
+_RECORDS: Final = "records.jsonl"
+
+
+def _no_progress(phase: str, message: str) -> None:
+    """The default progress callback: does nothing."""
+
+
+@attrs.frozen
+class RunResult:
+    """What one run brought home.
+
+    ``report`` holds one record per task of the job (tasks skipped because an install failed before
+    them have none). ``phases`` maps each phase that ran (see :data:`PHASES`) to its wall time in
+    seconds. ``serial_log`` is the guest's console output (its last MiB). ``timed_out`` says the host
+    had to stop the VM at the job timeout. ``work_dir`` is where the run's files were kept
+    (``keep=True``), else ``None``.
+    """
+
+    distribution: str
+    report: Report
+    phases: Mapping[str, float]
+    serial_log: str
+    timed_out: bool = False
+    work_dir: Path | None = None
+
+    @property
+    def ok(self) -> bool:
+        """True when the job has records and every one of them passed."""
+        return bool(self.report.records) and self.report.ok
+
+
+def _positive(_: object, attribute: attrs.Attribute[Any], value: float) -> None:
+    if not value > 0:
+        raise ConfigError(None, f"guest.{attribute.name}", f"must be > 0, got {value!r}")
+
+
+def _opt_path(value: str | os.PathLike[str] | None) -> Path | None:
+    return None if value is None else Path(value)
+
+
+@attrs.frozen
+class GuestSystem:
+    """The system a run boots: a kernel and initramfs (direct boot) and/or a system disk.
+
+    * ``kernel``, ``initrd``, ``cmdline``: direct kernel boot. The initramfs must behave like pyti's tiny
+      guest (``docs/guest-image.md``): mount the IO disk named by ``pyti.disk=`` at ``layout.io_dir``,
+      print ``PYTI-GUEST-READY``, run the script named by ``pyti.run=``, then power off.
+    * ``system_disk``: a disk image (any format QEMU reads) booted as the first disk through a throwaway
+      qcow2 overlay per run; the base is never written. With a kernel it is mounted by ``run.sh`` at
+      ``system_mount``; without a kernel it must boot by itself, with pyti's agent hook installed
+      (``pyti image prepare``), which prints the ready marker, runs ``run.sh`` from the IO disk and
+      powers off.
+    * ``memory`` (MiB), ``vcpus``, ``accel`` (``"auto"``, ``"kvm"``, ``"tcg"``): the VM's hardware.
+    * ``boot_timeout``: seconds from the VM's start to the ready marker.
+    * ``layout``: paths in the guest; ``target``: the guest's Python and platform, for the download.
+    """
+
+    kernel: Path | None = attrs.field(default=None, converter=_opt_path)
+    initrd: Path | None = attrs.field(default=None, converter=_opt_path)
+    cmdline: str = "console=ttyS0 panic=-1 quiet"
+    system_disk: Path | None = attrs.field(default=None, converter=_opt_path)
+    system_mount: str = "/mnt/system"
+    memory: int = 512
+    vcpus: int = 1
+    accel: Literal["auto", "kvm", "tcg"] = "auto"
+    boot_timeout: float = attrs.field(default=90.0, validator=_positive)
+    layout: GuestLayout = attrs.field(factory=GuestLayout)
+    target: GuestTarget = DEBIAN_12
+
+    def __attrs_post_init__(self) -> None:
+        if self.kernel is None and self.system_disk is None:
+            raise ConfigError(None, "guest", "a guest system needs a kernel (and initrd) or a system disk")
+        if self.kernel is None and self.initrd is not None:
+            raise ConfigError(None, "guest.initrd", "an initrd needs a kernel")
+        if self.memory < 64 or self.vcpus < 1:
+            raise ConfigError(None, "guest", f"memory must be >= 64 MiB and vcpus >= 1, got {self}")
+
+    @classmethod
+    def default(cls, cache_dir: Path | None = None) -> GuestSystem:
+        """The tiny Python guest (Debian's kernel, busybox and Python 3.11 in an initramfs).
+
+        Built from Debian packages on first use and cached under ``cache_dir`` (default: the user cache,
+        see :func:`pyti_core.guest.tinylinux.default_cache_dir`); ``pyti image build`` does the same.
+        Raises :class:`~pyti_core.errors.GuestImageError` when it cannot be built.
+        """
+        from pyti_core.guest.tinylinux import build_tiny_linux  # noqa: PLC0415 (apt only when used)
+
+        tiny = build_tiny_linux(cache_dir, python=True)
+        return cls(kernel=tiny.kernel, initrd=tiny.initrd, cmdline=tiny.cmdline)
+
+    @property
+    def io_device(self) -> str:
+        """The IO disk's block device in the guest: the first disk, or the second after a system disk."""
+        return "/dev/vdb" if self.system_disk is not None else "/dev/vda"
+
+    def run_cmdline(self) -> str:
+        """The kernel command line of a run: mount the IO disk's partition, run ``run.sh`` from it."""
+        dev = self.io_device
+        script = self.layout.path(_RUN_SCRIPT)
+        return f"{self.cmdline} pyti.disk={dev}1,{dev} pyti.run={script}"
+
+
+def run_script(guest: GuestSystem) -> str:
+    """The ``run.sh`` put on the IO disk: mount the system disk (if any), run the agent, sync."""
+    layout = guest.layout
+    lines = [
+        "#!/bin/sh",
+        "# Written by pyti: run the agent on this IO disk's job; the guest powers off afterwards.",
+    ]
+    if guest.system_disk is not None and guest.kernel is not None:
+        mnt = guest.system_mount
+        lines += [
+            f"mkdir -p {mnt}",
+            f"mount /dev/vda1 {mnt} 2>/dev/null || mount /dev/vda {mnt} 2>/dev/null "
+            f"|| echo 'pyti: cannot mount the system disk at {mnt}'",
+        ]
+    lines += [
+        f"cd {layout.path(layout.work)} || exit 70",
+        f"{layout.python} {layout.path('agent.py')} {layout.io_dir}",
+        "status=$?",
+        "sync",
+        'exit "$status"',
+    ]
+    return "\n".join(lines) + "\n"
+
+
+# -- the run ---------------------------------------------------------------------------------------------
+
+
+def run(
+    spec: str | os.PathLike[str],
+    *,
+    recipe: str | Recipe = "default",
+    timeout: float = 600.0,
+    work_dir: Path | None = None,
+    uri: str | None = None,
+    guest: GuestSystem | None = None,
+    progress: ProgressCallback | None = None,
+    cache_dir: Path | None = None,
+    keep: bool = False,
+    find_links: Sequence[Path] = (),
+    no_index: bool = False,
+    index_url: str | None = None,
+) -> RunResult:
+    """Test ``spec`` in a fresh network-less VM and return what came back.
+
+    ``spec`` is a requirement (``"attrs==23.2.0"``) or the path of an sdist, a wheel or a project folder.
+    ``recipe`` is a built-in recipe name or a :class:`~pyti_core.tasks.Recipe`. ``timeout`` bounds the
+    guest's whole run (boot and tasks) in seconds: when it runs out the VM is stopped and the tasks
+    without a record are reported as ``timeout``. ``guest`` defaults to :meth:`GuestSystem.default`;
+    ``uri`` is the hypervisor (default: libvirt's QEMU driver embedded in this process).
+
+    ``cache_dir`` is pyti's cache: the guest build goes in ``cache_dir/guest``, pip's cache in
+    ``cache_dir/pip`` (default: the user cache). The run's files go in a fresh folder inside
+    ``work_dir`` (default: the system's temporary folder), deleted at the end unless ``keep``.
+    ``find_links``, ``no_index`` and ``index_url`` are passed to pip for the download.
+
+    Raises :class:`~pyti_core.errors.PackageError` when the download fails,
+    :class:`~pyti_core.errors.GuestBootError` when the guest does not boot, and
+    :class:`~pyti_core.errors.GuestRunError` when the VM or the IO disk fails otherwise.
+    """
+    report_progress = progress or _no_progress
+    the_recipe = get_recipe(recipe) if isinstance(recipe, str) else recipe
+    if not timeout > 0:
+        raise ConfigError(None, "timeout", f"the job timeout must be > 0 seconds, got {timeout!r}")
+    if work_dir is not None:
+        Path(work_dir).mkdir(parents=True, exist_ok=True)
+    folder = Path(tempfile.mkdtemp(prefix="pyti-run-", dir=work_dir))
+    try:
+        if guest is None:
+            report_progress("download", "building or reusing the tiny Python guest")
+            guest = GuestSystem.default(cache_dir / "guest" if cache_dir is not None else None)
+        started = time.monotonic()
+        report_progress("download", f"resolving {os.fspath(spec)} for the guest")
+        distribution = prepare_distribution(
+            spec if isinstance(spec, str) else Path(spec),
+            folder / "dist",
+            requirements=the_recipe.requirements,
+            target=guest.target,
+            cache_dir=cache_dir / "pip" if cache_dir is not None else None,
+            index_url=index_url,
+            no_index=no_index,
+            find_links=find_links,
+            pip_wheel=bundled_pip_wheel(),
+        )
+        download = time.monotonic() - started
+        report_progress("download", f"{len(distribution.wheels)} wheels for {distribution.requirement}")
+        result = run_prepared(
+            distribution,
+            the_recipe,
+            guest=guest,
+            timeout=timeout,
+            work_dir=folder / "run",
+            uri=uri,
+            progress=report_progress,
+        )
+    except BaseException:
+        if not keep:
+            shutil.rmtree(folder, ignore_errors=True)
+        raise
+    if not keep:
+        shutil.rmtree(folder, ignore_errors=True)
+    return attrs.evolve(
+        result, phases={"download": download, **result.phases}, work_dir=folder if keep else None
+    )
+
+
+def run_prepared(
+    distribution: Distribution,
+    recipe: Recipe,
+    *,
+    guest: GuestSystem,
+    timeout: float,
+    work_dir: Path,
+    uri: str | None,
+    progress: ProgressCallback | None,
+    name: str | None = None,
+) -> RunResult:
+    """Run ``recipe`` on an already downloaded ``distribution`` in one fresh VM; safe from any thread.
+
+    ``work_dir`` receives the IO disk (``io.img``), the serial log (``serial.log``) and the results read
+    back (``results/``); the caller owns it and deletes it. ``name`` is the VM's name (default: a unique
+    ``pyti-<project>-<random>``); two runs at the same time need different names. Phases and errors as
+    in :func:`run` (without the download).
+    """
+    report_progress = progress or _no_progress
+    if not timeout > 0:
+        raise ConfigError(None, "timeout", f"the job timeout must be > 0 seconds, got {timeout!r}")
+    name = name or _vm_name(distribution.name)
+    work_dir = Path(work_dir).absolute()
+    work_dir.mkdir(parents=True, exist_ok=True)
+    phases: dict[str, float] = {}
+
+    # -- io-disk ------------------------------------------------------------------------------------
+    t0 = time.monotonic()
+    report_progress("io-disk", "staging the wheels, sources and job")
+    job = stage_io_folder(work_dir / "io", distribution, recipe, guest.layout)
+    (work_dir / "io" / _RUN_SCRIPT).write_text(run_script(guest))
+    io_disk = work_dir / "io.img"
+    io_disk.unlink(missing_ok=True)
+    size = _io_disk_size(work_dir / "io")
+    report_progress("io-disk", f"writing a {size >> 20} MiB IO disk")
+    try:
+        _create_io_disk(io_disk, size, work_dir / "io")
+    finally:
+        shutil.rmtree(work_dir / "io", ignore_errors=True)
+    phases["io-disk"] = time.monotonic() - t0
+
+    # -- boot, tasks ---------------------------------------------------------------------------------
+    serial_path = work_dir / "serial.log"
+    serial_path.unlink(missing_ok=True)
+    outcome = _boot_and_wait(guest, name, uri, io_disk, serial_path, timeout, phases, report_progress)
+
+    # -- collect ---------------------------------------------------------------------------------------
+    t0 = time.monotonic()
+    report_progress("collect", "reading the records back from the IO disk")
+    serial = _read_tail(serial_path)
+    results = work_dir / "results"
+    shutil.rmtree(results, ignore_errors=True)
+    try:
+        _download_results(io_disk, guest.layout, results)
+    except (OSError, PytiError) as exc:
+        raise GuestRunError(
+            f"{io_disk}: cannot read the results back from the IO disk: {exc}", vm=name, serial_log=serial
+        ) from exc
+    records = _collect_records(
+        results / _RECORDS, job["tasks"], timed_out=outcome.timed_out, exited=outcome.exit_marker,
+        job_timeout=timeout, serial=serial,
+    )  # fmt: skip
+    phases["collect"] = time.monotonic() - t0
+    phases["rollback"] = outcome.rollback
+    report = Report(distribution.requirement, tuple(records))
+    report_progress("collect", "passed" if report.ok else "failed")
+    return RunResult(
+        distribution=distribution.requirement,
+        report=report,
+        phases={p: phases[p] for p in PHASES if p in phases},
+        serial_log=serial,
+        timed_out=outcome.timed_out,
+    )
+
+
+def _vm_name(project: str) -> str:
+    stem = re.sub(r"[^A-Za-z0-9.+-]+", "-", project).strip("-.")[:40] or "dist"
+    return f"pyti-{stem}-{uuid.uuid4().hex[:10]}"
+
+
+def _io_disk_size(folder: Path) -> int:
+    total = 0
+    count = 0
+    for dirpath, dirnames, filenames in os.walk(folder):
+        count += len(dirnames) + len(filenames)
+        for n in filenames:
+            with contextlib.suppress(OSError):
+                total += os.lstat(os.path.join(dirpath, n)).st_size
+    # every file and folder takes at least a 4 KiB block and an inode
+    size = 2 * (total + 8192 * count) + _IO_DISK_SLACK
+    return max(_IO_DISK_MIN, -(-size // (1 << 20)) << 20)
+
+
+def _create_io_disk(path: Path, size: int, folder: Path) -> None:
+    from diskhandler import create_io_disk  # noqa: PLC0415 (diskhandler loads FUSE bindings)
+    from diskhandler.errors import DiskHandlerError  # noqa: PLC0415
+
+    try:
+        create_io_disk(path, size, format="raw", filesystem="ext4", files=folder, label="pyti-io")
+    except (DiskHandlerError, OSError, ValueError) as exc:
+        raise GuestRunError(f"{path}: cannot create the IO disk: {exc}") from exc
+
+
+@attrs.frozen
+class _Outcome:
+    timed_out: bool
+    exit_marker: bool
+    rollback: float
+
+
+def _boot_and_wait(  # noqa: PLR0917 (private helper called once)
+    guest: GuestSystem,
+    name: str,
+    uri: str | None,
+    io_disk: Path,
+    serial_path: Path,
+    timeout: float,
+    phases: dict[str, float],
+    progress: ProgressCallback,
+) -> _Outcome:
+    """Boot the VM, wait for ready and then for power-off (or the job timeout), roll back."""
+    from vmanager import Disk, RunState, VirtualMachine, VManagerError, VMConfig  # noqa: PLC0415
+
+    config = VMConfig(
+        name=name,
+        memory=guest.memory,
+        vcpus=guest.vcpus,
+        hd_location=guest.system_disk,
+        disks=(Disk(io_disk, snapshot=False, format="raw"),),
+        kernel=guest.kernel,
+        initrd=guest.initrd,
+        cmdline=guest.run_cmdline() if guest.kernel is not None else None,
+        serial_log=serial_path,
+        network=None,
+        rollback="overlay" if guest.system_disk is not None else "snapshot",
+        overlay_dir=io_disk.parent / "overlay" if guest.system_disk is not None else None,
+        accel=guest.accel,
+    )
+    stopped = (RunState.SHUTOFF, RunState.CRASHED)
+    t0 = time.monotonic()
+    progress("boot", f"starting VM {name}")
+    try:
+        vm = VirtualMachine(name, uri, config)
+    except VManagerError as exc:
+        raise GuestRunError(f"cannot define VM {name}: {exc}", vm=name) from exc
+    timed_out = False
+    exit_marker = False
+    try:
+        try:
+            vm.start()
+        except VManagerError as exc:
+            raise GuestRunError(
+                f"cannot start VM {name}: {exc}", vm=name, serial_log=_read_tail(serial_path)
+            ) from exc
+        started = time.monotonic()
+        boot_deadline = started + min(guest.boot_timeout, timeout)
+        job_deadline = started + timeout
+        # boot: until the ready marker
+        while True:
+            log = _read_tail(serial_path)
+            if READY_MARKER in log:
+                break
+            state = vm.state
+            now = time.monotonic()
+            if state in stopped or now >= boot_deadline:
+                why = (
+                    f"the VM stopped ({state.name}) before the guest was ready"
+                    if state in stopped
+                    else f"no {READY_MARKER} on the serial console within {now - started:.0f} s"
+                )
+                raise GuestBootError(
+                    f"VM {name}: {why}",
+                    vm=name,
+                    serial_log=_read_tail(serial_path),
+                    timeout=guest.boot_timeout,
+                )
+            time.sleep(_POLL)
+        phases["boot"] = time.monotonic() - t0
+        progress("boot", f"guest ready after {phases['boot']:.1f} s")
+        # tasks: until the guest powers off, or the job timeout
+        t1 = time.monotonic()
+        progress("tasks", "running the tasks in the guest")
+        while vm.state not in stopped:
+            if time.monotonic() >= job_deadline:
+                timed_out = True
+                progress("tasks", f"job timeout ({timeout:g} s): stopping the VM")
+                vm.stop()
+                break
+            time.sleep(_POLL)
+        exit_marker = RUN_EXIT_MARKER in _read_tail(serial_path)
+        phases["tasks"] = time.monotonic() - t1
+    except VManagerError as exc:
+        raise GuestRunError(f"VM {name} failed: {exc}", vm=name, serial_log=_read_tail(serial_path)) from exc
+    finally:
+        t2 = time.monotonic()
+        with contextlib.suppress(VManagerError):
+            vm.stop()
+        try:
+            vm.undefine()  # deletes the system disk's overlay
+        except VManagerError:
+            pass
+        finally:
+            vm.close()
+        if config.overlay_dir is not None:
+            shutil.rmtree(config.overlay_dir, ignore_errors=True)
+        rollback = time.monotonic() - t2
+    return _Outcome(timed_out=timed_out, exit_marker=exit_marker, rollback=rollback)
+
+
+def _read_tail(path: Path, limit: int = _SERIAL_KEEP) -> str:
+    try:
+        with open(path, "rb") as fh:
+            size = os.fstat(fh.fileno()).st_size
+            if size > limit:
+                fh.seek(size - limit)
+            data = fh.read(limit)
+    except FileNotFoundError:
+        return ""
+    return data.decode("utf-8", "replace")
+
+
+def _download_results(io_disk: Path, layout: GuestLayout, dest: Path) -> None:
+    from diskhandler import DiskOperations  # noqa: PLC0415
+
+    with DiskOperations(io_disk, readonly=True) as ops:
+        guest_results = "/" + layout.results
+        if ops.exists(guest_results):
+            ops.download(guest_results, dest)
+        else:
+            dest.mkdir(parents=True)
+
+
+def _read_lines(path: Path) -> Iterable[tuple[int, bytes | None]]:
+    """``(line number, line)`` of a records file; ``None`` for a line longer than one record may be."""
+    try:
+        fh = open(path, "rb")  # noqa: SIM115 (closed below, generator)
+    except FileNotFoundError:
+        return
+    with fh:
+        read = 0
+        number = 0
+        while read < _MAX_RECORDS_FILE:
+            line = fh.readline(MAX_RECORD_BYTES + 2)
+            if not line:
+                return
+            read += len(line)
+            if len(line) > MAX_RECORD_BYTES + 1 or (len(line) == MAX_RECORD_BYTES + 1 and line[-1:] != b"\n"):
+                while line and line[-1:] != b"\n":  # skip the rest of the oversized line
+                    line = fh.readline(1 << 20)
+                    read += len(line)
+                yield number, None
+            else:
+                yield number, line
+            number += 1
+
+
+def _collect_records(
+    path: Path,
+    tasks: Sequence[Mapping[str, Any]],
+    *,
+    timed_out: bool,
+    exited: bool,
+    job_timeout: float,
+    serial: str,
+) -> list[RawDataRecord]:
+    """The job's records from the guest's ``records.jsonl``, validated; missing ones made up honestly.
+
+    A line that is not a valid record, or names a task the job lacks (or one already reported), is
+    rejected: its task (when it can be told) is reported as ``error`` with the reason. A task without a
+    record is reported as ``timeout`` when the host stopped the VM at the job timeout, else as ``error``
+    (the guest stopped before reporting it). Tasks after a task that stops the job on failure legitimately
+    have no record and none is made up.
+    """
+    by_id = {str(t["id"]): t for t in tasks}
+    got: dict[str, RawDataRecord] = {}
+    rejected: dict[str, str] = {}
+    unattributed: list[str] = []
+    for number, line in _read_lines(path):
+        if line is None:
+            unattributed.append(f"line {number + 1}: longer than the {MAX_RECORD_BYTES}-byte record limit")
+            continue
+        if not line.strip():
+            continue
+        try:
+            record = parse_record(line, record=number)
+        except RawDataError as exc:
+            task_id = _claimed_task_id(line)
+            if task_id in by_id and task_id not in got:
+                rejected.setdefault(task_id, str(exc))
+            else:
+                unattributed.append(f"line {number + 1}: {exc}")
+            continue
+        if record.task_id not in by_id:
+            unattributed.append(f"line {number + 1}: task id {record.task_id!r} is not in the job")
+        elif record.task_id in got or record.task_id in rejected:
+            unattributed.append(f"line {number + 1}: a second record for task {record.task_id!r}")
+        elif record.task != by_id[record.task_id].get("name"):
+            rejected[record.task_id] = (
+                f"record {number}: task {record.task_id!r} is named {by_id[record.task_id].get('name')!r} "
+                f"in the job, not {record.task!r}"
+            )
+        else:
+            got[record.task_id] = record
+    now = datetime.datetime.now(datetime.UTC)
+    out: list[RawDataRecord] = []
+    first_missing = True
+    extra = "; other rejected lines: " + "; ".join(unattributed[:5]) if unattributed else ""
+    for task in tasks:
+        task_id = str(task["id"])
+        task_name = str(task.get("name", task_id))
+        if task_id in got:
+            record = got[task_id]
+            out.append(record)
+            if not record.ok and task.get("stop_on_failure"):
+                break
+            continue
+        if task_id in rejected:
+            status, why = "error", f"[pyti: the guest's record was rejected: {rejected[task_id]}]"
+        elif timed_out:
+            status = "timeout"
+            why = (
+                f"[pyti: the job's {job_timeout:g} s timeout ran out while this task ran; the VM was stopped]"
+                if first_missing
+                else f"[pyti: the job's {job_timeout:g} s timeout ran out before this task started]"
+            )
+            first_missing = False
+        else:
+            status = "error"
+            ended = "after the agent ended" if exited else "without the agent's end marker"
+            tail = "\n".join(serial.rstrip().splitlines()[-20:])
+            why = f"[pyti: the guest powered off {ended} and left no record of this task]\n{tail}"
+        out.append(
+            RawDataRecord(
+                task_id=task_id,
+                task=task_name,
+                status=status,  # type: ignore[arg-type]  # one of the Status literals above
+                exit_code=None,
+                stdout="",
+                stderr=why + extra,
+                started_at=now,
+                duration_s=0.0,
+                max_rss_kb=0,
+                cpu_user_s=0.0,
+                cpu_system_s=0.0,
+            )
+        )
+    return out
+
+
+_TASK_ID: Final = re.compile(rb'"task_id"\s*:\s*"([^"\\]{1,64})"')
+
+
+def _claimed_task_id(line: bytes) -> str | None:
+    """The task id a rejected line seems to be about (best effort, for the error message only)."""
+    match = _TASK_ID.search(line[:MAX_RECORD_BYTES])
+    return match.group(1).decode("utf-8", "replace") if match else None
