@@ -457,6 +457,22 @@ def test_vbox_errors(tmp_path: Path) -> None:
         assert image.read(4) == bytes(4)
 
 
+def test_deeply_nested_registry_is_read_without_recursion(tmp_path: Path) -> None:
+    ids = [uuid.uuid4() for _ in range(3000)]  # far deeper than Python's recursion limit
+    opening = "".join(
+        f'<HardDisk uuid="{{{u}}}" location="d{i}.vdi" format="VDI">' for i, u in enumerate(ids)
+    )
+    (tmp_path / "m.vbox").write_text(_vbox_xml(opening + "</HardDisk>" * len(ids), ""))
+    media = read_media_registry(tmp_path / "m.vbox")
+    assert len(media) == len(ids)
+    assert media[ids[-1]].parent == ids[-2]
+    assert media[ids[0]].children == (ids[1],)
+    disk = tmp_path / "d.vdi"
+    create_image(disk, MiB).close()
+    with open_image(disk) as image:
+        assert image.read(4) == bytes(4)
+
+
 def test_registry_pointing_at_the_wrong_parent_is_a_chain_error(tmp_path: Path) -> None:
     base, impostor, child = tmp_path / "base.vdi", tmp_path / "impostor.vdi", tmp_path / "child.vdi"
     create_image(base, MiB).close()

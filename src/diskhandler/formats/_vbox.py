@@ -105,7 +105,14 @@ def read_media_registry(vbox_path: str | os.PathLike[str]) -> dict[UUID, VBoxMed
     root = _load(vbox)
     found: dict[UUID, VBoxMedium] = {}
 
-    def walk(element: ET.Element, parent: UUID | None, parent_encrypted: bool) -> None:
+    # (element, its parent medium, whether that parent is encrypted): a work list, not recursion, as a
+    # differencing image nests inside its parent and a chain can be deeper than Python's stack
+    pending: list[tuple[ET.Element, UUID | None, bool]] = []
+    for registry in root.iter():
+        if _local(registry.tag) == "MediaRegistry":
+            pending.extend((disks, None, False) for disks in _children(registry, "HardDisks"))
+    while pending:
+        element, parent, parent_encrypted = pending.pop()
         for disk in _children(element, "HardDisk"):
             disk_uuid = _parse_uuid(disk.get("uuid"), vbox, "HardDisk uuid")
             props = {p.get("name") for p in _children(disk, "Property")}
@@ -121,12 +128,7 @@ def read_media_registry(vbox_path: str | os.PathLike[str]) -> dict[UUID, VBoxMed
                 children=kids,
                 encrypted=encrypted,
             )
-            walk(disk, disk_uuid, encrypted)
-
-    for registry in root.iter():
-        if _local(registry.tag) == "MediaRegistry":
-            for disks in _children(registry, "HardDisks"):
-                walk(disks, None, False)
+            pending.append((disk, disk_uuid, encrypted))
     return found
 
 
