@@ -457,6 +457,19 @@ def test_vbox_errors(tmp_path: Path) -> None:
         assert image.read(4) == bytes(4)
 
 
+@pytest.mark.parametrize("declaration", ['encoding="no-such-codec"', 'encoding="utf-32"'])
+def test_vbox_file_in_an_unreadable_encoding(tmp_path: Path, declaration: str) -> None:
+    bad = tmp_path / "bad.vbox"
+    bad.write_text(f'<?xml version="1.0" {declaration}?><VirtualBox/>')
+    with pytest.raises(ImageFormatError, match="not a readable VirtualBox machine file") as excinfo:
+        read_media_registry(bad)
+    assert excinfo.value.path == bad
+    disk = tmp_path / "d.vdi"
+    create_image(disk, MiB).close()
+    with pytest.warns(ImageWarning, match="ignoring VirtualBox machine file"), open_image(disk) as image:
+        assert image.read(4) == bytes(4)
+
+
 def test_deeply_nested_registry_is_read_without_recursion(tmp_path: Path) -> None:
     ids = [uuid.uuid4() for _ in range(3000)]  # far deeper than Python's recursion limit
     opening = "".join(

@@ -80,7 +80,7 @@ def _load(vbox: Path) -> ET.Element:
         raise ImageFormatError(vbox, None, f"{size} bytes is too large for a VirtualBox machine file")
     try:
         root = ET.fromstring(vbox.read_bytes())
-    except ET.ParseError as exc:
+    except (ET.ParseError, LookupError, ValueError) as exc:  # also unknown or multi-byte encodings
         raise ImageFormatError(vbox, None, f"not a readable VirtualBox machine file: {exc}") from exc
     if _local(root.tag) != "VirtualBox":
         raise ImageFormatError(vbox, None, f"root element is <{_local(root.tag)}>, not <VirtualBox>")
