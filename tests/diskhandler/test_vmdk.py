@@ -368,6 +368,22 @@ def test_cid_update_keeps_a_byte_order_mark(tmp_path: Path, subformat: str) -> N
     qemu_io(path, "vmdk", ["read -P 0x78 0 1"])
 
 
+def test_cid_update_changes_nothing_but_the_cid(tmp_path: Path) -> None:
+    # A declared encoding that does not give the stored bytes back (an escape codec) is not used:
+    # rewriting the descriptor in it would turn every newline into a backslash and an "n".
+    path = tmp_path / "flat.vmdk"
+    create_image(path, MiB, subformat="monolithicFlat").close()
+    text = path.read_text().replace('encoding="UTF-8"', 'encoding="unicode_escape"')
+    text = text.replace("ddb.adapterType", 'ddb.comment = "C:\\\\new"\nddb.adapterType')
+    path.write_text(text)
+    with open_image(path, writable=True) as image:
+        image.write_at(0, b"x")
+    before, after = text.splitlines(), path.read_text().splitlines()
+    changed = [(a, b) for a, b in zip(before, after, strict=True) if a != b]
+    assert [a.split("=")[0] for a, _ in changed] == ["CID"]
+    qemu_io(path, "vmdk", ["read -P 0x78 0 1"])
+
+
 def test_parent_cid_mismatch_warns_on_read_and_refuses_write(tmp_path: Path) -> None:
     base = tmp_path / "base.vmdk"
     create_image(base, 4 * MiB).close()

@@ -162,8 +162,10 @@ def _decode(data: bytes, path: Path) -> tuple[str, str]:
     candidates += ["utf-8", "cp1252", "latin-1"]
     for encoding in candidates:
         try:
-            return data.decode(encoding), encoding
-        except (UnicodeDecodeError, LookupError):
+            text = data.decode(encoding)
+            if text.encode(encoding) == data:  # the CID update writes the text back in this encoding
+                return text, encoding
+        except (ValueError, LookupError):  # undecodable, or not a text codec at all
             continue
     raise AssertionError("latin-1 decodes any bytes")  # pragma: no cover
 
