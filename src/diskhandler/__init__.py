@@ -6,6 +6,8 @@ create partition tables, and move files in and out of the guest's filesystem wit
 
 from __future__ import annotations
 
+from typing import TYPE_CHECKING, Any
+
 from diskhandler.create import create_io_disk
 from diskhandler.errors import (
     ChainError,
@@ -24,7 +26,22 @@ from diskhandler.filesystems import detect_filesystem
 from diskhandler.formats import FORMAT_NAMES, DiskImage, create_image, detect_format, open_image
 from diskhandler.operations import DiskOperations
 from diskhandler.partitions import Partition, PartitionSpec, create_partition_table, list_partitions
-from diskhandler.vdfuse import VDFuseMount, mount_vdfuse
+
+if TYPE_CHECKING:
+    from diskhandler.vdfuse import VDFuseMount, mount_vdfuse
+
+_LAZY = {"VDFuseMount", "mount_vdfuse"}
+
+
+def __getattr__(name: str) -> Any:
+    # diskhandler.vdfuse is imported on first use only, so that ``python -m diskhandler.vdfuse`` (the
+    # vdfuse server) does not find its own module already imported by the package.
+    if name in _LAZY:
+        from diskhandler import vdfuse  # noqa: PLC0415
+
+        return getattr(vdfuse, name)
+    raise AttributeError(f"module 'diskhandler' has no attribute {name!r}")
+
 
 __all__ = [
     "FORMAT_NAMES",

@@ -34,13 +34,15 @@ import stat
 from collections.abc import Callable, Iterable, Mapping
 from pathlib import Path
 from types import TracebackType
-from typing import Any, Self
+from typing import TYPE_CHECKING, Any, Self
 
 from diskhandler import _locking
 from diskhandler.errors import FilesystemError, GuestPathError
 from diskhandler.filesystems import FilesystemMount, MountMethod, detect_filesystem, mount_filesystem
 from diskhandler.formats import DiskImage, open_image
-from diskhandler.vdfuse import ENTIRE_DISK, VDFuseMount, check_fuse_available, mount_vdfuse
+
+if TYPE_CHECKING:
+    from diskhandler.vdfuse import VDFuseMount
 
 __all__ = ["MAX_SYMLINK_HOPS", "DiskOperations", "ProgressCallback", "no_progress"]
 
@@ -139,6 +141,9 @@ class DiskOperations:
             partition = self._partition_wanted
         if not self.image.exists():
             raise FileNotFoundError(errno.ENOENT, "no such disk image", str(self.image))
+        # imported here so that ``python -m diskhandler.vdfuse`` finds it not yet imported
+        from diskhandler.vdfuse import ENTIRE_DISK, check_fuse_available, mount_vdfuse  # noqa: PLC0415
+
         check_fuse_available()
         if not self.readonly:
             _locking.check_not_in_use(self.image)
