@@ -2,10 +2,12 @@
 
 Reads: a fully written qcow2 (made by ``qemu-img convert`` from random data) read sequentially through
 ``DiskImage.readinto`` with a reused page-aligned 1 MiB buffer, against ``qemu-img convert`` of the same
-image to qemu's null target. Both run with the page cache warm. The same for a compressed image.
+image to qemu's null target. Both run with the page cache warm. The same for 4 KiB clusters, for a
+compressed image and for a two-level chain with half the data in the overlay.
 
 Writes: sequential 1 MiB writes of the same random data into a new qcow2 through ``DiskImage.write``,
-against ``qemu-img convert -O qcow2 -t unsafe`` (neither flushes to disk).
+against ``qemu-img convert -O qcow2 -t unsafe`` (neither flushes to disk); qemu-img then checks
+diskhandler's image and compares it with the raw file.
 
 Usage: ``python benchmarks/bench_qcow2.py [--size-mib 512] [--repeat 3] [--dir /tmp]``. Goal: reads at
 least 0.5x qemu-img.
@@ -13,92 +15,41 @@ least 0.5x qemu-img.
 
 from __future__ import annotations
 
-import argparse
-import mmap
 import os
-import subprocess
-import tempfile
-import time
-from collections.abc import Callable
-from pathlib import Path
+import sys
+from collections.abc import Sequence
 
-from diskhandler import create_image, open_image
+from _harness import (
+    ComparisonTable,
+    MiB,
+    compare_reads,
+    compare_writes,
+    load_line,
+    make_random_raw,
+    parse_common_args,
+    qemu_img,
+    scratch_dir,
+)
 
-MiB = 1 << 20
-
-
-def fastest(repeat: int, action: Callable[[], object]) -> float:
-    """The best wall time of ``repeat`` runs of ``action``."""
-    best = float("inf")
-    for _ in range(repeat):
-        start = time.perf_counter()
-        action()
-        best = min(best, time.perf_counter() - start)
-    return best
+from diskhandler import create_image
 
 
-def qemu_img(*args: str | Path) -> None:
-    subprocess.run(["qemu-img", *map(str, args)], check=True, capture_output=True)
-
-
-def read_all(path: Path) -> int:
-    """Read the whole virtual disk 1 MiB at a time into one page-aligned buffer."""
-    buf = mmap.mmap(-1, MiB)
-    total = 0
-    with open_image(path) as image:
-        while n := image.readinto(buf):
-            total += n
-    return total
-
-
-def write_all(raw: Path, target: Path, size: int) -> None:
-    target.unlink(missing_ok=True)
-    buf = mmap.mmap(-1, MiB)
-    view = memoryview(buf)
-    with raw.open("rb", buffering=0) as src, create_image(target, size, "qcow2") as image:
-        while n := src.readinto(buf):
-            image.write(view[:n])
-    view.release()
-
-
-def report(what: str, size: int, ours: float, theirs: float | None) -> None:
-    line = f"{what:44s} diskhandler {size / ours / 1e6:7.0f} MB/s"
-    if theirs is not None:
-        line += f"   qemu-img {size / theirs / 1e6:7.0f} MB/s   ratio {theirs / ours:.2f}x"
-    print(line, flush=True)
-
-
-def compare_read(image: Path, size: int, repeat: int, label: str) -> None:
-    assert read_all(image) == size  # also warms the page cache
-    ours = fastest(repeat, lambda: read_all(image))
-    null_target = f"driver=null-co,size={size}"
-    theirs = fastest(
-        repeat, lambda: qemu_img("convert", "-n", "-f", "qcow2", image, "--target-image-opts", null_target)
-    )
-    report(label, size, ours, theirs)
-
-
-def main() -> None:
-    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawTextHelpFormatter)
-    parser.add_argument("--size-mib", type=int, default=512)
-    parser.add_argument("--repeat", type=int, default=3)
-    parser.add_argument("--dir", type=Path, default=None, help="where the scratch images go")
-    args = parser.parse_args()
+def main(argv: Sequence[str] | None = None) -> int:
+    args = parse_common_args(__doc__ or "", argv)
     size = args.size_mib * MiB
-    with tempfile.TemporaryDirectory(dir=args.dir) as scratch:
-        d = Path(scratch)
-        raw = d / "random.raw"
-        with raw.open("wb") as f:
-            for _ in range(args.size_mib):
-                f.write(os.urandom(MiB))
+    with scratch_dir(args.dir, "bench-qcow2-") as d:
+        raw = make_random_raw(d / "random.raw", args.size_mib)
+        print(f"qcow2, {args.size_mib} MiB, best of {args.repeat}; {load_line()}")
+        table = ComparisonTable(size, case_width=44)
+        table.header()
 
         full = d / "full.qcow2"
         qemu_img("convert", "-f", "raw", "-O", "qcow2", raw, full)
-        compare_read(full, size, args.repeat, f"read  {args.size_mib} MiB qcow2 (64 KiB clusters)")
+        table.add("read 64 KiB clusters", *compare_reads(full, "qcow2", size, args.repeat))
 
         small = d / "small.qcow2"
         qemu_img("convert", "-f", "raw", "-O", "qcow2", "-o", "cluster_size=4k", raw, small)
-        compare_read(small, size, args.repeat, f"read  {args.size_mib} MiB qcow2 (4 KiB clusters)")
+        table.add("read 4 KiB clusters", *compare_reads(small, "qcow2", size, args.repeat))
 
         # Compressible data so that the clusters really are compressed.
         text = d / "text.raw"
@@ -108,17 +59,11 @@ def main() -> None:
                 f.write(line[: size - f.tell()])
         packed = d / "compressed.qcow2"
         qemu_img("convert", "-c", "-f", "raw", "-O", "qcow2", text, packed)
-        compare_read(packed, size, args.repeat, f"read  {args.size_mib} MiB compressed qcow2 (deflate)")
+        table.add("read compressed (deflate)", *compare_reads(packed, "qcow2", size, args.repeat))
 
         out_ours, out_theirs = d / "ours.qcow2", d / "theirs.qcow2"
-
-        def qemu_write() -> None:
-            out_theirs.unlink(missing_ok=True)
-            qemu_img("convert", "-t", "unsafe", "-f", "raw", "-O", "qcow2", raw, out_theirs)
-
-        ours_w = fastest(args.repeat, lambda: write_all(raw, out_ours, size))
-        theirs_w = fastest(args.repeat, qemu_write)
-        report(f"write {args.size_mib} MiB qcow2 (64 KiB clusters)", size, ours_w, theirs_w)
+        times = compare_writes(raw, out_ours, out_theirs, args.repeat, fmt="qcow2", qemu_fmt="qcow2")
+        table.add("write 64 KiB clusters", *times)
         qemu_img("check", "-f", "qcow2", out_ours)
         qemu_img("compare", "-f", "qcow2", "-F", "raw", out_ours, raw)
 
@@ -127,8 +72,10 @@ def main() -> None:
         with create_image(leaf, parent=out_ours) as child:
             for offset in range(0, size, 2 * MiB):
                 child.write_at(offset, os.urandom(MiB))
-        compare_read(leaf, size, args.repeat, f"read  {args.size_mib} MiB 2-level chain (half in leaf)")
+        table.add("read 2-level chain (half in leaf)", *compare_reads(leaf, "qcow2", size, args.repeat))
+        print(table.read_goal())
+    return 0
 
 
 if __name__ == "__main__":
-    main()
+    sys.exit(main())

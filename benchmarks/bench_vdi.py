@@ -5,7 +5,11 @@ through ``DiskImage.readinto`` with a reused page-aligned 1 MiB buffer, against
 ``qemu-img convert`` of the same image to qemu's null target. Both run with the page cache warm.
 
 Writes: sequential 1 MiB writes of the same random data into a new dynamic VDI through
-``DiskImage.write``, against ``qemu-img convert -O vdi -t unsafe`` (neither flushes to disk).
+``DiskImage.write``, against ``qemu-img convert -O vdi -t unsafe`` (neither flushes to disk); qemu-img
+then checks diskhandler's image and compares it with the raw file.
+
+Without a reference (qemu reads neither differencing VDIs nor other block sizes): a two-level chain
+with half the blocks in the leaf, and an image with 64 KiB blocks.
 
 Usage: ``python benchmarks/bench_vdi.py [--size-mib 512] [--repeat 3] [--dir /tmp]``. Goal: reads at
 least 0.5x qemu-img.
@@ -13,114 +17,64 @@ least 0.5x qemu-img.
 
 from __future__ import annotations
 
-import argparse
-import mmap
 import os
-import subprocess
-import tempfile
-import time
-from collections.abc import Callable
-from pathlib import Path
+import sys
+from collections.abc import Sequence
 
-from diskhandler import create_image, open_image
+from _harness import (
+    ComparisonTable,
+    MiB,
+    best_of,
+    compare_reads,
+    compare_writes,
+    load_line,
+    make_random_raw,
+    parse_common_args,
+    qemu_img,
+    read_with_diskhandler,
+    scratch_dir,
+    write_with_diskhandler,
+)
 
-MiB = 1 << 20
-
-
-def best_of(repeat: int, action: Callable[[], object]) -> float:
-    times = []
-    for _ in range(repeat):
-        start = time.perf_counter()
-        action()
-        times.append(time.perf_counter() - start)
-    return min(times)
-
-
-def qemu_img(*args: str | Path) -> None:
-    subprocess.run(["qemu-img", *map(str, args)], check=True, capture_output=True)
+from diskhandler import create_image
 
 
-def read_with_diskhandler(path: Path) -> int:
-    buf = mmap.mmap(-1, MiB)
-    total = 0
-    with open_image(path) as image:
-        while n := image.readinto(buf):
-            total += n
-    return total
-
-
-def write_with_diskhandler(raw: Path, target: Path, size: int) -> None:
-    target.unlink(missing_ok=True)
-    buf = mmap.mmap(-1, MiB)
-    view = memoryview(buf)
-    with raw.open("rb", buffering=0) as src, create_image(target, size, "vdi") as image:
-        while n := src.readinto(buf):
-            image.write(view[:n])
-    view.release()
-
-
-def main() -> None:
-    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawTextHelpFormatter)
-    parser.add_argument("--size-mib", type=int, default=512)
-    parser.add_argument("--repeat", type=int, default=3)
-    parser.add_argument("--dir", type=Path, default=None, help="where the scratch images go")
-    args = parser.parse_args()
+def main(argv: Sequence[str] | None = None) -> int:
+    args = parse_common_args(__doc__ or "", argv)
     size = args.size_mib * MiB
-    with tempfile.TemporaryDirectory(dir=args.dir) as scratch:
-        d = Path(scratch)
-        raw = d / "random.raw"
-        with raw.open("wb") as f:
-            for _ in range(args.size_mib):
-                f.write(os.urandom(MiB))
+    with scratch_dir(args.dir, "bench-vdi-") as d:
+        raw = make_random_raw(d / "random.raw", args.size_mib)
+        print(f"VDI, {args.size_mib} MiB of random data, best of {args.repeat}; {load_line()}")
+        table = ComparisonTable(size, case_width=44)
+        table.header()
+
         image = d / "full.vdi"
         qemu_img("convert", "-f", "raw", "-O", "vdi", raw, image)
-
-        assert read_with_diskhandler(image) == size  # also warms the page cache
-        ours = best_of(args.repeat, lambda: read_with_diskhandler(image))
-        null_target = f"driver=null-co,size={size}"
-        theirs = best_of(
-            args.repeat,
-            lambda: qemu_img("convert", "-n", "-f", "vdi", image, "--target-image-opts", null_target),
-        )
-        print(
-            f"read  {args.size_mib} MiB VDI: diskhandler {size / ours / 1e6:8.0f} MB/s   "
-            f"qemu-img convert {size / theirs / 1e6:8.0f} MB/s   ratio {theirs / ours:.2f}x"
-        )
+        table.add("read dynamic", *compare_reads(image, "vdi", size, args.repeat))
 
         out_ours, out_theirs = d / "ours.vdi", d / "theirs.vdi"
-
-        def qemu_write() -> None:
-            out_theirs.unlink(missing_ok=True)
-            qemu_img("convert", "-t", "unsafe", "-f", "raw", "-O", "vdi", raw, out_theirs)
-
-        ours_w = best_of(args.repeat, lambda: write_with_diskhandler(raw, out_ours, size))
-        theirs_w = best_of(args.repeat, qemu_write)
-        print(
-            f"write {args.size_mib} MiB VDI: diskhandler {size / ours_w / 1e6:8.0f} MB/s   "
-            f"qemu-img convert {size / theirs_w / 1e6:8.0f} MB/s   ratio {theirs_w / ours_w:.2f}x"
+        table.add(
+            "write dynamic",
+            *compare_writes(raw, out_ours, out_theirs, args.repeat, fmt="vdi", qemu_fmt="vdi"),
         )
         qemu_img("check", "-f", "vdi", out_ours)
         qemu_img("compare", "-f", "vdi", "-F", "raw", out_ours, raw)
 
-        # No reference tool reads these: absolute figures only.
         leaf = d / "leaf.vdi"
         with create_image(leaf, parent=out_ours) as child:
             for offset in range(0, size, 2 * MiB):  # every other block in the leaf
                 child.write_at(offset, os.urandom(MiB))
-        chain = best_of(args.repeat, lambda: read_with_diskhandler(leaf))
-        print(
-            f"read  {args.size_mib} MiB 2-level VDI chain (half the blocks in the leaf): "
-            f"diskhandler {size / chain / 1e6:8.0f} MB/s"
+        table.add(
+            "read 2-level chain (half the blocks in leaf)",
+            best_of(args.repeat, lambda: read_with_diskhandler(leaf)),
         )
+
         small = d / "small-blocks.vdi"
-        with raw.open("rb") as src, create_image(small, size, "vdi", block_size=64 << 10) as image:
-            while chunk := src.read(MiB):
-                image.write(chunk)
-        small_t = best_of(args.repeat, lambda: read_with_diskhandler(small))
-        print(
-            f"read  {args.size_mib} MiB VDI with 64 KiB blocks: diskhandler {size / small_t / 1e6:8.0f} MB/s"
-        )
+        write_with_diskhandler(raw, small, "vdi", block_size=64 << 10)
+        table.add("read 64 KiB blocks", best_of(args.repeat, lambda: read_with_diskhandler(small)))
+        print(table.read_goal())
+    return 0
 
 
 if __name__ == "__main__":
-    main()
+    sys.exit(main())
