@@ -91,6 +91,13 @@ def find_lock_holders(path: str | os.PathLike[str], exclude_pid: int | None = No
 
 
 def _process_name(pid: str) -> str:
+    """The program's name: argv[0]'s base name (``comm`` is cut to 15 characters), else ``comm``."""
+    try:
+        argv0 = Path("/proc", pid, "cmdline").read_bytes().split(b"\0", 1)[0]
+        if argv0:
+            return os.path.basename(os.fsdecode(argv0)).split()[0]
+    except (OSError, IndexError):
+        pass
     try:
         return Path("/proc", pid, "comm").read_text().strip() or "?"
     except OSError:

@@ -71,7 +71,7 @@ def test_running_qemu_guest_blocks_writers(
 ) -> None:
     image, proc = qemu_holder
     before = image.read_bytes()
-    with pytest.raises(ImageInUseError, match=rf"qemu-system-x86.* \(pid {proc.pid}\)") as info:
+    with pytest.raises(ImageInUseError, match=rf"qemu-system-x86_64 \(pid {proc.pid}\)") as info:
         DiskOperations(image).mount()
     assert info.value.holder is not None
     assert f"pid {proc.pid}" in info.value.holder
