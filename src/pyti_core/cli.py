@@ -1,0 +1,482 @@
+"""The ``pyti`` command (also ``python -m pyti_core``).
+
+::
+
+    pyti run attrs==23.2.0 --report report.json     test a distribution in a network-less VM
+    pyti run --job job.toml                         the same from a job file
+    pyti image build                                build (or find) the default system image
+    pyti image prepare disk.qcow2                   put the agent and its boot hook into your own image
+    pyti master --db pyti.sqlite --port 8080        keep a queue of jobs and their records
+    pyti add --master http://host:8080/ attrs==23.2.0   queue a job on a master
+    pyti slave --master http://host:8080/           take jobs from a master, run them, post the records
+
+Exit codes: 0 every task passed (or the command succeeded); 1 a task failed, errored or timed out;
+2 usage error (bad option, job file or recipe); 3 pyti could not do its work (download, VM, disk image,
+master) — the reason is printed on one line; 130 interrupted.
+
+The library never prints; everything shown here is drawn from its return values and progress callbacks.
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import signal
+import sys
+import threading
+import time
+from collections.abc import Callable, Sequence
+from pathlib import Path
+from types import FrameType
+from typing import TYPE_CHECKING, Final, TextIO
+
+import attrs
+
+from pyti_core.errors import ConfigError, PytiError, TaskError
+
+if TYPE_CHECKING:
+    from pyti_core.manager import RunResult
+    from pyti_core.slave import RunJob
+
+__all__ = [
+    "EXIT_ERROR",
+    "EXIT_FAILED",
+    "EXIT_INTERRUPTED",
+    "EXIT_OK",
+    "EXIT_USAGE",
+    "ProgressDisplay",
+    "format_table",
+    "main",
+]
+
+EXIT_OK: Final = 0
+EXIT_FAILED: Final = 1
+EXIT_USAGE: Final = 2
+EXIT_ERROR: Final = 3
+EXIT_INTERRUPTED: Final = 130
+DEFAULT_TIMEOUT: Final = 600.0
+
+
+class _UsageError(Exception):
+    """A command line that cannot be run (exit code 2)."""
+
+
+# -- drawing --------------------------------------------------------------------------------------------
+
+
+class ProgressDisplay:
+    """Shows a run's phases on ``stream``: one live status line on a terminal, plain lines otherwise.
+
+    Call it as a :data:`pyti_core.manager.ProgressCallback` (``display(phase, message)``); it is safe
+    from several threads. :meth:`close` clears the live line.
+    """
+
+    def __init__(self, stream: TextIO, *, live: bool | None = None, prefix: str = "") -> None:
+        self.stream = stream
+        self.live = stream.isatty() if live is None else live
+        self.prefix = prefix
+        self._t0 = time.monotonic()
+        self._lock = threading.Lock()
+        self._dirty = False
+
+    def __call__(self, phase: str, message: str) -> None:
+        elapsed = time.monotonic() - self._t0
+        text = f"{self.prefix}[{elapsed:6.1f} s] {phase}: {message}"
+        with self._lock:
+            if self.live:
+                width = max(20, _terminal_width() - 1)
+                self.stream.write("\r\x1b[K" + text[:width])
+                self._dirty = True
+            else:
+                self.stream.write(text + "\n")
+            self.stream.flush()
+
+    def job(self, job: str, phase: str, message: str) -> None:
+        """The TaskManager's form: ``(job name, phase, message)``."""
+        self(phase, f"{job}: {message}")
+
+    def close(self) -> None:
+        with self._lock:
+            if self.live and self._dirty:
+                self.stream.write("\r\x1b[K")
+                self.stream.flush()
+                self._dirty = False
+
+
+def _terminal_width() -> int:
+    try:
+        return os.get_terminal_size(sys.stderr.fileno()).columns
+    except (OSError, ValueError):
+        return 80
+
+
+def _mib(kb: int) -> str:
+    return f"{kb / 1024:.1f} MiB" if kb else "-"
+
+
+def format_table(result: RunResult) -> str:
+    """The per-task table ``pyti run`` prints: status, test counts, time, peak memory, CPU."""
+    header = ("task", "status", "passed", "failed", "errors", "skipped", "time", "peak mem", "CPU user+sys")
+    rows: list[tuple[str, ...]] = [header]
+    for r in result.report.records:
+        t = r.tests
+        counts = (str(t.passed), str(t.failed), str(t.errors), str(t.skipped)) if t else ("-",) * 4
+        rows.append(
+            (
+                r.task,
+                r.status,
+                *counts,
+                f"{r.duration_s:.1f} s",
+                _mib(r.max_rss_kb),
+                f"{r.cpu_user_s:.1f} + {r.cpu_system_s:.1f} s",
+            )
+        )
+    widths = [max(len(row[i]) for row in rows) for i in range(len(header))]
+    left = {0, 1}
+    lines = [result.distribution]
+    for row in rows:
+        cells = [c.ljust(widths[i]) if i in left else c.rjust(widths[i]) for i, c in enumerate(row)]
+        lines.append("  ".join(cells).rstrip())
+    if result.phases:
+        lines.append("phases: " + ", ".join(f"{k} {v:.1f} s" for k, v in result.phases.items()))
+    bad = [r for r in result.report.records if not r.ok]
+    if not result.report.records:
+        lines.append("result: FAILED (no task reported)")
+    elif bad:
+        what = ", ".join(f"{r.task} {r.status}" for r in bad)
+        lines.append(f"result: FAILED ({len(bad)} of {len(result.report.records)} tasks: {what})")
+    else:
+        lines.append(f"result: passed ({len(result.report.records)} tasks)")
+    return "\n".join(lines) + "\n"
+
+
+# -- commands ---------------------------------------------------------------------------------------------
+
+
+def _positive_float(text: str) -> float:
+    try:
+        value = float(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"not a number: {text!r}") from None
+    if not 0 < value < float("inf"):  # also refuses NaN
+        raise argparse.ArgumentTypeError(f"must be a number > 0, got {text!r}")
+    return value
+
+
+def _count(text: str) -> int:
+    try:
+        value = int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"not an integer: {text!r}") from None
+    if value < 1:
+        raise argparse.ArgumentTypeError(f"must be at least 1, got {text!r}")
+    return value
+
+
+def _port(text: str) -> int:
+    try:
+        value = int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"not a port number: {text!r}") from None
+    if not 0 <= value <= 65535:
+        raise argparse.ArgumentTypeError(f"a port is 0..65535, got {text!r}")
+    return value
+
+
+def _cmd_run(args: argparse.Namespace, out: TextIO, err: TextIO) -> int:
+    from pyti_core.config import JobConfig  # noqa: PLC0415 (keeps `pyti --help` fast)
+    from pyti_core.manager import GuestSystem, run  # noqa: PLC0415
+    from pyti_core.packages import DEBIAN_12  # noqa: PLC0415
+    from pyti_core.tasks import get_recipe  # noqa: PLC0415
+
+    config = JobConfig.from_toml(args.job) if args.job else None
+    spec: str | Path | None = (
+        args.spec if args.spec is not None else (config.distribution if config else None)
+    )
+    if spec is None:
+        raise _UsageError(
+            "run: give a distribution (attrs==23.2.0, a wheel, an sdist, a folder) or --job FILE"
+        )
+    recipe = get_recipe(args.recipe) if args.recipe else (config.recipe if config else get_recipe("default"))
+    timeout = args.timeout or (config.job_timeout if config and config.job_timeout else DEFAULT_TIMEOUT)
+    cache_dir = args.cache_dir or (config.cache_dir if config else None)
+    report_path = args.report or (config.report if config else None)
+    find_links = [*(config.find_links if config else ()), *args.find_links]
+    guest = None
+    if config is not None and config.target != DEBIAN_12:  # the default guest, told it is another
+        guest = attrs.evolve(
+            GuestSystem.default(cache_dir / "guest" if cache_dir else None), target=config.target
+        )
+    display = ProgressDisplay(err, live=args.live)
+    try:
+        result = run(
+            spec,
+            recipe=recipe,
+            timeout=timeout,
+            work_dir=args.work_dir,
+            uri=args.uri,
+            guest=guest,
+            progress=display,
+            cache_dir=cache_dir,
+            keep=args.keep,
+            find_links=find_links,
+            no_index=args.no_index or (config.no_index if config else False),
+            index_url=args.index_url or (config.index_url if config else None),
+        )
+    finally:
+        display.close()
+    out.write(format_table(result))
+    if result.work_dir is not None:
+        out.write(f"files kept in {result.work_dir}\n")
+    if report_path is not None:
+        Path(report_path).write_text(result.report.to_json() + "\n", encoding="utf-8")
+        out.write(f"report written to {report_path}\n")
+    return EXIT_OK if result.ok else EXIT_FAILED
+
+
+def _cmd_image_build(args: argparse.Namespace, out: TextIO, err: TextIO) -> int:
+    from pyti_core.image import build_default_image  # noqa: PLC0415
+
+    err.write(
+        "pyti: building (or reusing) the tiny Python guest; the first build downloads Debian packages\n"
+    )
+    guest = build_default_image(args.cache_dir)
+    out.write(f"kernel:  {guest.kernel}\ninitrd:  {guest.initrd}\ncmdline: {guest.cmdline}\n")
+    return EXIT_OK
+
+
+def _cmd_image_prepare(args: argparse.Namespace, out: TextIO, err: TextIO) -> int:
+    from pyti_core.image import prepare_image  # noqa: PLC0415
+
+    prepared = prepare_image(
+        args.disk, partition=args.partition, init=args.init, require_python=not args.no_python_check
+    )
+    out.write(f"{prepared.image}: pyti agent installed ({prepared.init})\n")
+    for path in prepared.files:
+        out.write(f"  {path}\n")
+    if prepared.python is None:
+        err.write("pyti: warning: no python3 found in the image; install Python 3.8+ before using it\n")
+    return EXIT_OK
+
+
+def _wait_for_signal(stop: threading.Event) -> None:
+    """Wait until SIGINT or SIGTERM (or ``stop``), in the main thread."""
+
+    def handler(_sig: int, _frame: FrameType | None) -> None:
+        stop.set()
+
+    if threading.current_thread() is threading.main_thread():
+        old = {s: signal.signal(s, handler) for s in (signal.SIGINT, signal.SIGTERM)}
+        try:
+            while not stop.wait(0.5):
+                pass
+        finally:
+            for s, h in old.items():
+                signal.signal(s, h)
+    else:
+        stop.wait()
+
+
+def _cmd_master(args: argparse.Namespace, out: TextIO, err: TextIO, stop: threading.Event) -> int:
+    from pyti_core.master import Master  # noqa: PLC0415
+
+    with Master(args.db) as master:
+        url = master.serve(host=args.host, port=args.port)
+        out.write(f"pyti master: serving on {url} (database {args.db}); stop with Ctrl-C\n")
+        out.flush()
+        if args.host not in ("127.0.0.1", "localhost", "::1"):
+            err.write("pyti: warning: the master has no authentication; put it behind a TLS proxy\n")
+        _wait_for_signal(stop)
+    out.write("pyti master: stopped\n")
+    return EXIT_OK
+
+
+def _cmd_add(args: argparse.Namespace, out: TextIO, err: TextIO) -> int:
+    from pyti_core.slave import Slave  # noqa: PLC0415
+
+    options = {"timeout": args.timeout} if args.timeout else {}
+    result = Slave(args.master).call(
+        "jobs.add", {"distribution": args.spec, "recipe": args.recipe, "options": options}
+    )
+    out.write(f"{result['job_id']}\n")
+    return EXIT_OK
+
+
+def _slave_run_job(args: argparse.Namespace, err: TextIO) -> RunJob:
+    from pyti_core.manager import run  # noqa: PLC0415
+    from pyti_core.master import Job  # noqa: PLC0415
+    from pyti_core.rawdata import RawDataRecord  # noqa: PLC0415
+
+    def run_job(job: Job) -> list[RawDataRecord]:
+        timeout = job.options.get("timeout", args.timeout)
+        if isinstance(timeout, bool) or not isinstance(timeout, int | float) or not timeout > 0:
+            timeout = args.timeout
+        display = ProgressDisplay(err, live=False, prefix=f"job {job.job_id[:8]} ")
+        result = run(
+            job.distribution,
+            recipe=job.recipe,
+            timeout=float(timeout),
+            uri=args.uri,
+            cache_dir=args.cache_dir,
+            progress=display,
+        )
+        return list(result.report.records)
+
+    return run_job
+
+
+def _cmd_slave(
+    args: argparse.Namespace, out: TextIO, err: TextIO, stop: threading.Event, run_job: RunJob | None
+) -> int:
+    from pyti_core.slave import Slave  # noqa: PLC0415
+
+    slave = Slave(args.master, name=args.name)
+    job_runner = run_job or _slave_run_job(args, err)
+    out.write(f"pyti slave {slave.name}: taking jobs from {args.master}\n")
+    out.flush()
+    done: list[int] = []
+
+    def loop() -> None:
+        done.append(
+            slave.run_forever(job_runner, poll_interval=args.poll, stop_event=stop, max_jobs=args.max_jobs)
+        )
+        stop.set()
+
+    worker = threading.Thread(target=loop, name="pyti-slave", daemon=True)
+    worker.start()
+    _wait_for_signal(stop)
+    worker.join()
+    out.write(f"pyti slave {slave.name}: {done[0] if done else 0} job(s) done\n")
+    return EXIT_OK
+
+
+# -- the parser -------------------------------------------------------------------------------------------
+
+
+def build_parser() -> argparse.ArgumentParser:
+    """The ``pyti`` argument parser (sub-commands ``run``, ``image``, ``master``, ``add``, ``slave``)."""
+    parser = argparse.ArgumentParser(
+        prog="pyti",
+        description="Test Python distributions inside clean, network-less virtual machines.",
+        epilog="exit codes: 0 passed, 1 a task failed or timed out, 2 usage error, 3 pyti error, "
+        "130 interrupted",
+    )
+    sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
+
+    p = sub.add_parser("run", help="test one distribution in a fresh VM and print a table per task")
+    p.add_argument("spec", nargs="?", help="attrs==23.2.0, or a wheel, an sdist or a project folder")
+    p.add_argument("--job", type=Path, help="a TOML job file (options given here override it)")
+    p.add_argument("--recipe", help="default, unittest or install-only (default: default)")
+    p.add_argument("--report", type=Path, help="write the JSON report (raw-data records) here")
+    p.add_argument(
+        "--timeout", type=_positive_float, help=f"seconds for the guest's run (default {DEFAULT_TIMEOUT:g})"
+    )
+    p.add_argument("--uri", help="hypervisor URI (default: libvirt's QEMU driver inside this process)")
+    p.add_argument("--cache-dir", type=Path, help="pyti's cache (guest build, pip cache)")
+    p.add_argument("--work-dir", type=Path, help="where the run's files go (default: a temporary folder)")
+    p.add_argument("--keep", action="store_true", help="keep the run's files (IO disk, serial log)")
+    p.add_argument(
+        "--find-links", type=Path, action="append", default=[], help="extra folder of wheels/sdists"
+    )
+    p.add_argument("--no-index", action="store_true", help="resolve from --find-links folders only")
+    p.add_argument("--index-url", help="another package index")
+    live = p.add_mutually_exclusive_group()
+    live.add_argument("--live", dest="live", action="store_true", default=None, help="one live status line")
+    live.add_argument("--plain", dest="live", action="store_false", help="plain progress lines")
+
+    image = sub.add_parser("image", help="system images: build the default one, prepare your own")
+    isub = image.add_subparsers(dest="image_command", required=True, metavar="ACTION")
+    b = isub.add_parser("build", help="build (or find in the cache) the tiny Python guest")
+    b.add_argument("--cache-dir", type=Path, help="where the build is cached")
+    pr = isub.add_parser(
+        "prepare", help="install the agent and its boot hook into a disk image, without booting"
+    )
+    pr.add_argument("disk", type=Path, help="the disk image (qcow2, VDI, VMDK, VHD or raw)")
+    pr.add_argument("--partition", type=_count, help="the root filesystem's partition (default: the largest)")
+    pr.add_argument(
+        "--init", choices=("systemd", "sysv"), help="force the boot hook's kind (default: detected)"
+    )
+    pr.add_argument("--no-python-check", action="store_true", help="do not require python3 in the image")
+
+    m = sub.add_parser("master", help="serve a queue of jobs and store their records (JSON-RPC 2.0)")
+    m.add_argument(
+        "--db", type=Path, default=Path("pyti.sqlite"), help="the SQLite database (default pyti.sqlite)"
+    )
+    m.add_argument("--host", default="127.0.0.1", help="address to listen on (default 127.0.0.1)")
+    m.add_argument("--port", type=_port, default=8080, help="port (default 8080; 0 picks a free one)")
+
+    a = sub.add_parser("add", help="queue a job on a master; prints its id")
+    a.add_argument("spec", help="the distribution, e.g. attrs==23.2.0")
+    a.add_argument("--master", required=True, help="the master's URL")
+    a.add_argument("--recipe", default="default", help="the recipe (default: default)")
+    a.add_argument("--timeout", type=_positive_float, help="seconds for the guest's run")
+
+    s = sub.add_parser("slave", help="take jobs from a master, run them in VMs, post the records back")
+    s.add_argument("--master", required=True, help="the master's URL, e.g. http://127.0.0.1:8080/")
+    s.add_argument("--max-jobs", type=_count, help="stop after this many jobs (default: run until stopped)")
+    s.add_argument("--name", help="this slave's name (default: the host name)")
+    s.add_argument(
+        "--poll", type=_positive_float, default=10.0, help="seconds between polls of an empty queue"
+    )
+    s.add_argument("--timeout", type=_positive_float, default=DEFAULT_TIMEOUT, help="default job timeout")
+    s.add_argument("--uri", help="hypervisor URI")
+    s.add_argument("--cache-dir", type=Path, help="pyti's cache")
+    return parser
+
+
+def _message(exc: BaseException) -> str:
+    """The error's own message (no traceback); multi-line only when it carries a log tail."""
+    return str(exc).strip() or type(exc).__name__
+
+
+def main(
+    argv: Sequence[str] | None = None,
+    *,
+    stdout: TextIO | None = None,
+    stderr: TextIO | None = None,
+    run_job: RunJob | None = None,
+    stop_event: threading.Event | None = None,
+) -> int:
+    """Run the ``pyti`` command; return its exit code.
+
+    ``run_job`` replaces the function ``pyti slave`` runs each job with, and ``stop_event`` stops
+    ``pyti master``/``pyti slave`` (they otherwise stop on SIGINT or SIGTERM) — for embedding and tests.
+    """
+    out = stdout or sys.stdout
+    err = stderr or sys.stderr
+    parser = build_parser()
+    try:
+        args = parser.parse_args(argv)
+    except SystemExit as exc:  # argparse printed the usage message
+        return EXIT_OK if exc.code in (0, None) else EXIT_USAGE
+    stop = stop_event or threading.Event()
+    commands: dict[str, Callable[[], int]] = {
+        "run": lambda: _cmd_run(args, out, err),
+        "master": lambda: _cmd_master(args, out, err, stop),
+        "add": lambda: _cmd_add(args, out, err),
+        "slave": lambda: _cmd_slave(args, out, err, stop, run_job),
+        "image": lambda: (_cmd_image_build if args.image_command == "build" else _cmd_image_prepare)(
+            args, out, err
+        ),
+    }
+    from diskhandler.errors import DiskHandlerError  # noqa: PLC0415
+    from vmanager.errors import VManagerError  # noqa: PLC0415
+
+    try:
+        return commands[args.command]()
+    except _UsageError as exc:
+        err.write(f"pyti: usage error: {exc}\n")
+        return EXIT_USAGE
+    except (ConfigError, TaskError) as exc:
+        err.write(f"pyti: error: {_message(exc)}\n")
+        return EXIT_USAGE
+    except (PytiError, VManagerError, DiskHandlerError, OSError) as exc:
+        err.write(f"pyti: error: {_message(exc)}\n")
+        return EXIT_ERROR
+    except KeyboardInterrupt:
+        err.write("pyti: interrupted\n")
+        return EXIT_INTERRUPTED
+
+
+if __name__ == "__main__":  # pragma: no cover
+    sys.exit(main())

@@ -1,0 +1,324 @@
+"""The pyti command: tables, progress, exit codes, image commands, master/add/slave, and real runs."""
+
+from __future__ import annotations
+
+import io
+import json
+import os
+import re
+import shutil
+import signal
+import subprocess
+import sys
+import threading
+import urllib.request
+from datetime import UTC, datetime
+from pathlib import Path
+from typing import Any
+
+import pytest
+
+from diskhandler import create_io_disk
+from pyti_core.cli import EXIT_ERROR, EXIT_FAILED, EXIT_OK, EXIT_USAGE, ProgressDisplay, format_table, main
+from pyti_core.manager import RunResult
+from pyti_core.master import Job
+from pyti_core.rawdata import RawDataRecord, Report, TestCounts
+from tests.pyti_core.test_image import _rootfs, debugfs
+from tests.pyti_core.test_task_manager import HAVE_QEMU, make_wheel
+
+MiB = 1 << 20
+NOT_ROOT = "not a Linux root filesystem (pick --partition)"
+
+
+def record(task: str, status: str, *, tests: TestCounts | None = None, rss: int = 2048) -> RawDataRecord:
+    return RawDataRecord(
+        task_id=task,
+        task=task,
+        status=status,  # type: ignore[arg-type]
+        exit_code=0 if status == "passed" else 1,
+        stdout="",
+        stderr="",
+        started_at=datetime(2026, 11, 27, tzinfo=UTC),
+        duration_s=1.25,
+        max_rss_kb=rss,
+        cpu_user_s=0.5,
+        cpu_system_s=0.25,
+        tests=tests,
+    )
+
+
+def result_of(*records: RawDataRecord) -> RunResult:
+    return RunResult("demo==1.0", Report("demo==1.0", records), {"boot": 3.0, "tasks": 9.5}, "")
+
+
+def run_cli(*argv: str, **kwargs: object) -> tuple[int, str, str]:
+    out, err = io.StringIO(), io.StringIO()
+    code = main(list(argv), stdout=out, stderr=err, **kwargs)  # type: ignore[arg-type]
+    return code, out.getvalue(), err.getvalue()
+
+
+# -- drawing ----------------------------------------------------------------------------------------
+
+
+def test_table_has_a_row_per_task_with_counts_time_memory_cpu() -> None:
+    text = format_table(
+        result_of(
+            record("install", "passed"),
+            record("pytest", "failed", tests=TestCounts(passed=1, failed=1, skipped=2), rss=41234),
+        )
+    )
+    lines = text.splitlines()
+    assert lines[0] == "demo==1.0"
+    assert lines[1].split() == [
+        "task",
+        "status",
+        "passed",
+        "failed",
+        "errors",
+        "skipped",
+        "time",
+        "peak",
+        "mem",
+        "CPU",
+        "user+sys",
+    ]
+    assert lines[2].split() == [
+        "install",
+        "passed",
+        "-",
+        "-",
+        "-",
+        "-",
+        "1.2",
+        "s",
+        "2.0",
+        "MiB",
+        "0.5",
+        "+",
+        "0.2",
+        "s",
+    ]
+    assert lines[3].split()[:6] == ["pytest", "failed", "1", "1", "0", "2"]
+    assert "40.3 MiB" in lines[3]
+    assert lines[4] == "phases: boot 3.0 s, tasks 9.5 s"
+    assert lines[5] == "result: FAILED (1 of 2 tasks: pytest failed)"
+
+
+def test_table_passed_and_empty() -> None:
+    assert format_table(result_of(record("install", "passed"))).endswith("result: passed (1 tasks)\n")
+    assert format_table(result_of()).endswith("result: FAILED (no task reported)\n")
+
+
+class FakeTTY(io.StringIO):
+    def isatty(self) -> bool:
+        return True
+
+
+def test_progress_is_one_live_line_on_a_terminal_and_plain_lines_otherwise() -> None:
+    tty = FakeTTY()
+    live = ProgressDisplay(tty)
+    live("boot", "starting")
+    live("tasks", "running")
+    live.close()
+    assert tty.getvalue().count("\r\x1b[K") == 3
+    assert "\n" not in tty.getvalue()
+    plain_stream = io.StringIO()
+    plain = ProgressDisplay(plain_stream)
+    plain("download", "resolving")
+    plain.job("pyti-1", "boot", "ready")
+    plain.close()
+    lines = plain_stream.getvalue().splitlines()
+    assert len(lines) == 2
+    assert re.fullmatch(r"\[\s*\d+\.\d s\] download: resolving", lines[0])
+    assert lines[1].endswith("boot: pyti-1: ready")
+
+
+# -- exit codes and errors --------------------------------------------------------------------------
+
+
+def test_usage_errors_exit_2(tmp_path: Path) -> None:
+    assert run_cli()[0] == EXIT_USAGE
+    assert run_cli("run")[0] == EXIT_USAGE
+    assert run_cli("run", "x==1", "--timeout", "-5")[0] == EXIT_USAGE
+    assert run_cli("run", "x==1", "--timeout", "nan")[0] == EXIT_USAGE
+    code, _, err = run_cli("run", "x==1", "--recipe", "nope")
+    assert code == EXIT_USAGE
+    assert err == "pyti: error: unknown recipe 'nope'; built-in recipes: default, install-only, unittest\n"
+    job = tmp_path / "job.toml"
+    job.write_text('distribution = "x==1"\nrecipe = "default"\ntimeotu = 3\n')
+    code, _, err = run_cli("run", "--job", str(job))
+    assert code == EXIT_USAGE
+    assert err.startswith(f"pyti: error: {job}: timeotu: unknown key")
+    assert "Traceback" not in err
+    assert run_cli("master", "--port", "70000")[0] == EXIT_USAGE
+    assert run_cli("--help")[0] == EXIT_OK
+
+
+def test_a_failed_download_is_one_line_and_exit_3(tmp_path: Path) -> None:
+    code, out, err = run_cli("run", str(tmp_path / "missing-1.0-py3-none-any.whl"), "--no-index")
+    assert code == EXIT_ERROR
+    assert out == ""
+    last = err.splitlines()[-1]  # after the progress lines
+    assert last.startswith("pyti: error: ")
+    assert "missing-1.0-py3-none-any.whl" in last
+    assert "Traceback" not in err
+
+
+def test_python_dash_m_runs_the_cli() -> None:
+    proc = subprocess.run(
+        [sys.executable, "-m", "pyti_core", "--help"], capture_output=True, text=True, check=False, timeout=60
+    )
+    assert proc.returncode == 0
+    assert "usage: pyti" in proc.stdout
+
+
+# -- image ----------------------------------------------------------------------------------------
+
+
+needs_fuse = pytest.mark.skipif(
+    not os.path.exists("/dev/fuse") or not shutil.which("fuse2fs"), reason="needs /dev/fuse and fuse2fs"
+)
+
+
+@needs_fuse
+def test_image_prepare(tmp_path: Path) -> None:
+    tree = _rootfs(tmp_path / "tree", systemd=False)
+    image = create_io_disk(tmp_path / "root.img", 64 * MiB, "raw", "ext4", tree, partition_table=None)
+    code, out, err = run_cli("image", "prepare", str(image))
+    assert (code, err) == (EXIT_OK, "")
+    assert out.splitlines()[0] == f"{image}: pyti agent installed (sysv)"
+    assert "  /etc/init.d/pyti-agent" in out.splitlines()
+    assert "S99pyti-agent" in debugfs(image, "ls /etc/rc2.d")
+
+    shutil.rmtree(tree)
+    data = tmp_path / "data"
+    data.mkdir()
+    plain = create_io_disk(tmp_path / "data.img", 16 * MiB, "raw", "ext4", data, partition_table=None)
+    code, out, err = run_cli("image", "prepare", str(plain))
+    assert code == EXIT_ERROR
+    assert err == f"pyti: error: {plain}: the filesystem has no /etc and /bin: {NOT_ROOT}\n"
+    code, _, err = run_cli("image", "prepare", str(tmp_path / "nope.img"))
+    assert code == EXIT_ERROR
+    assert "nope.img" in err
+
+
+@pytest.mark.skipif(not shutil.which("apt-get"), reason="building the guest needs apt-get")
+def test_image_build_prints_the_guest_files() -> None:
+    code, out, _ = run_cli("image", "build")
+    assert code == EXIT_OK
+    fields = dict(line.split(":", 1) for line in out.splitlines())
+    assert Path(fields["kernel"].strip()).is_file()
+    assert Path(fields["initrd"].strip()).is_file()
+    assert "console=ttyS0" in fields["cmdline"]
+
+
+# -- master, add, slave -----------------------------------------------------------------------------
+
+
+def test_master_add_slave_on_loopback(tmp_path: Path) -> None:
+    master = subprocess.Popen(
+        [sys.executable, "-m", "pyti_core", "master", "--db", str(tmp_path / "m.sqlite"), "--port", "0"],
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        text=True,
+    )
+    try:
+        assert master.stdout is not None
+        first = master.stdout.readline()
+        match = re.search(r"serving on (http://127\.0\.0\.1:\d+/)", first)
+        assert match, first
+        url = match.group(1)
+        ids = []
+        for spec in ("good==1.0", "broken==2.0"):
+            code, out, _ = run_cli(
+                "add", spec, "--master", url, "--recipe", "install-only", "--timeout", "77"
+            )
+            assert code == EXIT_OK
+            ids.append(out.strip())
+        seen: list[Job] = []
+
+        def fake_run_job(job: Job) -> list[RawDataRecord]:  # the VM path is tested in test_manager
+            seen.append(job)
+            if job.distribution == "broken==2.0":
+                raise RuntimeError("no VM today")
+            return [record("install", "passed"), record("import", "passed")]
+
+        code, out, _ = run_cli(
+            "slave", "--master", url, "--max-jobs", "2", "--poll", "0.1", "--name", "t1", run_job=fake_run_job
+        )
+        assert code == EXIT_OK
+        assert out.splitlines()[-1] == "pyti slave t1: 2 job(s) done"
+        assert [j.distribution for j in seen] == ["good==1.0", "broken==2.0"]
+        assert seen[0].recipe == "install-only"
+        assert seen[0].options == {"timeout": 77.0}
+        good = _get(f"{url}jobs/{ids[0]}")
+        assert [r["params"]["task"] for r in good["records"]] == ["install", "import"]
+        broken = _get(f"{url}jobs/{ids[1]}")
+        (err_record,) = broken["records"]
+        assert err_record["params"]["status"] == "error"
+        assert "no VM today" in err_record["params"]["stderr"]
+        code, _, err = run_cli("add", "x==1", "--master", "http://127.0.0.1:9/")
+        assert code == EXIT_ERROR
+        assert "cannot reach the master" in err
+    finally:
+        master.send_signal(signal.SIGTERM)
+        out, err = master.communicate(timeout=30)
+    assert master.returncode == 0, err
+    assert "pyti master: stopped" in out
+
+
+def test_slave_stops_on_its_event(tmp_path: Path) -> None:
+    stop = threading.Event()
+    timer = threading.Timer(0.5, stop.set)
+    timer.start()
+    code, out, _ = run_cli("slave", "--master", "http://127.0.0.1:9/", "--poll", "0.1", stop_event=stop)
+    assert code == EXIT_OK
+    assert out.splitlines()[-1].endswith("0 job(s) done")
+
+
+def _get(url: str) -> dict[str, Any]:
+    with urllib.request.urlopen(url, timeout=30) as response:
+        data: dict[str, Any] = json.loads(response.read())
+    return data
+
+
+# -- real runs --------------------------------------------------------------------------------------
+
+
+@pytest.mark.e2e
+@pytest.mark.qemu
+@pytest.mark.skipif(not HAVE_QEMU, reason="needs qemu-system-x86_64 and /dev/fuse")
+def test_pyti_run_real_guest(tmp_path: Path) -> None:
+    wheels = tmp_path / "wheels"
+    make_wheel(wheels, "clidep", "1.0", {"clidep.py": "OK = True\n"})
+    good = make_wheel(wheels, "cligood", "1.0", {"cligood/__init__.py": "import clidep\n"}, ("clidep",))
+    bad = make_wheel(
+        wheels, "clibad", "1.0", {"clibad/__init__.py": "raise ImportError('broken on purpose')\n"}
+    )
+
+    report = tmp_path / "bad.json"
+    code, out, err = run_cli(
+        "run", str(bad), "--recipe", "install-only", "--no-index", "--find-links", str(wheels),
+        "--report", str(report), "--timeout", "300", "--plain",
+    )  # fmt: skip
+    assert code == EXIT_FAILED, out + err
+    rows = {line.split()[0]: line.split() for line in out.splitlines()[2:4]}
+    assert rows["install"][1] == "passed"
+    assert rows["import"][1] == "failed"
+    assert out.splitlines()[-2] == "result: FAILED (1 of 2 tasks: import failed)"
+    for phase in ("download", "io-disk", "boot", "tasks", "collect"):
+        assert f"] {phase}: " in err
+    saved = Report.from_json(report.read_text())
+    assert saved.distribution == "clibad==1.0"
+    assert "broken on purpose" in saved.records[1].stderr
+
+    job = tmp_path / "job.toml"
+    job.write_text(
+        f'distribution = "{good}"\nrecipe = "install-only"\ntimeout = 300\n'
+        f'[packages]\nno_index = true\nfind_links = ["{wheels}"]\n'
+        f'[results]\nreport = "{tmp_path / "good.json"}"\n'
+    )
+    code, out, err = run_cli("run", "--job", str(job), "--plain")
+    assert code == EXIT_OK, out + err
+    assert "result: passed (2 tasks)" in out
+    assert Report.from_json((tmp_path / "good.json").read_text()).ok
