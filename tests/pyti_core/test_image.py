@@ -7,6 +7,7 @@ of pyti or diskhandler), and the hook itself is checked with ``sh -n`` and run u
 
 from __future__ import annotations
 
+import json
 import os
 import re
 import shutil
@@ -259,3 +260,54 @@ def test_missing_image_is_a_file_not_found_error(tmp_path: Path) -> None:
 def test_label_is_what_io_disks_carry() -> None:
     assert IO_LABEL == "pyti-io"
     assert len(IO_LABEL) <= 11
+
+
+# -- the hook in a real guest ----------------------------------------------------------------------
+
+
+@pytest.mark.qemu
+@needs_tools
+@pytest.mark.skipif(not shutil.which("qemu-system-x86_64"), reason="needs qemu-system-x86_64")
+def test_the_hook_finds_the_io_disk_runs_the_job_and_powers_off(tmp_path: Path) -> None:
+    """A prepared root disk (vda) and an IO disk (vdb1, as pyti makes them) in the tiny Python guest.
+
+    The guest's init runs the installed hook from the root disk, as a boot hook would; it must find
+    the IO disk by itself, run the job through the IO disk's ``run.sh``, leave the records there, and
+    power the guest off.
+    """
+    from pyti_core.guest.tinylinux import build_tiny_linux
+    from pyti_core.manager import GuestSystem, run_script
+
+    root = _disk(tmp_path, _rootfs(tmp_path / "tree", systemd=False))
+    prepare_image(root)
+    io = tmp_path / "io"
+    (io / "results").mkdir(parents=True)
+    (io / "work").mkdir()
+    shutil.copyfile(agent.__file__, io / "agent.py")
+    code = "import os; print(sorted(os.listdir('/sys/class/net')))"
+    job = {
+        "distribution": "hook-test",
+        "tasks": [{"id": "1", "name": "net", "argv": ["python3", "-c", code], "timeout": 60}],
+    }
+    (io / "job.json").write_text(json.dumps(job))
+    guest = GuestSystem.default()
+    (io / "run.sh").write_text(run_script(guest))
+    io_disk = create_io_disk(tmp_path / "io.img", 32 * MiB, "raw", "ext4", io, label=IO_LABEL)
+    tiny = build_tiny_linux(python=True)
+    cmdline = f"{tiny.cmdline} pyti.disk=/dev/vda pyti.run=/mnt/disk/opt/pyti/run-agent"
+    proc = subprocess.run(
+        [
+            "qemu-system-x86_64", "-accel", "tcg", "-m", "512", "-nographic", "-no-reboot", "-nic", "none",
+            "-kernel", str(tiny.kernel), "-initrd", str(tiny.initrd), "-append", cmdline,
+            "-drive", f"file={root},format=raw,if=virtio", "-drive", f"file={io_disk},format=raw,if=virtio",
+        ],
+        capture_output=True, text=True, errors="replace", timeout=180, check=False,
+    )  # fmt: skip
+    serial = proc.stdout
+    assert "pyti: running the job on /dev/vdb1 (/mnt/disk)" in serial, serial[-3000:]
+    assert "PYTI-RUN-EXIT 0" in serial, serial[-3000:]
+    with DiskOperations(io_disk, readonly=True) as ops:
+        ops.get_file("/results/records.jsonl", tmp_path / "records.jsonl")
+    (rec,) = [json.loads(line) for line in (tmp_path / "records.jsonl").read_text().splitlines()]
+    assert rec["params"]["status"] == "passed"
+    assert rec["params"]["stdout"].strip() == "['lo']"
