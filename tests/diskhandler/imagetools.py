@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import hashlib
 import shutil
+import struct
 import subprocess
 from collections.abc import Sequence
 from pathlib import Path
@@ -19,14 +20,18 @@ from diskhandler import open_image
 __all__ = [
     "PATTERN_WRITES",
     "REAL_IMAGES",
+    "PowerCut",
     "assert_reads_like_qemu",
     "compare_with_raw",
     "fill_with_pattern",
+    "patch_file",
     "qemu_check",
     "qemu_flatten",
     "qemu_img",
     "qemu_io",
+    "read_field",
     "run",
+    "sha256_of_file",
 ]
 
 MiB = 1 << 20
@@ -141,3 +146,22 @@ def sha256_of_file(path: Path) -> str:
         for block in iter(lambda: f.read(MiB), b""):
             h.update(block)
     return h.hexdigest()
+
+
+def patch_file(path: Path, offset: int, data: bytes) -> None:
+    """Overwrite ``data`` at ``offset`` of a file in place (no checksum is fixed up)."""
+    with path.open("r+b") as f:
+        f.seek(offset)
+        f.write(data)
+
+
+def read_field(path: Path, offset: int, fmt: str) -> int:
+    """The integer stored at ``offset`` of a file, as the one-field struct format ``fmt`` (``">Q"``, ...)."""
+    with path.open("rb") as f:
+        f.seek(offset)
+        value: int = struct.unpack(fmt, f.read(struct.calcsize(fmt)))[0]
+    return value
+
+
+class PowerCut(OSError):
+    """Raised by a test's patched write call: the process 'dies' there, nothing after it reaches the file."""

@@ -8,7 +8,6 @@ report no error and no leak and ``qemu-img convert`` must read back the model.
 
 from __future__ import annotations
 
-import hashlib
 import json
 import os
 import random
@@ -45,6 +44,10 @@ from tests.diskhandler.imagetools import (
     qemu_io,
     run,
 )
+from tests.diskhandler.imagetools import PowerCut as _PowerCut
+from tests.diskhandler.imagetools import patch_file as _patch
+from tests.diskhandler.imagetools import read_field as _header_field
+from tests.diskhandler.imagetools import sha256_of_file as _sha
 
 MiB = 1 << 20
 SIZE = 64 * MiB
@@ -99,23 +102,6 @@ def _assert_qemu_agrees(path: Path, model: bytearray, tmp_path: Path) -> None:
     assert flat.read_bytes() == model, "qemu reads diskhandler's writes differently"
     compare_with_raw(path, flat)
     flat.unlink()
-
-
-def _header_field(path: Path, offset: int, fmt: str) -> int:
-    with path.open("rb") as f:
-        f.seek(offset)
-        value: int = struct.unpack(fmt, f.read(struct.calcsize(fmt)))[0]
-    return value
-
-
-def _patch(path: Path, offset: int, data: bytes) -> None:
-    with path.open("r+b") as f:
-        f.seek(offset)
-        f.write(data)
-
-
-def _sha(path: Path) -> str:
-    return hashlib.sha256(path.read_bytes()).hexdigest()
 
 
 # -- images made by qemu ------------------------------------------------------------------------
@@ -621,10 +607,6 @@ def test_real_dfvfs_image_reads_like_qemu(tmp_path: Path) -> None:
 
 
 # -- crash safety ----------------------------------------------------------------------------------
-
-
-class _PowerCut(OSError):
-    """Raised by the patched write calls: the process 'dies' at this write."""
 
 
 def _crash_workload(path: Path) -> None:

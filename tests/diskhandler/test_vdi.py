@@ -33,6 +33,7 @@ from diskhandler import (
 )
 from diskhandler.formats._vbox import current_disks, read_media_registry
 from diskhandler.formats.vdi import BLOCK_FREE, BLOCK_ZERO, VDIImage
+from tests.diskhandler.imagetools import PowerCut as _PowerCut
 from tests.diskhandler.imagetools import (
     assert_reads_like_qemu,
     compare_with_raw,
@@ -41,8 +42,10 @@ from tests.diskhandler.imagetools import (
     qemu_flatten,
     qemu_img,
     qemu_io,
+    read_field,
     sha256_of_file,
 )
+from tests.diskhandler.imagetools import patch_file as patch
 
 MiB = 1 << 20
 KiB = 1 << 10
@@ -64,22 +67,13 @@ OFF_UUID_PARENT_MODIFY = 0x1B8
 
 
 def u32(path: Path, offset: int) -> int:
-    with path.open("rb") as f:
-        f.seek(offset)
-        value: int = struct.unpack("<I", f.read(4))[0]
-    return value
+    return read_field(path, offset, "<I")
 
 
 def raw16(path: Path, offset: int) -> bytes:
     with path.open("rb") as f:
         f.seek(offset)
         return f.read(16)
-
-
-def patch(path: Path, offset: int, data: bytes) -> None:
-    with path.open("r+b") as f:
-        f.seek(offset)
-        f.write(data)
 
 
 def random_writes(image: DiskImage, model: bytearray, rng: random.Random, count: int, block: int) -> None:
@@ -917,10 +911,6 @@ def test_fuzz_vbox_files(tmp_path: Path, edits: list[tuple[int, str]]) -> None:
         assert exc.path == vbox  # noqa: PT017  (the error must name the machine file)
     else:
         assert all(isinstance(d, Path) for d in disks)
-
-
-class _PowerCut(OSError):
-    """The process dies here: nothing after this write reaches the file."""
 
 
 def _allocating_workload(path: Path) -> None:

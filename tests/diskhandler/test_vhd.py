@@ -44,6 +44,8 @@ from tests.diskhandler.imagetools import (
     qemu_img,
     qemu_io,
 )
+from tests.diskhandler.imagetools import PowerCut as _PowerCut
+from tests.diskhandler.imagetools import sha256_of_file as _sha
 
 MiB = 1 << 20
 DFVFS = REAL_IMAGES / "dfvfs"
@@ -294,10 +296,6 @@ def test_differencing_blocks_too_small_for_a_bitmap_are_refused(tmp_path: Path) 
 
 
 # -- differencing chains ------------------------------------------------------------------------------
-
-
-def _sha(path: Path) -> str:
-    return hashlib.sha256(path.read_bytes()).hexdigest()
 
 
 @pytest.mark.parametrize("base_maker", ["diskhandler", "qemu"])
@@ -790,10 +788,6 @@ def test_qemu_reads_the_sectors_a_child_holds(tmp_path: Path) -> None:
         image.write_at(4096, b"\x22" * 8192)
         image.write_at(5 * MiB, b"\x33" * 512)
     qemu_io(child, "vpc", ["read -P 0x22 4096 8192", f"read -P 0x33 {5 * MiB} 512"])
-
-
-class _PowerCut(OSError):
-    """The process dies here: nothing after this write reaches the file."""
 
 
 def _allocating_workload(path: Path) -> None:

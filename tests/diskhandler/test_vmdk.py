@@ -6,7 +6,6 @@ What diskhandler writes is checked against qemu (``qemu-img check``, ``qemu-img 
 
 from __future__ import annotations
 
-import hashlib
 import mmap
 import os
 import random
@@ -42,6 +41,9 @@ from tests.diskhandler.imagetools import (
     qemu_img,
     qemu_io,
 )
+from tests.diskhandler.imagetools import PowerCut as _PowerCut
+from tests.diskhandler.imagetools import patch_file as _patch
+from tests.diskhandler.imagetools import sha256_of_file as _sha
 
 MiB = 1 << 20
 GiB = 1 << 30
@@ -56,10 +58,6 @@ def _qemu_create(path: Path, size: int = SIZE, *options: str) -> Path:
         argv += ["-o", option]
     qemu_img(*argv, path, str(size))
     return path
-
-
-def _sha(path: Path) -> str:
-    return hashlib.sha256(path.read_bytes()).hexdigest()
 
 
 def _descriptor_text(path: Path) -> str:
@@ -640,12 +638,6 @@ def small_sparse(tmp_path: Path) -> Path:
     return path
 
 
-def _patch(path: Path, offset: int, data: bytes) -> None:
-    with path.open("r+b") as f:
-        f.seek(offset)
-        f.write(data)
-
-
 @pytest.mark.parametrize(
     ("offset", "data", "field"),
     [
@@ -896,10 +888,6 @@ def test_fuzz_descriptor_parser(text: str, lines: list[str]) -> None:
         descriptor.cid(Path("fuzz.vmdk"), "parentCID")
     except ImageFormatError:
         pass
-
-
-class _PowerCut(OSError):
-    """The process dies here: nothing after this write reaches the file."""
 
 
 def _allocating_workload(path: Path) -> None:
