@@ -25,12 +25,14 @@ open uses ``O_NOFOLLOW``.
 
 from __future__ import annotations
 
+import atexit
 import contextlib
 import errno
 import os
 import posixpath
 import shutil
 import stat
+import weakref
 from collections.abc import Callable, Iterable, Mapping
 from pathlib import Path
 from types import TracebackType
@@ -54,6 +56,18 @@ _NO_SPACE = (errno.ENOSPC, errno.EDQUOT)
 
 def no_progress(done: int, total: int) -> None:
     """The default progress callback: does nothing."""
+
+
+# Mounted instances, so that an interpreter exiting with one still open unmounts it cleanly (the
+# filesystem driver and the vdfuse server are child processes that would otherwise outlive it).
+_MOUNTED: weakref.WeakSet[DiskOperations] = weakref.WeakSet()
+
+
+@atexit.register
+def _close_leftovers() -> None:
+    for ops in list(_MOUNTED):
+        with contextlib.suppress(Exception):
+            ops.close_connection()
 
 
 class DiskOperations:
@@ -170,6 +184,7 @@ class DiskOperations:
         self.partition = number
         self.filesystem = fstype
         self._root = os.fspath(workdir / "root")
+        _MOUNTED.add(self)
 
     def close_connection(self) -> None:
         """Unmount the guest filesystem and the image view, flushing everything; a no-op when closed."""
@@ -179,6 +194,7 @@ class DiskOperations:
 
     def _teardown(self) -> None:
         self._root = None
+        _MOUNTED.discard(self)
         errors: list[BaseException] = []
         for step in (self._fs, self._view):
             if step is None:

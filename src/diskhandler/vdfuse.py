@@ -247,7 +247,9 @@ class VDFuseOperations:
         self._sync(path)
 
     def fsync(self, path: str, datasync: int, fh: int) -> None:
-        self._sync(path)
+        self._file(path)
+        if not self.readonly:
+            self.disk.sync()  # metadata written, then the image file on stable storage
 
     def release(self, path: str, fh: int) -> None:
         name, _image = self._file(path)

@@ -13,6 +13,7 @@ import os
 import shutil
 import stat
 import subprocess
+import sys
 from pathlib import Path
 
 import pytest
@@ -564,3 +565,24 @@ def test_for_vm_reads_vbox_files(tmp_path: Path) -> None:
     assert DiskOperations(vbox).image == expected
     with pytest.raises(IndexError):
         DiskOperations.for_vm(vbox, 3)
+
+
+def test_interpreter_exit_unmounts_what_was_left_open(tmp_path: Path) -> None:
+    disk = build_disk(tmp_path, "vdi", "mbr")
+    src = tmp_path / "left.txt"
+    src.write_text("left open")
+    script = (
+        "import sys\nfrom diskhandler import DiskOperations\n"
+        "d = DiskOperations(sys.argv[1])\nd.mount()\nd.upload(sys.argv[2], '/left.txt')\n"
+        "print(d._root, flush=True)\n"  # and exit without close_connection()
+    )
+    proc = subprocess.run(
+        [sys.executable, "-c", script, str(disk.path), str(src)], capture_output=True, check=True, text=True
+    )
+    root = proc.stdout.strip()
+    assert not os.path.ismount(root)
+    assert not Path(root).exists()
+    with DiskOperations(disk.path) as d:  # the image was released
+        d.download("/left.txt", tmp_path / "back")
+    assert (tmp_path / "back").read_text() == "left open"
+    disk.check(tmp_path)
