@@ -13,6 +13,7 @@ import re
 import shutil
 import struct
 import subprocess
+import sys
 import uuid
 import warnings
 from pathlib import Path
@@ -747,6 +748,31 @@ def test_damaged_header_fields_are_named(
         open_image(path, format="vdi")
     assert excinfo.value.field == field
     assert excinfo.value.path == path
+
+
+_MAP_MEMORY_PROBE = """
+import resource, sys
+from diskhandler import open_image
+before = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
+with open_image(sys.argv[1]) as image:
+    image.read_at(image.size - 1, 1)
+print((resource.getrusage(resource.RUSAGE_SELF).ru_maxrss - before) // 1024)
+"""
+
+
+def test_a_huge_block_map_costs_little_more_memory_than_itself(tmp_path: Path) -> None:
+    # 2 Mi blocks of 512 bytes, every one allocated: an 8 MiB map (a header may claim up to 16 Mi
+    # blocks, so anything per entry beyond the map itself multiplies)
+    blocks = 2 << 20
+    path = tmp_path / "big.vdi"
+    create_image(path, blocks * 512, block_size=512, header="qemu").close()
+    patch(path, u32(path, OFF_BLOCKS), struct.pack(f"<{blocks}I", *range(blocks)))
+    patch(path, OFF_ALLOCATED, struct.pack("<I", blocks))
+    os.truncate(path, u32(path, OFF_DATA) + blocks * 512)
+    proc = subprocess.run(
+        [sys.executable, "-c", _MAP_MEMORY_PROBE, path], check=True, capture_output=True, text=True
+    )
+    assert int(proc.stdout) < 40, f"opening took {proc.stdout.strip()} MiB more memory"
 
 
 def test_truncated_images(tmp_path: Path) -> None:

@@ -348,6 +348,7 @@ class VDIImage(DiskImage):
         *,
         header: VDIHeader,
         block_map: array[int],
+        slots_end: int,
         writable: bool,
         parent: DiskImage | None,
     ) -> None:
@@ -360,8 +361,7 @@ class VDIImage(DiskImage):
         self._data_base = header.off_data + header.block_extra
         self._uuid_modify = header.uuid_modify
         self._modified = False
-        allocated = [e for e in block_map if e < BLOCK_ZERO]
-        self._next_slot = max(header.blocks_allocated, max(allocated, default=-1) + 1)
+        self._next_slot = max(header.blocks_allocated, slots_end)
 
     # -- identity ---------------------------------------------------------------------------------
 
@@ -397,10 +397,18 @@ class VDIImage(DiskImage):
                     " (VBoxManage clonemedium)",
                 )
             _check_registry(path, header, writable)
-            block_map = _load_map(fd, path, header)
+            block_map, slots_end = _load_map(fd, path, header)
             if header.is_differencing:
                 parent = _open_parent(path, header, guard)
-            return cls(path, fd, header=header, block_map=block_map, writable=writable, parent=parent)
+            return cls(
+                path,
+                fd,
+                header=header,
+                block_map=block_map,
+                slots_end=slots_end,
+                writable=writable,
+                parent=parent,
+            )
         except BaseException:
             os.close(fd)
             if parent is not None:
@@ -515,7 +523,15 @@ class VDIImage(DiskImage):
                 pwrite_all(fd, _map_bytes(block_map), off_blocks)
                 pwrite_all(fd, raw, 0)
                 header = parse_header(raw, path, end)
-                return cls(path, fd, header=header, block_map=block_map, writable=True, parent=parent_image)
+                return cls(
+                    path,
+                    fd,
+                    header=header,
+                    block_map=block_map,
+                    slots_end=blocks if fixed else 0,
+                    writable=True,
+                    parent=parent_image,
+                )
             except BaseException:
                 os.close(fd)
                 path.unlink(missing_ok=True)
@@ -669,36 +685,39 @@ def _map_bytes(block_map: array[int]) -> bytes:
     return swapped.tobytes()  # pragma: no cover
 
 
-def _load_map(fd: int, path: Path, header: VDIHeader) -> array[int]:
+def _load_map(fd: int, path: Path, header: VDIHeader) -> tuple[array[int], int]:
+    """The block map, checked, and the end of the slots it uses (1 + the highest slot, 0 for none)."""
     raw = pread_exact(fd, header.off_blocks, 4 * header.blocks, path, "block map")
     block_map = array("I")
     if block_map.itemsize != 4:  # pragma: no cover - every CPython platform has a 4-byte "I"
         raise RuntimeError("array('I') is not 32-bit on this platform")
     block_map.frombytes(raw)
+    del raw
     if sys.byteorder != "little":  # pragma: no cover
         block_map.byteswap()
-    allocated = [e for e in block_map if e < BLOCK_ZERO]
-    if allocated:
-        worst = max(allocated)
-        if worst >= header.blocks:
-            index = block_map.index(worst)
+    # One pass and one byte per slot: the map may hold 16 Mi entries, too many for Python sets or lists.
+    blocks = header.blocks
+    used = bytearray(blocks)
+    end = 0
+    for index, entry in enumerate(block_map):
+        if entry >= BLOCK_ZERO:
+            continue
+        if entry >= blocks:
             raise ImageFormatError(
                 path,
                 f"block map entry {index}",
-                f"points at slot {worst}, but the image has only {header.blocks} blocks",
+                f"points at slot {entry}, but the image has only {blocks} blocks",
             )
-        if len(set(allocated)) != len(allocated):
-            seen: dict[int, int] = {}
-            for index, entry in enumerate(block_map):
-                if entry < BLOCK_ZERO:
-                    if entry in seen:
-                        raise ImageFormatError(
-                            path,
-                            f"block map entry {index}",
-                            f"slot {entry} is also used by block {seen[entry]}",
-                        )
-                    seen[entry] = index
-    return block_map
+        if used[entry]:
+            raise ImageFormatError(
+                path,
+                f"block map entry {index}",
+                f"slot {entry} is also used by block {block_map.index(entry)}",
+            )
+        used[entry] = 1
+        if entry >= end:
+            end = entry + 1
+    return block_map, end
 
 
 def _check_registry(path: Path, header: VDIHeader, writable: bool) -> None:
