@@ -29,6 +29,7 @@ import sys
 import tempfile
 import time
 from collections.abc import Callable, Iterator, Sequence
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -37,6 +38,7 @@ from diskhandler import create_image, open_image
 __all__ = [
     "ComparisonTable",
     "MiB",
+    "Session",
     "best_of",
     "compare_reads",
     "compare_writes",
@@ -49,6 +51,7 @@ __all__ = [
     "read_with_diskhandler",
     "remove_image",
     "scratch_dir",
+    "session",
     "write_with_diskhandler",
 ]
 
@@ -104,6 +107,42 @@ def scratch_dir(parent: Path | None, prefix: str) -> Iterator[Path]:
     """A temporary folder for the images, removed afterwards whatever happens."""
     with tempfile.TemporaryDirectory(prefix=prefix, dir=parent) as scratch:
         yield Path(scratch)
+
+
+@dataclass(frozen=True)
+class Session:
+    """One benchmark run: its options, its scratch folder and the random raw file every case starts from."""
+
+    args: argparse.Namespace
+    folder: Path
+    raw: Path
+
+    @property
+    def size(self) -> int:
+        """The virtual disk size in bytes."""
+        return int(self.args.size_mib) * MiB
+
+    @property
+    def repeat(self) -> int:
+        return int(self.args.repeat)
+
+
+@contextlib.contextmanager
+def session(
+    title: str,
+    description: str,
+    argv: Sequence[str] | None = None,
+    *,
+    configure: Callable[[argparse.ArgumentParser], None] | None = None,
+) -> Iterator[Session]:
+    """Parse the options, make the scratch folder and the raw file, print the run's title line."""
+    args = parse_common_args(description, argv, configure=configure)
+    with scratch_dir(args.dir, f"bench-{title.lower().replace(' ', '-')}-") as folder:
+        raw = make_random_raw(folder / "random.raw", args.size_mib)
+        print(
+            f"{title}, {args.size_mib} MiB of random data, best of {args.repeat}; {load_line()}", flush=True
+        )
+        yield Session(args, folder, raw)
 
 
 def make_random_raw(path: Path, size_mib: int) -> Path:

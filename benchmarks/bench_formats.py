@@ -24,19 +24,8 @@ from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
 
-from _harness import (
-    MiB,
-    best_of,
-    compare_reads,
-    compare_writes,
-    load_line,
-    make_random_raw,
-    parse_common_args,
-    qemu_img,
-    qemu_read,
-    remove_image,
-    scratch_dir,
-)
+import _harness as harness
+from _harness import MiB
 
 READ_GOAL = 0.5
 
@@ -71,9 +60,20 @@ class Row:
     write_qemu: float
 
 
+def _formats(text: str) -> list[Format]:
+    known = {f.name: f for f in FORMATS}
+    names = [name.strip() for name in text.split(",") if name.strip()]
+    unknown = [name for name in names if name not in known]
+    if unknown or not names:
+        raise argparse.ArgumentTypeError(f"choose from {', '.join(known)}, not {text!r}")
+    return [known[name] for name in names]
+
+
 def _add_formats_option(parser: argparse.ArgumentParser) -> None:
     names = ",".join(f.name for f in FORMATS)
-    parser.add_argument("--formats", default=names, help=f"comma-separated subset of {names}")
+    parser.add_argument(
+        "--formats", type=_formats, default=list(FORMATS), help=f"comma-separated subset of {names}"
+    )
 
 
 def measure(fmt: Format, raw: Path, folder: Path, repeat: int) -> Row:
@@ -83,17 +83,17 @@ def measure(fmt: Format, raw: Path, folder: Path, repeat: int) -> Row:
     convert = ["convert", "-f", "raw", "-O", fmt.qemu_name]
     for option in fmt.qemu_options:
         convert += ["-o", option]
-    qemu_img(*convert, raw, image)
-    read_ours, read_qemu = compare_reads(image, fmt.qemu_name, size, repeat, fmt=fmt.name)
-    remove_image(image)
+    harness.qemu_img(*convert, raw, image)
+    read_ours, read_qemu = harness.compare_reads(image, fmt.qemu_name, size, repeat, fmt=fmt.name)
+    harness.remove_image(image)
 
     ours, theirs = folder / f"ours.{fmt.name}", folder / f"theirs.{fmt.name}"
-    write_ours, write_qemu = compare_writes(
+    write_ours, write_qemu = harness.compare_writes(
         raw, ours, theirs, repeat, fmt=fmt.name, qemu_fmt=fmt.qemu_name, qemu_options=fmt.qemu_options
     )
-    qemu_img("compare", "-f", fmt.qemu_name, "-F", "raw", ours, raw)
-    remove_image(ours)
-    remove_image(theirs)
+    harness.qemu_img("compare", "-f", fmt.qemu_name, "-F", "raw", ours, raw)
+    harness.remove_image(ours)
+    harness.remove_image(theirs)
     return Row(fmt.name, read_ours, read_qemu, write_ours, write_qemu)
 
 
@@ -116,27 +116,17 @@ def print_row(row: Row, size: int) -> None:
 
 
 def main(argv: Sequence[str] | None = None) -> int:
-    args = parse_common_args(__doc__ or "", argv, configure=_add_formats_option)
-    wanted = [name.strip() for name in args.formats.split(",") if name.strip()]
-    known = {f.name: f for f in FORMATS}
-    unknown = [name for name in wanted if name not in known]
-    if unknown:
-        print(f"unknown format(s) {', '.join(unknown)}; choose from {', '.join(known)}", file=sys.stderr)
-        return 2
-    size = args.size_mib * MiB
-    print(f"{args.size_mib} MiB of random data, best of {args.repeat}; before: {load_line()}")
     rows: list[Row] = []
-    with scratch_dir(args.dir, "bench-formats-") as folder:
-        raw = make_random_raw(folder / "random.raw", args.size_mib)
+    with harness.session("All formats", __doc__ or "", argv, configure=_add_formats_option) as run:
         print_header()
-        for name in wanted:
-            rows.append(measure(known[name], raw, folder, args.repeat))
-            print_row(rows[-1], size)
+        for fmt in run.args.formats:
+            rows.append(measure(fmt, run.raw, run.folder, run.repeat))
+            print_row(rows[-1], run.size)
         # What every qemu-img figure includes besides the copying: starting and ending a process.
-        tiny = make_random_raw(folder / "tiny.raw", 1)
-        startup = best_of(args.repeat, lambda: qemu_read(tiny, "raw", MiB))
+        tiny = harness.make_random_raw(run.folder / "tiny.raw", 1)
+        startup = harness.best_of(run.repeat, lambda: harness.qemu_read(tiny, "raw", MiB))
     print(f"qemu-img start-up and exit (a 1 MiB read): {startup * 1e3:.1f} ms, inside its times above")
-    print(f"after: {load_line()}")
+    print(f"after: {harness.load_line()}")
     slow = [row.fmt for row in rows if row.read_qemu / row.read_ours < READ_GOAL]
     if slow:
         print(f"reads below the goal of {READ_GOAL}x qemu-img: {', '.join(slow)}")

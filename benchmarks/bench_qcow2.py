@@ -19,37 +19,25 @@ import os
 import sys
 from collections.abc import Sequence
 
-from _harness import (
-    ComparisonTable,
-    MiB,
-    compare_reads,
-    compare_writes,
-    load_line,
-    make_random_raw,
-    parse_common_args,
-    qemu_img,
-    scratch_dir,
-)
+import _harness as harness
+from _harness import MiB
 
 from diskhandler import create_image
 
 
 def main(argv: Sequence[str] | None = None) -> int:
-    args = parse_common_args(__doc__ or "", argv)
-    size = args.size_mib * MiB
-    with scratch_dir(args.dir, "bench-qcow2-") as d:
-        raw = make_random_raw(d / "random.raw", args.size_mib)
-        print(f"qcow2, {args.size_mib} MiB, best of {args.repeat}; {load_line()}")
-        table = ComparisonTable(size, case_width=44)
+    with harness.session("qcow2", __doc__ or "", argv) as run:
+        raw, d, size, repeat = run.raw, run.folder, run.size, run.repeat
+        table = harness.ComparisonTable(size, case_width=44)
         table.header()
 
         full = d / "full.qcow2"
-        qemu_img("convert", "-f", "raw", "-O", "qcow2", raw, full)
-        table.add("read 64 KiB clusters", *compare_reads(full, "qcow2", size, args.repeat))
+        harness.qemu_img("convert", "-f", "raw", "-O", "qcow2", raw, full)
+        table.add("read 64 KiB clusters", *harness.compare_reads(full, "qcow2", size, repeat))
 
         small = d / "small.qcow2"
-        qemu_img("convert", "-f", "raw", "-O", "qcow2", "-o", "cluster_size=4k", raw, small)
-        table.add("read 4 KiB clusters", *compare_reads(small, "qcow2", size, args.repeat))
+        harness.qemu_img("convert", "-f", "raw", "-O", "qcow2", "-o", "cluster_size=4k", raw, small)
+        table.add("read 4 KiB clusters", *harness.compare_reads(small, "qcow2", size, repeat))
 
         # Compressible data so that the clusters really are compressed.
         text = d / "text.raw"
@@ -58,21 +46,21 @@ def main(argv: Sequence[str] | None = None) -> int:
             while f.tell() < size:
                 f.write(line[: size - f.tell()])
         packed = d / "compressed.qcow2"
-        qemu_img("convert", "-c", "-f", "raw", "-O", "qcow2", text, packed)
-        table.add("read compressed (deflate)", *compare_reads(packed, "qcow2", size, args.repeat))
+        harness.qemu_img("convert", "-c", "-f", "raw", "-O", "qcow2", text, packed)
+        table.add("read compressed (deflate)", *harness.compare_reads(packed, "qcow2", size, repeat))
 
         out_ours, out_theirs = d / "ours.qcow2", d / "theirs.qcow2"
-        times = compare_writes(raw, out_ours, out_theirs, args.repeat, fmt="qcow2", qemu_fmt="qcow2")
+        times = harness.compare_writes(raw, out_ours, out_theirs, repeat, fmt="qcow2", qemu_fmt="qcow2")
         table.add("write 64 KiB clusters", *times)
-        qemu_img("check", "-f", "qcow2", out_ours)
-        qemu_img("compare", "-f", "qcow2", "-F", "raw", out_ours, raw)
+        harness.qemu_img("check", "-f", "qcow2", out_ours)
+        harness.qemu_img("compare", "-f", "qcow2", "-F", "raw", out_ours, raw)
 
         # An overlay holding every other MiB: reads alternate between the two files.
         leaf = d / "leaf.qcow2"
         with create_image(leaf, parent=out_ours) as child:
             for offset in range(0, size, 2 * MiB):
                 child.write_at(offset, os.urandom(MiB))
-        table.add("read 2-level chain (half in leaf)", *compare_reads(leaf, "qcow2", size, args.repeat))
+        table.add("read 2-level chain (half in leaf)", *harness.compare_reads(leaf, "qcow2", size, repeat))
         print(table.read_goal())
     return 0
 

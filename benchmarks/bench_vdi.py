@@ -21,57 +21,38 @@ import os
 import sys
 from collections.abc import Sequence
 
-from _harness import (
-    ComparisonTable,
-    MiB,
-    best_of,
-    compare_reads,
-    compare_writes,
-    load_line,
-    make_random_raw,
-    parse_common_args,
-    qemu_img,
-    read_with_diskhandler,
-    scratch_dir,
-    write_with_diskhandler,
-)
+import _harness as harness
+from _harness import MiB
 
 from diskhandler import create_image
 
 
 def main(argv: Sequence[str] | None = None) -> int:
-    args = parse_common_args(__doc__ or "", argv)
-    size = args.size_mib * MiB
-    with scratch_dir(args.dir, "bench-vdi-") as d:
-        raw = make_random_raw(d / "random.raw", args.size_mib)
-        print(f"VDI, {args.size_mib} MiB of random data, best of {args.repeat}; {load_line()}")
-        table = ComparisonTable(size, case_width=44)
+    with harness.session("VDI", __doc__ or "", argv) as run:
+        raw, d, size, repeat = run.raw, run.folder, run.size, run.repeat
+        table = harness.ComparisonTable(size, case_width=44)
         table.header()
 
         image = d / "full.vdi"
-        qemu_img("convert", "-f", "raw", "-O", "vdi", raw, image)
-        table.add("read dynamic", *compare_reads(image, "vdi", size, args.repeat))
+        harness.qemu_img("convert", "-f", "raw", "-O", "vdi", raw, image)
+        table.add("read dynamic", *harness.compare_reads(image, "vdi", size, repeat))
 
         out_ours, out_theirs = d / "ours.vdi", d / "theirs.vdi"
-        table.add(
-            "write dynamic",
-            *compare_writes(raw, out_ours, out_theirs, args.repeat, fmt="vdi", qemu_fmt="vdi"),
-        )
-        qemu_img("check", "-f", "vdi", out_ours)
-        qemu_img("compare", "-f", "vdi", "-F", "raw", out_ours, raw)
+        times = harness.compare_writes(raw, out_ours, out_theirs, repeat, fmt="vdi", qemu_fmt="vdi")
+        table.add("write dynamic", *times)
+        harness.qemu_img("check", "-f", "vdi", out_ours)
+        harness.qemu_img("compare", "-f", "vdi", "-F", "raw", out_ours, raw)
 
         leaf = d / "leaf.vdi"
         with create_image(leaf, parent=out_ours) as child:
             for offset in range(0, size, 2 * MiB):  # every other block in the leaf
                 child.write_at(offset, os.urandom(MiB))
-        table.add(
-            "read 2-level chain (half the blocks in leaf)",
-            best_of(args.repeat, lambda: read_with_diskhandler(leaf)),
-        )
+        chain = harness.best_of(repeat, lambda: harness.read_with_diskhandler(leaf))
+        table.add("read 2-level chain (half the blocks in leaf)", chain)
 
         small = d / "small-blocks.vdi"
-        write_with_diskhandler(raw, small, "vdi", block_size=64 << 10)
-        table.add("read 64 KiB blocks", best_of(args.repeat, lambda: read_with_diskhandler(small)))
+        harness.write_with_diskhandler(raw, small, "vdi", block_size=64 << 10)
+        table.add("read 64 KiB blocks", harness.best_of(repeat, lambda: harness.read_with_diskhandler(small)))
         print(table.read_goal())
     return 0
 

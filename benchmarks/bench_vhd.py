@@ -16,44 +16,29 @@ from __future__ import annotations
 import sys
 from collections.abc import Sequence
 
-from _harness import (
-    ComparisonTable,
-    MiB,
-    best_of,
-    compare_reads,
-    compare_writes,
-    load_line,
-    make_random_raw,
-    parse_common_args,
-    qemu_img,
-    read_with_diskhandler,
-    remove_image,
-    scratch_dir,
-)
+import _harness as harness
+from _harness import MiB
 
 from diskhandler import create_image
 
 
 def main(argv: Sequence[str] | None = None) -> int:
-    args = parse_common_args(__doc__ or "", argv)
-    size = args.size_mib * MiB
-    with scratch_dir(args.dir, "bench-vhd-") as work:
-        raw = make_random_raw(work / "random.raw", args.size_mib)
-        print(f"VHD, {args.size_mib} MiB of random data, best of {args.repeat}; {load_line()}")
-        table = ComparisonTable(size, case_width=28)
+    with harness.session("VHD", __doc__ or "", argv) as run:
+        raw, work, size, repeat = run.raw, run.folder, run.size, run.repeat
+        table = harness.ComparisonTable(size, case_width=28)
         table.header()
         for subformat in ("dynamic", "fixed"):
             img = work / f"{subformat}.vhd"
             opts = f"subformat={subformat},force_size=on"
-            qemu_img("convert", "-f", "raw", "-O", "vpc", "-o", opts, raw, img)
-            table.add(f"read {subformat}", *compare_reads(img, "vpc", size, args.repeat))
+            harness.qemu_img("convert", "-f", "raw", "-O", "vpc", "-o", opts, raw, img)
+            table.add(f"read {subformat}", *harness.compare_reads(img, "vpc", size, repeat))
 
             out, qout = work / f"out-{subformat}.vhd", work / f"qemu-{subformat}.vhd"
-            times = compare_writes(
+            times = harness.compare_writes(
                 raw,
                 out,
                 qout,
-                args.repeat,
+                repeat,
                 fmt="vhd",
                 qemu_fmt="vpc",
                 options={"subformat": subformat},
@@ -61,17 +46,18 @@ def main(argv: Sequence[str] | None = None) -> int:
             )
             table.add(f"write {subformat}", *times)
             for p in (out, qout, img):
-                remove_image(p)
+                harness.remove_image(p)
 
         # A differencing child with almost every sector in its parent: the chain's read cost.
         base = work / "base.vhd"
-        qemu_img("convert", "-f", "raw", "-O", "vpc", "-o", "force_size=on", raw, base)
+        harness.qemu_img("convert", "-f", "raw", "-O", "vpc", "-o", "force_size=on", raw, base)
         child = work / "child.vhd"
         with create_image(child, parent=base) as image:
             for off in range(0, size, 4 * MiB):  # every other 2 MiB block gets one sector of its own
                 image.write_at(off + 4096, b"\xff" * 512)
-        read_with_diskhandler(child)  # warm the page cache
-        table.add("read differencing chain", best_of(args.repeat, lambda: read_with_diskhandler(child)))
+        harness.read_with_diskhandler(child)  # warm the page cache
+        chain = harness.best_of(repeat, lambda: harness.read_with_diskhandler(child))
+        table.add("read differencing chain", chain)
         print(table.read_goal())
     return 0
 

@@ -14,51 +14,38 @@ from __future__ import annotations
 import sys
 from collections.abc import Sequence
 
-from _harness import (
-    ComparisonTable,
-    MiB,
-    compare_reads,
-    compare_writes,
-    load_line,
-    make_random_raw,
-    parse_common_args,
-    qemu_img,
-    remove_image,
-    scratch_dir,
-)
+import _harness as harness
 
 READ_SUBFORMATS = ("monolithicSparse", "twoGbMaxExtentSparse", "monolithicFlat", "streamOptimized")
 WRITE_SUBFORMATS = ("monolithicSparse", "monolithicFlat")
 
 
 def main(argv: Sequence[str] | None = None) -> int:
-    args = parse_common_args(__doc__ or "", argv)
-    size = args.size_mib * MiB
-    with scratch_dir(args.dir, "bench-vmdk-") as work:
-        raw = make_random_raw(work / "random.raw", args.size_mib)
-        print(f"VMDK, {args.size_mib} MiB of random data, best of {args.repeat}; {load_line()}")
-        table = ComparisonTable(size, case_width=36)
+    with harness.session("VMDK", __doc__ or "", argv) as run:
+        raw, work, size, repeat = run.raw, run.folder, run.size, run.repeat
+        table = harness.ComparisonTable(size, case_width=36)
         table.header()
         for subformat in READ_SUBFORMATS:
             image = work / f"{subformat}.vmdk"
-            qemu_img("convert", "-f", "raw", "-O", "vmdk", "-o", f"subformat={subformat}", raw, image)
-            table.add(f"read {subformat}", *compare_reads(image, "vmdk", size, args.repeat))
-            remove_image(image)
+            harness.qemu_img("convert", "-f", "raw", "-O", "vmdk", "-o", f"subformat={subformat}", raw, image)
+            table.add(f"read {subformat}", *harness.compare_reads(image, "vmdk", size, repeat))
+            harness.remove_image(image)
         for subformat in WRITE_SUBFORMATS:
             ours, theirs = work / "ours.vmdk", work / "theirs.vmdk"
-            times = compare_writes(
+            option = f"subformat={subformat}"
+            times = harness.compare_writes(
                 raw,
                 ours,
                 theirs,
-                args.repeat,
+                repeat,
                 fmt="vmdk",
                 qemu_fmt="vmdk",
                 options={"subformat": subformat},
-                qemu_options=[f"subformat={subformat}"],
+                qemu_options=[option],
             )
             table.add(f"write {subformat}", *times)
-            remove_image(ours)
-            remove_image(theirs)
+            harness.remove_image(ours)
+            harness.remove_image(theirs)
         print(table.read_goal())
     return 0
 
