@@ -364,6 +364,33 @@ def test_child_sets_only_the_bits_of_written_sectors(tmp_path: Path) -> None:
     assert sector9 == b"\xaa" * 100 + b"\x01" * 600 + b"\xaa" * 324
 
 
+def test_reading_a_fragmented_child_keeps_its_caches_bounded(tmp_path: Path) -> None:
+    from diskhandler.formats import vhd
+
+    base, child = tmp_path / "base.vhd", tmp_path / "child.vhd"
+    block, blocks = 65536, 600
+    with create_image(base, block * blocks, block_size=block) as image:
+        image.write_at(0, b"\x11" * block * blocks)
+    with create_image(child, parent=base, block_size=block) as image:
+        for index in range(blocks):
+            image.write_at(index * block, b"\x22" * 512)
+        bat = list(image._bat or [])
+    with child.open("r+b") as f:  # every other sector in the child: 128 runs per block
+        for sector in bat:
+            f.seek(sector * 512)
+            f.write(b"\xaa" * 16)
+    one = bytearray(b"\x11" * block)
+    for s in range(0, 128, 2):
+        one[s * 512 : s * 512 + 512] = bytes(512)
+    one[:512] = b"\x22" * 512
+    with open_image(child) as image:
+        assert isinstance(image, VHDImage)
+        for index in range(blocks):
+            assert image.read_at(index * block, block) == one
+        cached = sum(len(runs) for runs in image._runs.values())
+        assert cached <= vhd._RUNS_CACHE_LIMIT < 128 * blocks
+
+
 def test_child_records_its_parent_as_windows_does(tmp_path: Path) -> None:
     base = tmp_path / "base.vhd"
     create_image(base, 4 * MiB).close()

@@ -101,7 +101,9 @@ MAX_VHD_SIZE = 2040 << 30
 MAX_BAT_ENTRIES = 1 << 22
 MAX_LOCATOR_LENGTH = 1 << 16
 _LOCATOR_SLOTS = 8
-_BITMAP_CACHE_LIMIT = 1 << 14  # blocks whose bitmap is kept (8 MiB of 2 MiB-block bitmaps)
+_BITMAP_CACHE_BYTES = 8 << 20  # bitmaps kept (16384 of 2 MiB blocks; fewer of larger ones)
+#: Runs of equal bitmap bits kept (each about 100 bytes): a fragmented child has hundreds per block.
+_RUNS_CACHE_LIMIT = 1 << 16
 
 _EPOCH_2000 = 946684800  # 2000-01-01T00:00:00Z as a Unix time
 
@@ -327,7 +329,9 @@ class VHDImage(DiskImage):
             self._sectors_per_block = 0
             self._bat_offset = 0
         self._bitmaps: dict[int, bytearray] = {}
+        self._bitmap_cache_limit = max(16, _BITMAP_CACHE_BYTES // max(1, self._bitmap_size))
         self._runs: dict[int, list[tuple[int, int, bool]]] = {}
+        self._runs_cached = 0  # total length of the lists in self._runs
 
     # -- detection and opening ----------------------------------------------------------------------
 
@@ -695,9 +699,8 @@ class VHDImage(DiskImage):
     def _bitmap(self, index: int) -> bytearray:
         cached = self._bitmaps.get(index)
         if cached is None:
-            if len(self._bitmaps) >= _BITMAP_CACHE_LIMIT:
+            if len(self._bitmaps) >= self._bitmap_cache_limit:
                 self._bitmaps.clear()
-                self._runs.clear()
             assert self._bat is not None
             cached = bytearray(self._bitmap_size)
             preadinto_exact(
@@ -710,8 +713,16 @@ class VHDImage(DiskImage):
         runs = self._runs.get(index)
         if runs is None:
             runs = _bitmap_runs(self._bitmap(index), self._sectors_per_block)
+            if self._runs_cached + len(runs) > _RUNS_CACHE_LIMIT:
+                self._runs.clear()
+                self._runs_cached = 0
             self._runs[index] = runs
+            self._runs_cached += len(runs)
         return runs
+
+    def _forget_runs(self, index: int) -> None:
+        """Drop block ``index``'s cached runs (its bitmap changed)."""
+        self._runs_cached -= len(self._runs.pop(index, ()))
 
     # -- writing ------------------------------------------------------------------------------------
 
@@ -758,7 +769,7 @@ class VHDImage(DiskImage):
         lo, hi = _set_bits(bitmap, first, last)
         if lo < hi:
             pwrite_all(self._fd, memoryview(bitmap)[lo:hi], block_at + lo)
-            self._runs.pop(index, None)
+            self._forget_runs(index)
 
     def _allocate(self, index: int, within: int, chunk: memoryview, first: int, last: int) -> None:
         assert self._bat is not None
@@ -779,7 +790,7 @@ class VHDImage(DiskImage):
         self._bat[index] = block_at // SECTOR
         self._next_block = new_end
         self._bitmaps[index] = bitmap
-        self._runs.pop(index, None)
+        self._forget_runs(index)
         # 4. the data, then (differencing) the bits of the sectors written. Data is never written to
         #    space the BAT does not reference: other writers (qemu) reuse such space after a crash
         #    without zeroing it, and would show the stale bytes in their new block.
