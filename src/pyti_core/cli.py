@@ -424,6 +424,23 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
+def _quiet_libvirt() -> None:
+    """Send libvirt's own warnings to a log file instead of over the progress display.
+
+    The embedded driver logs a "tainted: high-privileges" warning per VM started as root; libvirt reads
+    ``LIBVIRT_LOG_OUTPUTS`` once, when it is loaded, so this must happen before the first VM. A value
+    the user set is kept.
+    """
+    if "LIBVIRT_LOG_OUTPUTS" in os.environ or "libvirt" in sys.modules:
+        return
+    cache = Path(os.environ.get("XDG_CACHE_HOME") or Path.home() / ".cache") / "pyti"
+    try:
+        cache.mkdir(parents=True, exist_ok=True)
+    except OSError:
+        return
+    os.environ["LIBVIRT_LOG_OUTPUTS"] = f"3:file:{cache / 'libvirt.log'}"
+
+
 def _message(exc: BaseException) -> str:
     """The error's own message (no traceback); multi-line only when it carries a log tail."""
     return str(exc).strip() or type(exc).__name__
@@ -444,6 +461,7 @@ def main(
     """
     out = stdout or sys.stdout
     err = stderr or sys.stderr
+    _quiet_libvirt()
     parser = build_parser()
     try:
         args = parser.parse_args(argv)
