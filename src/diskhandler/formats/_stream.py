@@ -258,6 +258,7 @@ class DiskImage(io.RawIOBase):
         if n <= 0:
             return 0
         with self._lock:
+            self._check_open()
             self._readinto_at(offset, view[:n])
         return n
 
@@ -280,6 +281,7 @@ class DiskImage(io.RawIOBase):
                 str(self.path),
             )
         with self._lock:
+            self._check_open()
             self._write_at(offset, view)
         return len(view)
 
@@ -299,22 +301,25 @@ class DiskImage(io.RawIOBase):
 
     @override
     def close(self) -> None:
-        if self.closed:
-            return
-        try:
-            self.flush()
-        finally:
+        # Under the lock: a read or write running in another thread (FUSE) finishes first, and none
+        # starts on a descriptor that is being closed (each re-checks ``closed`` inside the lock).
+        with self._lock:
+            if self.closed:
+                return
             try:
-                self._close_files()
+                self.flush()
             finally:
                 try:
-                    fd, self._fd = self._fd, -1
-                    if fd >= 0:  # views over another image (partitions) own no descriptor
-                        os.close(fd)
+                    self._close_files()
                 finally:
-                    if self.parent is not None:
-                        self.parent.close()
-                    super().close()
+                    try:
+                        fd, self._fd = self._fd, -1
+                        if fd >= 0:  # views over another image (partitions) own no descriptor
+                            os.close(fd)
+                    finally:
+                        if self.parent is not None:
+                            self.parent.close()
+                        super().close()
 
     @override
     def __enter__(self) -> Self:
