@@ -197,7 +197,8 @@ class VDFuseOperations:
                 "f_bavail": 0, "f_files": len(self.files), "f_ffree": 0, "f_namemax": 255}  # fmt: skip
 
     def access(self, path: str, amode: int) -> None:
-        self._file(path) if path != "/" else None
+        if path != "/":
+            self._file(path)
         if amode & os.W_OK and self.readonly:
             raise OSError(errno.EROFS, "read-only vdfuse view", path)
 
@@ -209,7 +210,9 @@ class VDFuseOperations:
             raise OSError(errno.EPERM, "a disk's size is fixed; its files cannot be resized", path)
 
     def utimens(self, path: str, times: tuple[int, int] | None = None) -> None:
-        self._file(path) if path != "/" else None
+        """Accepted and ignored (``touch`` works); the times shown are the image file's."""
+        if path != "/":
+            self._file(path)
 
     # -- open files -------------------------------------------------------------------------------
 
@@ -528,7 +531,7 @@ def mount_vdfuse(
     The view is served by a child process: libfuse's loop blocks and installs signal handlers, so it
     never runs in the caller's process. A single-threaded caller forks (the child starts in
     milliseconds, with the modules already imported); a multi-threaded one, or ``spawn=True``, starts
-    ``python -m diskhandler.vdfuse`` instead (about 0.3 s more), since forking a threaded process is
+    ``python -m diskhandler.vdfuse`` instead (about 0.2 s more), since forking a threaded process is
     unsafe. The child runs in its own session (a Ctrl-C meant for the caller does not unmount it).
     Errors the child meets before mounting (a damaged image, an image in use, no ``/dev/fuse``) are
     raised here with their diskhandler type.
