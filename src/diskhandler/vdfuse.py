@@ -29,6 +29,7 @@ This is the only module that imports ``fuse`` (fusepy).
 from __future__ import annotations
 
 import errno
+import gc
 import json
 import os
 import select
@@ -651,7 +652,9 @@ def _fork(img: Path, mp: Path, readonly: bool, format: str | None, write_end: in
         devnull = os.open(os.devnull, os.O_RDWR)
         for std in (0, 1, 2):
             os.dup2(devnull, std)
-        # Only the ready pipe survives: no descriptor (and no image lock) of the caller is kept.
+        # Collect the caller's pending garbage first, while the descriptors it may close are still the
+        # inherited ones; then only the ready pipe survives (no descriptor, no image lock of the caller).
+        gc.collect()
         os.closerange(3, write_end)
         os.closerange(write_end + 1, 1 << 20)
         for sig in (signal.SIGTERM, signal.SIGINT, signal.SIGHUP, signal.SIGPIPE):
