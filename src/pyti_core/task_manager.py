@@ -38,7 +38,7 @@ import time
 import traceback
 import uuid
 from collections.abc import Callable, Iterable, Iterator, Sequence
-from concurrent.futures import Future, ThreadPoolExecutor
+from concurrent.futures import Future, ThreadPoolExecutor, wait
 from datetime import UTC, datetime
 from pathlib import Path
 from typing import Final, Literal
@@ -278,9 +278,14 @@ class TaskManager:
             jobs = list(self._jobs.values())
         if cancel:
             self._stopping.set()
-            for job in jobs:
-                if not job.future.done():
-                    self._kill(job, "the TaskManager was closed")
+            pending = [j for j in jobs if not j.future.done()]
+            while pending:  # again and again: a VM may be defined just after a kill found none
+                for job in pending:
+                    job.killed = True
+                    if job.vm_started is not None:
+                        self._kill(job, "the TaskManager was closed")
+                wait([j.future for j in pending], timeout=2.0)
+                pending = [j for j in pending if not j.future.done()]
         self._pool.shutdown(wait=True, cancel_futures=False)
         self._stopping.set()
         self._watchdog.join(timeout=5)
