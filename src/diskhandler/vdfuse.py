@@ -146,6 +146,11 @@ class VDFuseOperations:
         for index, part in enumerate(partitions, start=1):
             number = getattr(part, "number", index)
             self.files[f"{_PARTITION_PREFIX}{number}"] = part
+        # "/name" -> (the disk, first byte, size): reads and writes go straight to the disk
+        self._ranges: dict[str, tuple[DiskImage, int, int]] = {}
+        for name, image in self.files.items():
+            start = getattr(image, "start", 0) if image is not disk else 0
+            self._ranges["/" + name] = (disk, start, image.size)
         self._open: dict[str, int] = dict.fromkeys(self.files, 0)
         self._open_lock = threading.Lock()
         st = os.stat(disk.path)
@@ -235,17 +240,28 @@ class VDFuseOperations:
             self._open[name] += 1
         return 0
 
+    def _range(self, path: str) -> tuple[DiskImage, int, int]:
+        found = self._ranges.get(path)
+        if found is None:
+            raise FileNotFoundError(errno.ENOENT, "no such file in the vdfuse view", path)
+        return found
+
     def read(self, path: str, size: int, offset: int, fh: int) -> bytes:
-        _name, image = self._file(path)
-        return image.read_at(offset, size)
+        disk, start, length = self._range(path)
+        if offset >= length:
+            return b""
+        return disk.read_at(start + offset, min(size, length - offset))
 
     def write(self, path: str, data: bytes, offset: int, fh: int) -> int:
-        _name, image = self._file(path)
+        """Write what fits before the end of the file (a short write); nothing fits: ``ENOSPC``."""
+        disk, start, length = self._range(path)
         if self.readonly:
             raise OSError(errno.EROFS, "read-only vdfuse view", path)
-        if offset >= image.size:
+        if offset >= length:
             raise OSError(errno.ENOSPC, "write past the end of the disk", path)
-        return image.write_at(offset, data)
+        if offset + len(data) > length:
+            data = data[: length - offset]
+        return disk.write_at(start + offset, data)
 
     def flush(self, path: str, fh: int) -> None:
         self._sync(path)

@@ -313,3 +313,21 @@ def test_errors_reach_fuse_as_errno(tmp_path: Path) -> None:
         assert isinstance(info.value.__cause__, ImageFormatError)
     finally:
         core.destroy("/")
+
+
+def test_writes_are_cut_at_the_end_of_the_file(tmp_path: Path) -> None:
+    image = tmp_path / "d.raw"
+    with image.open("wb") as f:
+        f.truncate(MiB)
+    disk = open_image(image, writable=True)
+    core = VDFuseOperations(disk, [])
+    try:
+        assert core.write("/EntireDisk", b"xyz", MiB - 1, 0) == 1  # a short write, as on a block device
+        assert core.read("/EntireDisk", 10, MiB - 1, 0) == b"x"
+        assert core.read("/EntireDisk", 10, MiB, 0) == b""
+        with pytest.raises(OSError, match="past the end") as info:
+            core.write("/EntireDisk", b"x", MiB, 0)
+        assert info.value.errno == errno.ENOSPC
+    finally:
+        core.destroy("/")
+    assert image.read_bytes()[-1:] == b"x"
