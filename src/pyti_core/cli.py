@@ -21,6 +21,7 @@ from __future__ import annotations
 
 import argparse
 import os
+import re
 import signal
 import sys
 import threading
@@ -55,6 +56,7 @@ EXIT_USAGE: Final = 2
 EXIT_ERROR: Final = 3
 EXIT_INTERRUPTED: Final = 130
 DEFAULT_TIMEOUT: Final = 600.0
+_ARCHIVE_SUFFIXES: Final = (".whl", ".tar.gz", ".tgz", ".zip", ".tar.bz2", ".tar.xz")
 
 
 class _UsageError(Exception):
@@ -114,6 +116,15 @@ def _mib(kb: int) -> str:
     return f"{kb / 1024:.1f} MiB" if kb else "-"
 
 
+def _why(text: str, limit: int = 200) -> str:
+    """The line that says why a task did not pass: pyti's own first line, else the output's last."""
+    lines = [line.strip() for line in text.splitlines() if line.strip()]
+    if not lines:
+        return "(no output)"
+    line = lines[0] if lines[0].startswith(("pyti", "[pyti")) else lines[-1]
+    return line if len(line) <= limit else line[: limit - 3] + "..."
+
+
 def format_table(result: RunResult) -> str:
     """The per-task table ``pyti run`` prints: status, test counts, time, peak memory, CPU."""
     header = ("task", "status", "passed", "failed", "errors", "skipped", "time", "peak mem", "CPU user+sys")
@@ -140,6 +151,8 @@ def format_table(result: RunResult) -> str:
     if result.phases:
         lines.append("phases: " + ", ".join(f"{k} {v:.1f} s" for k, v in result.phases.items()))
     bad = [r for r in result.report.records if not r.ok]
+    for r in bad:
+        lines.append(f"  {r.task}: {_why(r.stderr or r.stdout)}")
     if not result.report.records:
         lines.append("result: FAILED (no task reported)")
     elif bad:
@@ -187,13 +200,12 @@ def _cmd_run(args: argparse.Namespace, out: TextIO, err: TextIO) -> int:
     from pyti_core.config import JobConfig  # noqa: PLC0415 (keeps `pyti --help` fast)
     from pyti_core.manager import GuestSystem, run  # noqa: PLC0415
     from pyti_core.packages import DEBIAN_12  # noqa: PLC0415
+    from pyti_core.task_manager import TaskManager  # noqa: PLC0415
     from pyti_core.tasks import get_recipe  # noqa: PLC0415
 
     config = JobConfig.from_toml(args.job) if args.job else None
-    spec: str | Path | None = (
-        args.spec if args.spec is not None else (config.distribution if config else None)
-    )
-    if spec is None:
+    specs: list[str | Path] = [_spec(s) for s in args.spec] or ([config.distribution] if config else [])
+    if not specs:
         raise _UsageError(
             "run: give a distribution (attrs==23.2.0, a wheel, an sdist, a folder) or --job FILE"
         )
@@ -202,6 +214,8 @@ def _cmd_run(args: argparse.Namespace, out: TextIO, err: TextIO) -> int:
     cache_dir = args.cache_dir or (config.cache_dir if config else None)
     report_path = args.report or (config.report if config else None)
     find_links = [*(config.find_links if config else ()), *args.find_links]
+    no_index = args.no_index or (config.no_index if config else False)
+    index_url = args.index_url or (config.index_url if config else None)
     guest = None
     if config is not None and config.target != DEBIAN_12:  # the default guest, told it is another
         guest = attrs.evolve(
@@ -209,29 +223,72 @@ def _cmd_run(args: argparse.Namespace, out: TextIO, err: TextIO) -> int:
         )
     display = ProgressDisplay(err, live=args.live)
     try:
-        result = run(
-            spec,
-            recipe=recipe,
-            timeout=timeout,
-            work_dir=args.work_dir,
-            uri=args.uri,
-            guest=guest,
-            progress=display,
-            cache_dir=cache_dir,
-            keep=args.keep,
-            find_links=find_links,
-            no_index=args.no_index or (config.no_index if config else False),
-            index_url=args.index_url or (config.index_url if config else None),
-        )
+        if len(specs) == 1:
+            results = [
+                run(
+                    specs[0],
+                    recipe=recipe,
+                    timeout=timeout,
+                    work_dir=args.work_dir,
+                    uri=args.uri,
+                    guest=guest,
+                    progress=display,
+                    cache_dir=cache_dir,
+                    keep=args.keep,
+                    find_links=find_links,
+                    no_index=no_index,
+                    index_url=index_url,
+                )
+            ]
+        else:
+            with TaskManager(
+                args.max_vms,
+                guest=guest,
+                uri=args.uri,
+                work_dir=args.work_dir,
+                cache_dir=cache_dir,
+                progress=display.job,
+                keep=args.keep,
+                find_links=find_links,
+                no_index=no_index,
+                index_url=index_url,
+            ) as manager:
+                results = manager.run_all(specs, recipe=recipe, timeout=timeout)
     finally:
         display.close()
-    out.write(format_table(result))
-    if result.work_dir is not None:
-        out.write(f"files kept in {result.work_dir}\n")
+    for i, result in enumerate(results):
+        if i:
+            out.write("\n")
+        out.write(format_table(result))
+        if result.work_dir is not None:
+            out.write(f"files kept in {result.work_dir}\n")
     if report_path is not None:
-        Path(report_path).write_text(result.report.to_json() + "\n", encoding="utf-8")
-        out.write(f"report written to {report_path}\n")
-    return EXIT_OK if result.ok else EXIT_FAILED
+        for result, path in zip(results, _report_paths(Path(report_path), results), strict=True):
+            path.write_text(result.report.to_json() + "\n", encoding="utf-8")
+            out.write(f"report written to {path}\n")
+    return EXIT_OK if all(r.ok for r in results) else EXIT_FAILED
+
+
+def _spec(text: str) -> str | Path:
+    """A path when it looks like one (a ``/``, ``~``, or an archive's suffix), else a requirement."""
+    if "/" in text or text.startswith("~") or text.endswith(_ARCHIVE_SUFFIXES):
+        path = Path(text).expanduser()
+        if not path.exists():
+            raise _UsageError(f"run: {text}: no such file or folder")
+        return path
+    return text
+
+
+def _report_paths(report: Path, results: Sequence[RunResult]) -> list[Path]:
+    """One run: the file itself. Several: a folder of ``<name>-<version>.json`` files."""
+    if len(results) == 1:
+        return [report]
+    report.mkdir(parents=True, exist_ok=True)
+    names = [re.sub(r"[^A-Za-z0-9._-]+", "-", r.distribution.replace("==", "-")).strip("-.") for r in results]
+    return [
+        report / f"{n or 'run'}-{i + 1}.json" if names.count(n) > 1 else report / f"{n}.json"
+        for i, n in enumerate(names)
+    ]
 
 
 def _cmd_image_build(args: argparse.Namespace, out: TextIO, err: TextIO) -> int:
@@ -364,10 +421,17 @@ def build_parser() -> argparse.ArgumentParser:
     sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
 
     p = sub.add_parser("run", help="test one distribution in a fresh VM and print a table per task")
-    p.add_argument("spec", nargs="?", help="attrs==23.2.0, or a wheel, an sdist or a project folder")
+    p.add_argument(
+        "spec",
+        nargs="*",
+        help="attrs==23.2.0, or a wheel, an sdist or a project folder; several run in parallel VMs",
+    )
+    p.add_argument("--max-vms", type=_count, help="guests at once for several specs (default: cores, memory)")
     p.add_argument("--job", type=Path, help="a TOML job file (options given here override it)")
     p.add_argument("--recipe", help="default, unittest or install-only (default: default)")
-    p.add_argument("--report", type=Path, help="write the JSON report (raw-data records) here")
+    p.add_argument(
+        "--report", type=Path, help="write the JSON report here (several specs: a folder of reports)"
+    )
     p.add_argument(
         "--timeout", type=_positive_float, help=f"seconds for the guest's run (default {DEFAULT_TIMEOUT:g})"
     )

@@ -316,7 +316,7 @@ class TaskManager:
             result = self._failure(job, status, str(exc), serial=exc.serial_log)
         except GuestRunError as exc:
             result = self._failure(job, "error", str(exc), serial=exc.serial_log)
-        except PytiError as exc:  # download, recipe, IO disk: the message says it all
+        except (PytiError, OSError) as exc:  # download, recipe, IO disk: the message says it all
             result = self._failure(job, "error", f"pyti could not run {job.spec}: {exc}")
         except Exception as exc:  # a job never ends without a result
             log.exception("job %s (%s) failed", job.name, job.spec)

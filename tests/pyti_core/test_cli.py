@@ -101,7 +101,8 @@ def test_table_has_a_row_per_task_with_counts_time_memory_cpu() -> None:
     assert lines[3].split()[:6] == ["pytest", "failed", "1", "1", "0", "2"]
     assert "40.3 MiB" in lines[3]
     assert lines[4] == "phases: boot 3.0 s, tasks 9.5 s"
-    assert lines[5] == "result: FAILED (1 of 2 tasks: pytest failed)"
+    assert lines[5] == "  pytest: (no output)"
+    assert lines[6] == "result: FAILED (1 of 2 tasks: pytest failed)"
 
 
 def test_table_passed_and_empty() -> None:
@@ -155,13 +156,44 @@ def test_usage_errors_exit_2(tmp_path: Path) -> None:
 
 
 def test_a_failed_download_is_one_line_and_exit_3(tmp_path: Path) -> None:
-    code, out, err = run_cli("run", str(tmp_path / "missing-1.0-py3-none-any.whl"), "--no-index")
+    junk = tmp_path / "junk-1.0-py3-none-any.whl"
+    junk.write_text("not a zip file")
+    code, out, err = run_cli("run", str(junk), "--no-index")
     assert code == EXIT_ERROR
     assert out == ""
     last = err.splitlines()[-1]  # after the progress lines
     assert last.startswith("pyti: error: ")
-    assert "missing-1.0-py3-none-any.whl" in last
+    assert "junk-1.0-py3-none-any.whl: cannot read the wheel" in last
     assert "Traceback" not in err
+    code, out, err = run_cli("run", str(tmp_path / "missing-1.0-py3-none-any.whl"))
+    assert code == EXIT_USAGE
+    assert err == f"pyti: usage error: run: {tmp_path}/missing-1.0-py3-none-any.whl: no such file or folder\n"
+
+
+def test_several_specs_go_through_the_task_manager_and_each_gets_a_result(tmp_path: Path) -> None:
+    """Failures of one job do not stop the others: every spec gets its table and its report."""
+    specs = [str(tmp_path / f"junk{i}-1.0-py3-none-any.whl") for i in (1, 2)]
+    for spec in specs:
+        Path(spec).write_text("not a zip file")
+    reports = tmp_path / "reports"
+    code, out, err = run_cli(
+        "run", *specs, "--no-index", "--max-vms", "1", "--report", str(reports), "--plain"
+    )
+    assert code == EXIT_FAILED
+    tables = out.split("\n\n")
+    assert len(tables) == 2
+    for spec, table in zip(specs, tables, strict=True):
+        lines = table.splitlines()
+        assert lines[0] == spec
+        assert lines[2].split()[:2] == ["pyti", "error"]
+    assert "result: FAILED (1 of 1 tasks: pyti error)" in out
+    written = sorted(p.name for p in reports.iterdir())
+    assert len(written) == 2
+    for name in written:
+        (rec,) = Report.from_json((reports / name).read_text()).records
+        assert "junk" in rec.stderr
+        assert "cannot read the wheel" in rec.stderr
+    assert "queued: " in err
 
 
 def test_python_dash_m_runs_the_cli() -> None:
@@ -306,6 +338,7 @@ def test_pyti_run_real_guest(tmp_path: Path) -> None:
     assert rows["install"][1] == "passed"
     assert rows["import"][1] == "failed"
     assert out.splitlines()[-2] == "result: FAILED (1 of 2 tasks: import failed)"
+    assert "  import: ImportError: broken on purpose" in out.splitlines()
     for phase in ("download", "io-disk", "boot", "tasks", "collect"):
         assert f"] {phase}: " in err
     saved = Report.from_json(report.read_text())
