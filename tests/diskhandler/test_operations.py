@@ -586,3 +586,26 @@ def test_interpreter_exit_unmounts_what_was_left_open(tmp_path: Path) -> None:
         d.download("/left.txt", tmp_path / "back")
     assert (tmp_path / "back").read_text() == "left open"
     disk.check(tmp_path)
+
+
+@pytest.mark.skipif(os.geteuid() != 0 or shutil.which("unshare") is None, reason="needs root and unshare")
+def test_no_dev_fuse_is_a_clear_error(tmp_path: Path) -> None:
+    # A private mount namespace with an empty /dev (only /dev/null): /dev/fuse is really absent.
+    disk = build_disk(tmp_path, "raw", "mbr")
+    script = (
+        "import sys\nfrom diskhandler import DiskOperations, MissingDependencyError\n"
+        "try:\n    DiskOperations(sys.argv[1]).mount()\n"
+        "except MissingDependencyError as exc:\n    print('refused:', exc)\n"
+    )
+    inner = "mount -t tmpfs none /dev && mknod -m 666 /dev/null c 1 3 && "
+    inner += f'exec {sys.executable} -c "$0" "$1"'
+    proc = subprocess.run(
+        ["unshare", "-m", "--propagation", "private", "sh", "-c", inner, script, str(disk.path)],
+        capture_output=True,
+        text=True,
+        check=False,
+    )
+    if proc.returncode != 0 and "unshare" in proc.stderr:
+        pytest.skip(f"cannot make a mount namespace here: {proc.stderr.strip()}")
+    assert proc.stdout.startswith("refused: /dev/fuse does not exist"), proc.stdout + proc.stderr
+    assert os.path.exists("/dev/fuse")  # the host's /dev was not touched
