@@ -331,3 +331,29 @@ def test_writes_are_cut_at_the_end_of_the_file(tmp_path: Path) -> None:
     finally:
         core.destroy("/")
     assert image.read_bytes()[-1:] == b"x"
+
+
+@pytest.mark.parametrize("fmt", ["vdi", "vhd", "vmdk", "qcow2"])
+def test_snapshot_chain_shows_the_leaf_and_writes_only_it(tmp_path: Path, fmt: str) -> None:
+    from diskhandler import create_image
+
+    base, flat, layout = gpt_disk(tmp_path, fmt)
+    base_bytes = base.read_bytes()
+    child = tmp_path / f"child.{fmt}"
+    create_image(
+        child, parent=base
+    ).close()  # a differencing image / overlay / delta link made by diskhandler
+    _number, start, length = layout[0]
+    mp = tmp_path / "mnt"
+    mp.mkdir()
+    with mount_vdfuse(child, mp) as m:
+        part = m.mountpoint / "Partition1"
+        assert (
+            part.read_bytes() == flat.read_bytes()[start : start + length]
+        )  # the parent's data shows through
+        with part.open("r+b") as f:
+            f.write(b"only in the child")
+    assert base.read_bytes() == base_bytes
+    with open_image(child) as disk:
+        assert disk.read_at(start, 17) == b"only in the child"
+        assert disk.read_at(start + 17, 4096) == flat.read_bytes()[start + 17 : start + 17 + 4096]
