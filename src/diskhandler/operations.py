@@ -398,7 +398,8 @@ class DiskOperations:
         ``mode`` defaults to the host file's permission bits; ``owner`` is a ``(uid, gid)`` pair (FAT
         keeps neither; both are ignored there).
         When the guest filesystem fills up, the partial file is removed and
-        :class:`FilesystemError` (``ENOSPC``) is raised.
+        :class:`FilesystemError` (``ENOSPC``) is raised; a file being overwritten is truncated first,
+        so after a failed overwrite it is gone too (never half-written).
         """
         self._check_writable()
         src_path = Path(src)
