@@ -48,13 +48,18 @@ nothing), and the CLI draws.
 
 from __future__ import annotations
 
+import atexit
 import contextlib
 import datetime
+import fcntl
 import os
 import re
 import shutil
+import struct
 import tempfile
+import threading
 import time
+import urllib.parse
 import uuid
 from collections.abc import Callable, Iterable, Mapping, Sequence
 from pathlib import Path
@@ -72,6 +77,7 @@ __all__ = [
     "GuestSystem",
     "ProgressCallback",
     "RunResult",
+    "hypervisor_uri",
     "run",
     "run_prepared",
 ]
@@ -330,6 +336,9 @@ def run_prepared(
     report_progress("io-disk", "staging the wheels, sources and job")
     job = stage_io_folder(work_dir / "io", distribution, recipe, guest.layout)
     (work_dir / "io" / _RUN_SCRIPT).write_text(run_script(guest))
+    # Made here, so its directory entry is on the disk before the guest runs: the agent only appends
+    # and fsyncs it, which keeps every finished record even when the VM is stopped at the job timeout.
+    (work_dir / "io" / guest.layout.results / _RECORDS).touch()
     io_disk = work_dir / "io.img"
     io_disk.unlink(missing_ok=True)
     size = _io_disk_size(work_dir / "io")
@@ -374,6 +383,60 @@ def run_prepared(
     )
 
 
+_uri_lock = threading.Lock()
+_process_uri: str | None = None
+
+
+def hypervisor_uri(uri: str | None = None) -> str:
+    """The hypervisor URI a run uses: ``uri`` itself, or this process's embedded QEMU driver.
+
+    With ``uri=None`` that is vmanager's default (``qemu:///embed`` with its root in the user cache).
+    libvirt lets only one process at a time use an embedded root, and a second one *waits* for it
+    without a word; so when another process holds the default root, this process gets a private root
+    of its own (``<user cache>/pyti/libvirt-<random>``, removed when the process exits). The choice is
+    made once per process, because libvirt also allows only one embedded root per process.
+    """
+    global _process_uri  # noqa: PLW0603 - one embedded root per process is libvirt's own rule
+    if uri is not None:
+        return uri
+    with _uri_lock:
+        if _process_uri is None:
+            _process_uri = _choose_embedded_uri()
+        return _process_uri
+
+
+def _choose_embedded_uri() -> str:
+    from vmanager import default_uri  # noqa: PLC0415
+
+    default = default_uri()
+    root = Path(urllib.parse.unquote(urllib.parse.urlsplit(default).query.partition("root=")[2]))
+    if _locked_by_another_process(root / "run" / "qemu" / "driver.pid"):
+        parent = root.parent
+        for stale in parent.glob(f"{root.name}-*"):  # private roots of processes that are gone
+            if not _locked_by_another_process(stale / "run" / "qemu" / "driver.pid"):
+                shutil.rmtree(stale, ignore_errors=True)
+        private = Path(tempfile.mkdtemp(prefix=f"{root.name}-", dir=parent))
+        atexit.register(shutil.rmtree, private, ignore_errors=True)
+        return "qemu:///embed?root=" + urllib.parse.quote(str(private), safe="/")
+    return default
+
+
+def _locked_by_another_process(pid_file: Path) -> bool:
+    """True when another process holds libvirt's write lock on ``pid_file`` (a running driver)."""
+    try:
+        fd = os.open(pid_file, os.O_RDONLY | os.O_CLOEXEC)
+    except OSError:
+        return False
+    try:
+        query = struct.pack("hhqqi", fcntl.F_WRLCK, os.SEEK_SET, 0, 0, 0)
+        answer = fcntl.fcntl(fd, fcntl.F_GETLK, query)
+        return bool(struct.unpack("hhqqi", answer)[0] != fcntl.F_UNLCK)
+    except OSError:
+        return False
+    finally:
+        os.close(fd)
+
+
 def _vm_name(project: str) -> str:
     stem = re.sub(r"[^A-Za-z0-9.+-]+", "-", project).strip("-.")[:40] or "dist"
     return f"pyti-{stem}-{uuid.uuid4().hex[:10]}"
@@ -397,7 +460,7 @@ def _create_io_disk(path: Path, size: int, folder: Path) -> None:
     from diskhandler.errors import DiskHandlerError  # noqa: PLC0415
 
     try:
-        create_io_disk(path, size, format="raw", filesystem="ext4", files=folder, label="pyti-io")
+        create_io_disk(path, size, format="raw", filesystem="ext2", files=folder, label="pyti-io")
     except (DiskHandlerError, OSError, ValueError) as exc:
         raise GuestRunError(f"{path}: cannot create the IO disk: {exc}") from exc
 
@@ -441,7 +504,7 @@ def _boot_and_wait(  # noqa: PLR0917 (private helper called once)
     t0 = time.monotonic()
     progress("boot", f"starting VM {name}")
     try:
-        vm = VirtualMachine(name, uri, config)
+        vm = VirtualMachine(name, hypervisor_uri(uri), config)
     except VManagerError as exc:
         raise GuestRunError(f"cannot define VM {name}: {exc}", vm=name) from exc
     timed_out = False
@@ -482,6 +545,7 @@ def _boot_and_wait(  # noqa: PLR0917 (private helper called once)
         t1 = time.monotonic()
         progress("tasks", "running the tasks in the guest")
         while vm.state not in stopped:
+            _read_tail(serial_path)
             if time.monotonic() >= job_deadline:
                 timed_out = True
                 progress("tasks", f"job timeout ({timeout:g} s): stopping the VM")
