@@ -209,6 +209,28 @@ def test_prepare_merged_usr_systemd_guest_in_a_partitioned_qcow2(tmp_path: Path)
 
 
 @needs_tools
+def test_prepare_a_gpt_vdi_and_an_rc_d_layout(tmp_path: Path) -> None:
+    """SysV scripts under /etc/rc.d (no /etc/init.d), in a VDI with a GPT."""
+    tree = _rootfs(tmp_path / "tree", systemd=False)
+    shutil.rmtree(tree / "etc/init.d")
+    (tree / "etc/rc.d/init.d").mkdir(parents=True)
+    for level in "0123456":
+        (tree / f"etc/rc{level}.d").rmdir()
+        (tree / f"etc/rc.d/rc{level}.d").mkdir()
+    image = _disk(tmp_path, tree, "vdi", "gpt")
+    prepared = prepare_image(image)
+    assert prepared.init == "sysv"
+    assert "/etc/rc.d/init.d/pyti-agent" in prepared.files
+    with DiskOperations(image, readonly=True) as ops:
+        assert ops.listdir("/etc/rc.d/rc3.d") == ["S99pyti-agent"]
+        assert ops.listdir("/etc/rc.d/rc0.d") == []
+        assert not ops.exists("/etc/init.d")
+        ops.get_file("/etc/rc.d/rc5.d/S99pyti-agent", tmp_path / "via-link")  # the link resolves
+    assert (tmp_path / "via-link").read_text() == sysv_script()
+    subprocess.run(["qemu-img", "check", str(image)], check=True, capture_output=True)
+
+
+@needs_tools
 def test_forcing_sysv_on_a_systemd_guest(tmp_path: Path) -> None:
     tree = _rootfs(tmp_path / "tree", systemd=True)
     (tree / "etc/init.d").mkdir()
