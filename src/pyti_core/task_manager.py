@@ -202,7 +202,7 @@ class TaskManager:
         self.index_url = index_url
         self._guest = guest
         self._guest_lock = threading.Lock()
-        self._progress = progress or _no_progress
+        self._user_progress = progress or _no_progress
         self._own_work_dir = work_dir is None
         self.work_dir = (
             Path(work_dir) if work_dir is not None else Path(tempfile.mkdtemp(prefix="pyti-jobs-"))
@@ -299,6 +299,13 @@ class TaskManager:
         self.close(cancel=exc_type is not None)
 
     # -- one job ------------------------------------------------------------------------------------
+
+    def _progress(self, job: str, phase: str, message: str) -> None:
+        """Call the user's progress callback; its exceptions are logged, never allowed to lose a job."""
+        try:
+            self._user_progress(job, phase, message)
+        except Exception:
+            log.exception("the progress callback failed (job %s, phase %s)", job, phase)
 
     def _job_progress(self, job: _Job) -> ProgressCallback:
         def report(phase: str, message: str) -> None:

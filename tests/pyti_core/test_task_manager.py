@@ -172,6 +172,17 @@ def test_closing_with_cancel_reports_queued_jobs(
         tm.submit(wheels / "tmok-1.0-py3-none-any.whl")
 
 
+def test_a_failing_progress_callback_loses_no_job(fake_guest: GuestSystem) -> None:
+    def broken(_job: str, _phase: str, _message: str) -> None:
+        raise RuntimeError("display crashed")
+
+    with TaskManager(max_vms=1, guest=fake_guest, uri="test:///default", progress=broken) as tm:
+        future = tm.submit(Path("/nonexistent/y-1-py3-none-any.whl"), recipe="install-only")
+        (record,) = future.result(timeout=60).report.records
+    assert record.status == "error"
+    assert "y-1-py3-none-any.whl" in record.stderr
+
+
 def test_bad_arguments(fake_guest: GuestSystem) -> None:
     with pytest.raises(ValueError, match="max_vms"):
         TaskManager(max_vms=0)
