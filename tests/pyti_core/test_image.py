@@ -140,6 +140,28 @@ def test_unit_runs_the_hook_once_for_multi_user() -> None:
     assert "ExecStart=/opt/pyti/run-agent" in unit
 
 
+@pytest.mark.skipif(not shutil.which("systemd-analyze"), reason="needs systemd-analyze")
+def test_systemd_accepts_the_unit(tmp_path: Path) -> None:
+    """systemd-analyze verify: no unknown key, bad value or missing command (it warns on stderr)."""
+    hook = tmp_path / "run-agent"
+    hook.write_text(hook_script())
+    hook.chmod(0o755)
+    unit = tmp_path / "pyti-agent.service"
+    unit.write_text(systemd_unit().replace("/opt/pyti/run-agent", str(hook)))
+    proc = subprocess.run(
+        ["systemd-analyze", "verify", "--man=no", "--generators=no", str(unit)],
+        capture_output=True, text=True, check=False, timeout=60,
+    )  # fmt: skip
+    assert (proc.returncode, proc.stderr) == (0, "")
+    broken = tmp_path / "broken.service"
+    broken.write_text(unit.read_text().replace("Type=oneshot", "Type=oneshot\nTypo=1"))
+    proc = subprocess.run(
+        ["systemd-analyze", "verify", "--man=no", "--generators=no", str(broken)],
+        capture_output=True, text=True, check=False, timeout=60,
+    )  # fmt: skip
+    assert "Unknown key" in proc.stderr  # the check above can fail
+
+
 def test_detect_init() -> None:
     assert detect_init({"/usr/lib/systemd/systemd", "/etc/init.d"}.__contains__) == "systemd"
     assert detect_init({"/etc/init.d"}.__contains__) == "sysv"
