@@ -10,7 +10,8 @@
     # or: results = TaskManager().run_all(["attrs==23.2.0", "six==1.16.0"])
 
 A job goes through two stages. Its **download** (resolving and fetching the wheels for the guest, on the
-host) runs in a pool of ``max_downloads`` slots, so the next jobs' downloads overlap the running VMs.
+host) runs in a pool of ``max_downloads`` slots, so the next jobs' downloads overlap the running VMs;
+jobs for the same spec (and recipe requirements) share one download.
 Its **VM run** (:func:`pyti_core.manager.run_prepared`: IO disk, boot on a throwaway overlay, tasks,
 read-back, rollback) waits for one of ``max_vms`` slots. Each job has its own work folder and its own
 domain name, so two runs never share an overlay or an IO disk.
@@ -132,6 +133,15 @@ def failure_result(
     )
 
 
+class _Download:
+    """One distribution fetched for the guest, shared by every job that asks for the same spec."""
+
+    def __init__(self, number: int) -> None:
+        self.number = number
+        self.lock = threading.Lock()
+        self.distribution: Distribution | None = None
+
+
 class _Job:
     """One submitted job's bookkeeping (the future is what callers see)."""
 
@@ -213,6 +223,7 @@ class TaskManager:
         self._pool = ThreadPoolExecutor(self.max_vms + self.max_downloads, thread_name_prefix="pyti-job")
         self._lock = threading.Lock()
         self._jobs: dict[str, _Job] = {}
+        self._downloads: dict[tuple[str, tuple[str, ...]], _Download] = {}
         self._closed = False
         self._stopping = threading.Event()
         self._watchdog = threading.Thread(target=self._watch, name="pyti-watchdog", daemon=True)
@@ -291,6 +302,8 @@ class TaskManager:
         self._watchdog.join(timeout=5)
         if self._own_work_dir and not self.keep:
             shutil.rmtree(self.work_dir, ignore_errors=True)
+        elif not self.keep:
+            shutil.rmtree(self.work_dir / "downloads", ignore_errors=True)
 
     def __enter__(self) -> TaskManager:
         return self
@@ -355,7 +368,7 @@ class TaskManager:
         with self._download_slots:
             self._progress(job.name, "download", f"fetching {job.spec} for the guest")
             t = time.monotonic()
-            dist = self._download(job, folder / "download")
+            dist = self._download(job)
             job.phases["download"] = time.monotonic() - t
         job.distribution = f"{dist.name}=={dist.version}"
         self._progress(job.name, "queued", "waiting for a VM slot")
@@ -376,19 +389,26 @@ class TaskManager:
             )
         return attrs.evolve(result, phases={**job.phases, **result.phases})
 
-    def _download(self, job: _Job, dest: Path) -> Distribution:
-        spec = job.spec if isinstance(job.spec, str) else Path(job.spec)
-        return prepare_distribution(
-            spec,
-            dest,
-            requirements=job.recipe.requirements,
-            target=self.guest.target,
-            cache_dir=self.cache_dir / "pip" if self.cache_dir is not None else None,
-            index_url=self.index_url,
-            no_index=self.no_index,
-            find_links=self.find_links,
-            pip_wheel=bundled_pip_wheel(),
-        )
+    def _download(self, job: _Job) -> Distribution:
+        """Fetch the job's distribution, once per spec and requirements: later jobs share the files."""
+        spec: str | Path = job.spec if isinstance(job.spec, str) else Path(job.spec).resolve()
+        key = (str(spec), job.recipe.requirements)
+        with self._lock:
+            entry = self._downloads.setdefault(key, _Download(len(self._downloads)))
+        with entry.lock:
+            if entry.distribution is None:
+                entry.distribution = prepare_distribution(
+                    spec,
+                    self.work_dir / "downloads" / str(entry.number),
+                    requirements=job.recipe.requirements,
+                    target=self.guest.target,
+                    cache_dir=self.cache_dir / "pip" if self.cache_dir is not None else None,
+                    index_url=self.index_url,
+                    no_index=self.no_index,
+                    find_links=self.find_links,
+                    pip_wheel=bundled_pip_wheel(),
+                )
+            return entry.distribution
 
     def _failure(
         self, job: _Job, status: Literal["error", "timeout"], message: str, serial: str = ""

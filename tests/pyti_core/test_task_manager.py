@@ -143,6 +143,27 @@ def test_every_job_comes_back_even_when_no_guest_boots(
     assert list(tm.work_dir.iterdir()) == []  # every job's folder removed
 
 
+def test_jobs_for_the_same_spec_share_one_download(
+    tmp_path: Path, wheels: Path, fake_guest: GuestSystem
+) -> None:
+    spec = wheels / "tmok-1.0-py3-none-any.whl"
+    with TaskManager(
+        max_vms=2,
+        guest=fake_guest,
+        uri=f"test://{_node_xml(tmp_path)}",
+        work_dir=tmp_path / "jobs",
+        find_links=[wheels],
+        no_index=True,
+        keep=True,
+    ) as tm:
+        results = tm.run_all([spec, spec, str(spec)], recipe="install-only", timeout=60)
+        needs_dep = Recipe("with-dep", (Task("install", "install"),), requirements=("tmdep",))
+        other = tm.submit(spec, recipe=needs_dep).result(timeout=120)  # other requirements: its own
+    assert [r.distribution for r in results] == ["tmok==1.0"] * 3
+    assert other.distribution == "tmok==1.0"
+    assert sorted(p.name for p in (tmp_path / "jobs" / "downloads").iterdir()) == ["0", "1"]
+
+
 def test_a_failed_download_is_an_error_result_naming_the_spec(
     tmp_path: Path, fake_guest: GuestSystem
 ) -> None:
