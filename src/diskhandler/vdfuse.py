@@ -75,12 +75,36 @@ def check_fuse_available() -> None:
     if not os.access("/dev/fuse", os.R_OK | os.W_OK):
         raise MissingDependencyError("/dev/fuse is not readable and writable by this user")
     try:
-        import fuse  # noqa: F401, PLC0415  (fusepy loads libfuse2 when imported)
+        _import_fusepy()
     except (ImportError, OSError) as exc:
         raise MissingDependencyError(
             f"fusepy cannot load libfuse: {exc}; install the Debian package libfuse2 "
             "(and the Python package fusepy)"
         ) from exc
+
+
+# Where Debian-like and Fedora-like systems keep libfuse2; fusepy otherwise runs ``ldconfig -p``.
+_LIBFUSE_CANDIDATES = (
+    "/usr/lib/x86_64-linux-gnu/libfuse.so.2",
+    "/usr/lib/aarch64-linux-gnu/libfuse.so.2",
+    "/lib/x86_64-linux-gnu/libfuse.so.2",
+    "/usr/lib64/libfuse.so.2",
+    "/usr/lib/libfuse.so.2",
+)
+
+
+def _import_fusepy() -> None:
+    """Import fusepy, telling it where libfuse2 is when that is known (saves an ``ldconfig`` run)."""
+    hint = None
+    if "fuse" not in sys.modules and not os.environ.get("FUSE_LIBRARY_PATH"):
+        hint = next((c for c in _LIBFUSE_CANDIDATES if os.path.exists(c)), None)
+        if hint is not None:
+            os.environ["FUSE_LIBRARY_PATH"] = hint
+    try:
+        import fuse  # noqa: F401, PLC0415
+    finally:
+        if hint is not None:
+            os.environ.pop("FUSE_LIBRARY_PATH", None)
 
 
 def _errno_of(exc: BaseException) -> int:
@@ -657,7 +681,7 @@ def _spawn(img: Path, mp: Path, readonly: bool, format: str | None, write_end: i
 
 
 def _fork(img: Path, mp: Path, readonly: bool, format: str | None, write_end: int) -> _Process:
-    import fuse  # noqa: F401, PLC0415  (imported before forking, so the child need not)
+    _import_fusepy()  # before forking, so the child need not
 
     pid = os.fork()
     if pid:
