@@ -23,8 +23,10 @@ with status ``error`` and the reason in its ``stderr``. A guest that is still ru
 manager, and the job is reported with status ``timeout``.
 
 **Several VMs in one process.** libvirt's embedded QEMU driver (``qemu:///embed?root=DIR``, the default)
-allows one root per process; several connections to that same root, from several threads, share the one
-driver and work (pyti's tests start VMs from two threads at once). Every job here uses the same URI.
+allows one root per process, and must not be opened by several threads at once: with libvirt 9.0 that
+crashes (a segmentation fault) or fails ("Too many drivers"). The TaskManager therefore opens **one**
+connection and every job's VM uses it from its own thread. Do not call :func:`pyti_core.manager.run`
+from other threads while a TaskManager runs VMs in the same process.
 """
 
 from __future__ import annotations
@@ -42,7 +44,7 @@ from collections.abc import Callable, Iterable, Iterator, Sequence
 from concurrent.futures import Future, ThreadPoolExecutor, wait
 from datetime import UTC, datetime
 from pathlib import Path
-from typing import Final, Literal
+from typing import Final, Literal, cast
 
 import attrs
 
@@ -51,6 +53,7 @@ from pyti_core.manager import GuestSystem, ProgressCallback, RunResult, run_prep
 from pyti_core.packages import Distribution, bundled_pip_wheel, prepare_distribution
 from pyti_core.rawdata import RawDataRecord, Report
 from pyti_core.tasks import Recipe, get_recipe
+from vmanager import Connection, DomainNotFoundError, VirtualMachine, VManagerError
 
 __all__ = [
     "DEFAULT_VM_MEMORY_MIB",
@@ -224,6 +227,8 @@ class TaskManager:
         self._lock = threading.Lock()
         self._jobs: dict[str, _Job] = {}
         self._downloads: dict[tuple[str, tuple[str, ...]], _Download] = {}
+        self._connection: Connection | None = None
+        self._connection_lock = threading.Lock()
         self._closed = False
         self._stopping = threading.Event()
         self._watchdog = threading.Thread(target=self._watch, name="pyti-watchdog", daemon=True)
@@ -300,6 +305,10 @@ class TaskManager:
         self._pool.shutdown(wait=True, cancel_futures=False)
         self._stopping.set()
         self._watchdog.join(timeout=5)
+        with self._connection_lock:
+            if self._connection is not None:
+                self._connection.close()
+                self._connection = None
         if self._own_work_dir and not self.keep:
             shutil.rmtree(self.work_dir, ignore_errors=True)
         elif not self.keep:
@@ -336,7 +345,7 @@ class TaskManager:
             result = self._failure(job, status, str(exc), serial=exc.serial_log)
         except GuestRunError as exc:
             result = self._failure(job, "error", str(exc), serial=exc.serial_log)
-        except (PytiError, OSError) as exc:  # download, recipe, IO disk: the message says it all
+        except (PytiError, OSError, VManagerError) as exc:  # download, hypervisor: the message says it all
             result = self._failure(job, "error", f"pyti could not run {job.spec}: {exc}")
         except Exception as exc:  # a job never ends without a result
             log.exception("job %s (%s) failed", job.name, job.spec)
@@ -383,7 +392,8 @@ class TaskManager:
                 guest=self.guest,
                 timeout=job.timeout,
                 work_dir=folder / "run",
-                uri=self.uri,
+                # one connection for every VM of this process: see _shared_connection
+                uri=cast("str | None", self._shared_connection()),
                 progress=self._job_progress(job),
                 name=job.name,
             )
@@ -440,15 +450,30 @@ class TaskManager:
         job.killed = True
         job.vm_deadline = None
         log.warning("job %s: killing its guest (%s)", job.name, why)
-        from vmanager import Connection, DomainNotFoundError, VirtualMachine, VManagerError  # noqa: PLC0415
-
         try:
-            with Connection(self.uri) as conn:
-                VirtualMachine(job.name, conn).stop()
+            vm = VirtualMachine(job.name, self._shared_connection())
+            try:
+                vm.stop()
+            finally:
+                vm.close()  # an injected connection stays open
         except DomainNotFoundError:
             pass  # not defined yet, or already gone: the run notices the stop flag or has finished
         except VManagerError as exc:
             log.warning("job %s: could not kill its guest: %s", job.name, exc)
+
+    def _shared_connection(self) -> Connection:
+        """The one hypervisor connection every job's VM uses, opened on first use.
+
+        libvirt's embedded QEMU driver must not be opened once per thread: concurrent
+        ``qemu:///embed`` connections in one process crash libvirt 9.0 (a segmentation fault in
+        ``defineXML`` while another thread opens its connection) or fail with "Too many drivers,
+        cannot register QEMU". One connection shared by all threads works (libvirt connections are
+        thread-safe); it also lets the watchdog reach the jobs' domains on a private test driver.
+        """
+        with self._connection_lock:
+            if self._connection is None:
+                self._connection = Connection(self.uri)
+            return self._connection
 
     def jobs(self) -> Iterator[tuple[str, bool]]:
         """``(name, done)`` for every job submitted so far."""
