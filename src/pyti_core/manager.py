@@ -52,15 +52,22 @@ import atexit
 import contextlib
 import datetime
 import fcntl
+import hashlib
+import importlib.util
+import json
+import marshal
 import os
 import re
 import shutil
 import struct
+import sys
 import tempfile
 import threading
 import time
+import types
 import urllib.parse
 import uuid
+import zipfile
 from collections.abc import Callable, Iterable, Mapping, Sequence
 from pathlib import Path
 from typing import Any, Final, Literal
@@ -335,6 +342,8 @@ def run_prepared(
     t0 = time.monotonic()
     report_progress("io-disk", "staging the wheels, sources and job")
     job = stage_io_folder(work_dir / "io", distribution, recipe, guest.layout)
+    if _use_compiled_pip(guest):
+        job = _run_pip_compiled(job, work_dir / "io", distribution.pip_wheel, guest.layout)
     (work_dir / "io" / _RUN_SCRIPT).write_text(run_script(guest))
     # Made here, so its directory entry is on the disk before the guest runs: the agent only appends
     # and fsyncs it, which keeps every finished record even when the VM is stopped at the job timeout.
@@ -435,6 +444,86 @@ def _locked_by_another_process(pid_file: Path) -> bool:
         return False
     finally:
         os.close(fd)
+
+
+# -- pip, byte-compiled for the guest ---------------------------------------------------------------------
+
+_COMPILED_PIP_DIR: Final = "pyti"
+
+
+def _use_compiled_pip(guest: GuestSystem) -> bool:
+    """Byte code made here runs in the guest only when both Pythons share a minor version."""
+    return sys.version_info[:2] == tuple(guest.target.python_version) and not _NO_COMPILED_PIP
+
+
+_NO_COMPILED_PIP = bool(os.environ.get("PYTI_NO_COMPILED_PIP"))
+
+
+def compiled_pip_zip(wheel: Path, cache_dir: Path | None = None) -> Path:
+    """A copy of the pip ``wheel`` with the byte code of every module beside it (this Python's version).
+
+    The guest runs pip straight from a zip. Python cannot cache byte code for modules it imports from a
+    zip, so under TCG every pip start compiles pip's own ~500 modules again, which costs seconds per
+    call. With a ``.pyc`` next to each ``.py`` in the zip (unchecked hash-based, PEP 552, so their time
+    stamps do not matter) zipimport loads the byte code instead; a Python of another version sees the
+    wrong magic number and falls back to the sources. Cached under ``cache_dir`` (default
+    ``<user cache>/pyti/pip-compiled``) by the wheel's SHA-256 and the byte code's magic number.
+    """
+    cache = (
+        cache_dir
+        or Path(os.environ.get("XDG_CACHE_HOME") or Path.home() / ".cache") / "pyti" / "pip-compiled"
+    )
+    digest = hashlib.sha256(wheel.read_bytes()).hexdigest()[:24]
+    magic = importlib.util.MAGIC_NUMBER.hex()
+    target = cache / f"{wheel.stem}-{digest}-{magic}.zip"
+    if target.is_file():
+        return target
+    cache.mkdir(parents=True, exist_ok=True)
+    fd, tmp_name = tempfile.mkstemp(dir=cache, prefix=".pip-", suffix=".zip")
+    os.close(fd)
+    try:
+        with zipfile.ZipFile(wheel) as src, zipfile.ZipFile(tmp_name, "w", zipfile.ZIP_STORED) as out:
+            for info in src.infolist():
+                data = src.read(info)
+                out.writestr(info.filename, data)
+                if info.filename.endswith(".py") and not info.is_dir():
+                    try:
+                        code = compile(data, info.filename, "exec", dont_inherit=True)
+                    except (SyntaxError, ValueError):
+                        continue  # left to the source: the guest reports what is wrong
+                    pyc = _code_to_unchecked_pyc(code, data)
+                    out.writestr(info.filename + "c", pyc)
+        os.replace(tmp_name, target)
+    except (OSError, zipfile.BadZipFile) as exc:
+        with contextlib.suppress(OSError):
+            os.unlink(tmp_name)
+        raise GuestRunError(f"{wheel}: cannot make a byte-compiled copy of pip: {exc}") from exc
+    return target
+
+
+def _code_to_unchecked_pyc(code: types.CodeType, source: bytes) -> bytes:
+    """A PEP 552 ``.pyc``: magic, flags 0b01 (hash-based, not checked), the source hash, the code."""
+    return (
+        importlib.util.MAGIC_NUMBER
+        + (0b01).to_bytes(4, "little")
+        + importlib.util.source_hash(source)
+        + marshal.dumps(code)
+    )
+
+
+def _run_pip_compiled(
+    job: dict[str, Any], folder: Path, pip_wheel: Path, layout: GuestLayout
+) -> dict[str, Any]:
+    """Point the job's pip commands at a byte-compiled copy of pip on the IO disk; rewrite job.json."""
+    from_wheel = layout.path(layout.wheels, pip_wheel.name, "pip")
+    compiled = compiled_pip_zip(pip_wheel)
+    (folder / _COMPILED_PIP_DIR).mkdir(exist_ok=True)
+    shutil.copyfile(compiled, folder / _COMPILED_PIP_DIR / compiled.name)
+    to_zip = layout.path(_COMPILED_PIP_DIR, compiled.name, "pip")
+    tasks = [{**t, "argv": [to_zip if a == from_wheel else a for a in t["argv"]]} for t in job["tasks"]]
+    job = {**job, "tasks": tasks}
+    (folder / "job.json").write_text(json.dumps(job, indent=2) + "\n")
+    return job
 
 
 def _vm_name(project: str) -> str:
