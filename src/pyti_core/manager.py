@@ -685,10 +685,15 @@ def _download_results(io_disk: Path, layout: GuestLayout, dest: Path) -> None:
 
 
 def _read_lines(path: Path) -> Iterable[tuple[int, bytes | None]]:
-    """``(line number, line)`` of a records file; ``None`` for a line longer than one record may be."""
+    """``(line number, line)`` of a records file; ``None`` for a line longer than one record may be.
+
+    Nothing when the file is missing or is not a regular file (the guest may have replaced it).
+    """
+    if not path.is_file() or path.is_symlink():
+        return
     try:
         fh = open(path, "rb")  # noqa: SIM115 (closed below, generator)
-    except FileNotFoundError:
+    except OSError:
         return
     with fh:
         read = 0

@@ -191,6 +191,11 @@ def test_missing_records_of_a_guest_that_stopped_early_are_errors_with_its_conso
     assert "PYTI-RUN-EXIT 1" in records[0].stderr
 
 
+def test_a_records_folder_instead_of_a_file_means_no_records(tmp_path: Path) -> None:
+    (tmp_path / "records.jsonl").mkdir()
+    assert [r.status for r in collect(tmp_path / "records.jsonl")] == ["error"] * 3
+
+
 def test_run_result_ok_needs_records_that_all_passed() -> None:
     assert not RunResult("x==1", Report("x==1", ()), {}, "").ok
 
