@@ -453,10 +453,9 @@ _COMPILED_PIP_DIR: Final = "pyti"
 
 def _use_compiled_pip(guest: GuestSystem) -> bool:
     """Byte code made here runs in the guest only when both Pythons share a minor version."""
-    return sys.version_info[:2] == tuple(guest.target.python_version) and not _NO_COMPILED_PIP
-
-
-_NO_COMPILED_PIP = bool(os.environ.get("PYTI_NO_COMPILED_PIP"))
+    if os.environ.get("PYTI_NO_COMPILED_PIP", "") not in ("", "0"):
+        return False
+    return sys.version_info[:2] == tuple(guest.target.python_version)
 
 
 def compiled_pip_zip(wheel: Path, cache_dir: Path | None = None) -> Path:

@@ -13,6 +13,7 @@ import zipfile
 from pathlib import Path
 from typing import Any
 
+import attrs
 import pytest
 
 from pyti_core import manager
@@ -436,6 +437,18 @@ def test_compiled_pip_runs_and_is_cached(tmp_path: Path) -> None:
     assert manager.compiled_pip_zip(wheel, tmp_path / "cache") == compiled
     assert compiled.stat().st_mtime_ns == mtime
     assert [p.name for p in (tmp_path / "cache").iterdir()] == [compiled.name]  # no temporary left
+
+
+def test_compiled_pip_only_for_the_same_python_and_not_when_turned_off(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    same = GuestSystem(kernel=tmp_path / "k")
+    assert same.target.python_version == (3, 11)
+    assert manager._use_compiled_pip(same) is (sys.version_info[:2] == (3, 11))
+    other = attrs.evolve(same, target=attrs.evolve(same.target, python_version=(3, 8)))
+    assert not manager._use_compiled_pip(other)
+    monkeypatch.setenv("PYTI_NO_COMPILED_PIP", "1")
+    assert not manager._use_compiled_pip(same)
 
 
 def test_the_job_runs_pip_from_the_compiled_copy(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
