@@ -14,7 +14,7 @@ APT_PACKAGES=(
   # virt-xml-validate (libvirt-clients) needs xmllint
   libxml2-utils
   # guest filesystems in user space, FUSE
-  libfuse2 fuse2fs ntfs-3g e2fsprogs dosfstools mtools
+  libfuse2 fuse2fs ntfs-3g fusefat e2fsprogs dosfstools mtools
   # reference tools used by the tests (partition tables, image building)
   gdisk parted fdisk cpio busybox-static
 )

@@ -343,11 +343,30 @@ class VirtualMachine:
     def _err(self, exc: Exception, operation: str, snapshot: str | None = None) -> VManagerError:
         return lv.translate(exc, uri=self.uri, vm=self.name, operation=operation, snapshot=snapshot)
 
-    def _xml_text(self) -> str:
+    def xml_desc(self) -> str:
+        """The domain's current libvirt XML (what ``virsh dumpxml`` prints)."""
         try:
             return str(self._dom.XMLDesc(0))
         except lv.LibvirtError as exc:
             raise self._err(exc, "read definition") from exc
+
+    _xml_text = xml_desc
+
+    def disks(self) -> dict[str, Path]:
+        """The file-backed disks (not CD-ROMs) the domain uses now, by target name (``vda``, ``hdb``...).
+
+        With overlay rollback these are the overlays: the files holding the disks' current state.
+        """
+        out: dict[str, Path] = {}
+        for disk in self._xml().iterfind("devices/disk"):
+            if disk.get("device", "disk") != "disk":
+                continue
+            source = disk.find("source")
+            target = disk.find("target")
+            if source is None or target is None or not source.get("file"):
+                continue
+            out[target.get("dev", "")] = Path(source.get("file", ""))
+        return out
 
     def _xml(self) -> ET.Element:
         return _parse_xml(self._xml_text())

@@ -1,0 +1,61 @@
+"""vmanager and diskhandler together: the disk a VM uses *now*, handed from one to the other.
+
+The packages never import each other; a user's script joins them. With overlay rollback the VM's
+current state lives in an overlay over the read-only base, and DiskOperations.for_vm must see it.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+
+from diskhandler import DiskOperations, create_image, create_io_disk
+from vmanager import VirtualMachine, VMConfig
+
+MiB = 1 << 20
+
+
+@pytest.fixture
+def test_uri(tmp_path: Path) -> str:
+    node = tmp_path / "node.xml"
+    node.write_text("<node/>\n")
+    return f"test://{node}"
+
+
+@pytest.mark.fuse
+def test_for_vm_opens_the_disk_the_vm_uses(tmp_path: Path, test_uri: str) -> None:
+    seed = tmp_path / "seed"
+    seed.mkdir()
+    (seed / "hello.txt").write_text("from the host\n")
+    disk = create_io_disk(tmp_path / "system.vdi", 32 * MiB, "vdi", files=seed)
+    vm = VirtualMachine("xpkg", test_uri, config=VMConfig(name="xpkg", memory=64, hd_location=disk))
+    try:
+        assert list(vm.disks().values()) == [disk]
+        with DiskOperations.for_vm(vm, readonly=True) as ops:
+            ops.mount()
+            assert "hello.txt" in ops.listdir("/")
+    finally:
+        vm.undefine()
+
+
+@pytest.mark.fuse
+def test_for_vm_follows_the_leaf_of_a_snapshot_chain(tmp_path: Path, test_uri: str) -> None:
+    seed = tmp_path / "seed"
+    seed.mkdir()
+    (seed / "state.txt").write_text("base\n")
+    base = create_io_disk(tmp_path / "base.qcow2", 32 * MiB, "qcow2", files=seed)
+    leaf = tmp_path / "leaf.qcow2"
+    create_image(leaf, parent=base).close()
+    with DiskOperations(leaf) as ops:  # the VM's current state differs from its base
+        ops.mount()
+        (tmp_path / "new.txt").write_text("leaf\n")
+        ops.upload(tmp_path / "new.txt", "/state.txt")
+    vm = VirtualMachine("xleaf", test_uri, config=VMConfig(name="xleaf", memory=64, hd_location=leaf))
+    try:
+        with DiskOperations.for_vm(vm, readonly=True) as ops:
+            ops.mount()
+            ops.download("/state.txt", tmp_path / "got.txt")
+        assert (tmp_path / "got.txt").read_text() == "leaf\n"
+    finally:
+        vm.undefine()
