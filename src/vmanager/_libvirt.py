@@ -14,8 +14,13 @@ this module hands out, typed as :data:`Domain` / :data:`DomainSnapshot`.
 
 from __future__ import annotations
 
+import atexit
 import contextlib
+import fcntl
 import os
+import shutil
+import struct
+import tempfile
 import threading
 import urllib.parse
 from pathlib import Path
@@ -187,8 +192,82 @@ def user_cache_dir() -> Path:
 
 
 def default_uri() -> str:
-    """``qemu:///embed?root=<user cache dir>/pyti/libvirt``: libvirt's QEMU driver inside the process."""
-    return embed_uri(user_cache_dir() / "pyti" / "libvirt")
+    """The URI used when none is given: libvirt's QEMU driver inside this process (``qemu:///embed``).
+
+    The root directory is, in this order: the root of the embedded driver this process already runs
+    (libvirt runs one per process); ``$PYTI_LIBVIRT_ROOT``; ``<user cache dir>/pyti/libvirt`` — unless
+    another process's embedded driver holds that one (libvirt locks it), in which case this process
+    gets a private ``<user cache dir>/pyti/libvirt-XXXX`` of its own, removed when it exits.
+    Read when called, never at import.
+    """
+    with _embedded_lock:
+        if _embedded is not None:
+            return _embedded[0]
+        env = os.environ.get("PYTI_LIBVIRT_ROOT")
+        if env:
+            return embed_uri(env)
+        global _private_root  # noqa: PLW0603 - chosen once per process, like the driver itself
+        if _private_root is not None:
+            return embed_uri(_private_root)
+        root = user_cache_dir() / "pyti" / "libvirt"
+        if not _held_by_another_process(root):
+            return embed_uri(root)
+        root.parent.mkdir(parents=True, exist_ok=True)
+        for stale in root.parent.glob(f"{root.name}-*"):  # private roots of processes that are gone
+            if not _held_by_another_process(stale):
+                shutil.rmtree(stale, ignore_errors=True)
+        _private_root = Path(tempfile.mkdtemp(prefix=f"{root.name}-", dir=root.parent))
+        atexit.register(shutil.rmtree, _private_root, ignore_errors=True)
+        return embed_uri(_private_root)
+
+
+def _held_by_another_process(root: Path) -> bool:
+    """Whether another process's embedded QEMU driver runs on ``root`` (it write-locks driver.pid)."""
+    try:
+        fd = os.open(root / "run" / "qemu" / "driver.pid", os.O_RDONLY | os.O_CLOEXEC)
+    except OSError:
+        return False
+    try:
+        probe = struct.pack("hhqqi", fcntl.F_WRLCK, os.SEEK_SET, 0, 0, 0)
+        result = fcntl.fcntl(fd, fcntl.F_GETLK, probe)
+        return bool(struct.unpack("hhqqi", result)[0] != fcntl.F_UNLCK)
+    except OSError:
+        return False
+    finally:
+        os.close(fd)
+
+
+_embedded_lock = threading.RLock()
+_embedded: tuple[str, Path, RawConnection] | None = None
+_private_root: Path | None = None
+
+
+def _open_embedded(uri: str, root: Path) -> RawConnection:
+    """The process's embedded QEMU driver: opened once, shared by every Connection, never closed.
+
+    libvirt runs one embedded driver per process, and each ``open`` of one registers a new driver
+    (several at once crash libvirt 9.0 in ``defineXML``; repeated ones run out of driver slots), so
+    every Connection to it shares the first raw connection, which stays open until the process ends.
+    """
+    global _embedded  # noqa: PLW0603 - one embedded driver per process is libvirt's own rule
+    with _embedded_lock:
+        if _embedded is not None:
+            open_uri, open_root, raw = _embedded
+            if Path(os.path.realpath(root)) != open_root:
+                raise HypervisorConnectionError(
+                    uri,
+                    f"this process already runs libvirt's embedded QEMU driver on {open_root}, and libvirt "
+                    f"allows one per process; use {open_uri!r} (vmanager.default_uri() returns it) or "
+                    "another process",
+                )
+            return raw
+        _prepare_embed_root(root)
+        try:
+            raw = libvirt.open(uri)
+        except libvirt.libvirtError as exc:
+            raise translate(exc, uri=uri, connecting=True) from exc
+        _embedded = (uri, Path(os.path.realpath(root)), raw)
+        return raw
 
 
 def embed_uri(root: str | Path) -> str:
@@ -272,17 +351,19 @@ class Connection:
         uri = default_uri() if uri is None else uri
         family = hypervisor_family(uri)
         root = _embed_root(uri)
-        if root is not None:
-            _prepare_embed_root(root)
         ensure_event_loop()
-        try:
-            raw = libvirt.open(uri)
-        except libvirt.libvirtError as exc:
-            raise translate(exc, uri=uri, connecting=True) from exc
+        if root is not None:
+            raw = _open_embedded(uri, root)
+        else:
+            try:
+                raw = libvirt.open(uri)
+            except libvirt.libvirtError as exc:
+                raise translate(exc, uri=uri, connecting=True) from exc
         self.uri: str = uri
         self.family: Hypervisor = family
         self.raw: RawConnection = raw
-        self._owned = True
+        # the process-wide embedded driver is shared and stays open (see _open_embedded)
+        self._owned = root is None
         self._closed = False
 
     @classmethod

@@ -30,8 +30,8 @@ def conn(test_uri: str) -> Iterator[Connection]:
 
 
 @pytest.fixture(scope="session")
-def embed_root(tmp_path_factory: pytest.TempPathFactory) -> Path:
+def embed_root(libvirt_root: Path) -> Path:
     """The embedded QEMU driver's root for this session (libvirt allows one embedded root per process)."""
     if shutil.which("qemu-system-x86_64") is None:
         pytest.skip("qemu-system-x86_64 is not installed")
-    return tmp_path_factory.mktemp("libvirt-embed")
+    return libvirt_root

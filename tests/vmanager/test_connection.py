@@ -9,16 +9,65 @@ from pathlib import Path
 import libvirt
 import pytest
 
-from vmanager import Connection, HypervisorConnectionError, connect, default_uri
+from vmanager import Connection, HypervisorConnectionError, _libvirt, connect, default_uri
 from vmanager._accel import _cache_key, detect_accelerator, probe_accelerator
 from vmanager._libvirt import _prepare_embed_root, embed_uri, hypervisor_family, is_local_uri
 
 
 def test_default_uri_is_embedded_under_user_cache(monkeypatch: pytest.MonkeyPatch, tmp_path: Path) -> None:
+    monkeypatch.setattr(_libvirt, "_embedded", None)  # as in a process that has opened none yet
+    monkeypatch.delenv("PYTI_LIBVIRT_ROOT", raising=False)
     monkeypatch.setenv("XDG_CACHE_HOME", str(tmp_path / "my cache"))
     assert default_uri() == f"qemu:///embed?root={tmp_path}/my%20cache/pyti/libvirt"
-    monkeypatch.delenv("XDG_CACHE_HOME")
-    assert default_uri() == embed_uri(Path.home() / ".cache" / "pyti" / "libvirt")
+    monkeypatch.setenv("PYTI_LIBVIRT_ROOT", str(tmp_path / "elsewhere"))
+    assert default_uri() == embed_uri(tmp_path / "elsewhere")
+
+
+def test_default_uri_follows_the_embedded_driver_this_process_runs(
+    monkeypatch: pytest.MonkeyPatch, tmp_path: Path
+) -> None:
+    monkeypatch.setattr(_libvirt, "_embedded", ("qemu:///embed?root=/running", Path("/running"), object()))
+    monkeypatch.setenv("PYTI_LIBVIRT_ROOT", str(tmp_path / "ignored"))
+    assert default_uri() == "qemu:///embed?root=/running"
+    with pytest.raises(HypervisorConnectionError, match="allows one per process"):
+        Connection(embed_uri(tmp_path / "another"))
+
+
+def test_a_root_held_by_another_process_gives_a_private_root(
+    monkeypatch: pytest.MonkeyPatch, tmp_path: Path
+) -> None:
+    import fcntl
+    import subprocess
+    import sys
+
+    monkeypatch.setattr(_libvirt, "_embedded", None)
+    monkeypatch.setattr(_libvirt, "_private_root", None)
+    monkeypatch.delenv("PYTI_LIBVIRT_ROOT", raising=False)
+    monkeypatch.setenv("XDG_CACHE_HOME", str(tmp_path))
+    pid_file = tmp_path / "pyti" / "libvirt" / "run" / "qemu" / "driver.pid"
+    pid_file.parent.mkdir(parents=True)
+    pid_file.write_text("1\n")
+    holder = subprocess.Popen(  # another process holding the lock, as a running embedded driver does
+        [
+            sys.executable,
+            "-c",
+            f"import fcntl,sys,time; f=open({str(pid_file)!r},'r+'); "
+            f"fcntl.lockf(f, {fcntl.LOCK_EX}); print('locked', flush=True); time.sleep(60)",
+        ],
+        stdout=subprocess.PIPE,
+        text=True,
+    )
+    try:
+        assert holder.stdout is not None
+        assert holder.stdout.readline().strip() == "locked"
+        uri = default_uri()
+        assert uri.startswith(f"qemu:///embed?root={tmp_path}/pyti/libvirt-")
+        assert default_uri() == uri  # chosen once per process
+    finally:
+        holder.kill()
+        holder.wait()
+        if holder.stdout is not None:
+            holder.stdout.close()
 
 
 @pytest.mark.parametrize(
