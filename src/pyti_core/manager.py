@@ -48,10 +48,8 @@ nothing), and the CLI draws.
 
 from __future__ import annotations
 
-import atexit
 import contextlib
 import datetime
-import fcntl
 import hashlib
 import importlib.util
 import json
@@ -59,18 +57,15 @@ import marshal
 import os
 import re
 import shutil
-import struct
 import sys
 import tempfile
-import threading
 import time
 import types
-import urllib.parse
 import uuid
 import zipfile
 from collections.abc import Callable, Iterable, Mapping, Sequence
 from pathlib import Path
-from typing import Any, Final, Literal
+from typing import TYPE_CHECKING, Any, Final, Literal
 
 import attrs
 
@@ -78,6 +73,9 @@ from pyti_core.errors import ConfigError, GuestBootError, GuestRunError, PytiErr
 from pyti_core.packages import DEBIAN_12, Distribution, GuestTarget, bundled_pip_wheel, prepare_distribution
 from pyti_core.rawdata import MAX_RECORD_BYTES, RawDataRecord, Report, parse_record
 from pyti_core.tasks import GuestLayout, Recipe, get_recipe, stage_io_folder
+
+if TYPE_CHECKING:
+    from vmanager import VirtualMachine
 
 __all__ = [
     "PHASES",
@@ -358,31 +356,36 @@ def run_prepared(
         shutil.rmtree(work_dir / "io", ignore_errors=True)
     phases["io-disk"] = time.monotonic() - t0
 
-    # -- boot, tasks ---------------------------------------------------------------------------------
+    # -- boot, tasks, collect, rollback ---------------------------------------------------------------
     serial_path = work_dir / "serial.log"
     serial_path.unlink(missing_ok=True)
-    outcome = _boot_and_wait(guest, name, uri, io_disk, serial_path, timeout, phases, report_progress)
-
-    # -- collect ---------------------------------------------------------------------------------------
-    t0 = time.monotonic()
-    report_progress("collect", "reading the records back from the IO disk")
-    serial = _read_tail(serial_path)
-    results = work_dir / "results"
-    shutil.rmtree(results, ignore_errors=True)
+    vm = _define_vm(guest, name, uri, io_disk, serial_path)
     try:
-        _download_results(io_disk, guest.layout, results)
-    except (OSError, PytiError) as exc:
-        raise GuestRunError(
-            f"{io_disk}: cannot read the results back from the IO disk: {exc}", vm=name, serial_log=serial
-        ) from exc
-    records = _collect_records(
-        results / _RECORDS, job["tasks"], timed_out=outcome.timed_out, exited=outcome.exit_marker,
-        job_timeout=timeout, serial=serial,
-    )  # fmt: skip
-    phases["collect"] = time.monotonic() - t0
-    phases["rollback"] = outcome.rollback
+        outcome = _boot_and_wait(vm, guest, serial_path, timeout, phases, report_progress)
+        t0 = time.monotonic()
+        report_progress("collect", "reading the records back from the IO disk")
+        serial = _read_tail(serial_path)
+        results = work_dir / "results"
+        shutil.rmtree(results, ignore_errors=True)
+        try:
+            _download_results(io_disk, guest.layout, results)
+        except (OSError, PytiError) as exc:
+            raise GuestRunError(
+                f"{io_disk}: cannot read the results back from the IO disk: {exc}", vm=name, serial_log=serial
+            ) from exc
+        records = _collect_records(
+            results / _RECORDS, job["tasks"], timed_out=outcome.timed_out, exited=outcome.exit_marker,
+            job_timeout=timeout, serial=serial,
+        )  # fmt: skip
+        phases["collect"] = time.monotonic() - t0
+        verdict = "passed" if records and all(r.ok for r in records) else "failed"
+        report_progress("collect", f"{len(records)} records: {verdict}")
+    finally:
+        t0 = time.monotonic()
+        report_progress("rollback", f"discarding VM {name} and its overlay")
+        _discard_vm(vm, work_dir)
+        phases["rollback"] = time.monotonic() - t0
     report = Report(distribution.requirement, tuple(records))
-    report_progress("collect", "passed" if report.ok else "failed")
     return RunResult(
         distribution=distribution.requirement,
         report=report,
@@ -392,58 +395,17 @@ def run_prepared(
     )
 
 
-_uri_lock = threading.Lock()
-_process_uri: str | None = None
-
-
 def hypervisor_uri(uri: str | None = None) -> str:
-    """The hypervisor URI a run uses: ``uri`` itself, or this process's embedded QEMU driver.
+    """The hypervisor URI a run uses: ``uri`` itself, else :func:`vmanager.default_uri`.
 
-    With ``uri=None`` that is vmanager's default (``qemu:///embed`` with its root in the user cache).
-    libvirt lets only one process at a time use an embedded root, and a second one *waits* for it
-    without a word; so when another process holds the default root, this process gets a private root
-    of its own (``<user cache>/pyti/libvirt-<random>``, removed when the process exits). The choice is
-    made once per process, because libvirt also allows only one embedded root per process.
+    That is libvirt's QEMU driver embedded in this process (``qemu:///embed``); vmanager gives the
+    process a private root when another process holds the default one (libvirt would make it wait).
     """
-    global _process_uri  # noqa: PLW0603 - one embedded root per process is libvirt's own rule
     if uri is not None:
         return uri
-    with _uri_lock:
-        if _process_uri is None:
-            _process_uri = _choose_embedded_uri()
-        return _process_uri
-
-
-def _choose_embedded_uri() -> str:
     from vmanager import default_uri  # noqa: PLC0415
 
-    default = default_uri()
-    root = Path(urllib.parse.unquote(urllib.parse.urlsplit(default).query.partition("root=")[2]))
-    if _locked_by_another_process(root / "run" / "qemu" / "driver.pid"):
-        parent = root.parent
-        for stale in parent.glob(f"{root.name}-*"):  # private roots of processes that are gone
-            if not _locked_by_another_process(stale / "run" / "qemu" / "driver.pid"):
-                shutil.rmtree(stale, ignore_errors=True)
-        private = Path(tempfile.mkdtemp(prefix=f"{root.name}-", dir=parent))
-        atexit.register(shutil.rmtree, private, ignore_errors=True)
-        return "qemu:///embed?root=" + urllib.parse.quote(str(private), safe="/")
-    return default
-
-
-def _locked_by_another_process(pid_file: Path) -> bool:
-    """True when another process holds libvirt's write lock on ``pid_file`` (a running driver)."""
-    try:
-        fd = os.open(pid_file, os.O_RDONLY | os.O_CLOEXEC)
-    except OSError:
-        return False
-    try:
-        query = struct.pack("hhqqi", fcntl.F_WRLCK, os.SEEK_SET, 0, 0, 0)
-        answer = fcntl.fcntl(fd, fcntl.F_GETLK, query)
-        return bool(struct.unpack("hhqqi", answer)[0] != fcntl.F_UNLCK)
-    except OSError:
-        return False
-    finally:
-        os.close(fd)
+    return default_uri()
 
 
 # -- pip, byte-compiled for the guest ---------------------------------------------------------------------
@@ -557,21 +519,13 @@ def _create_io_disk(path: Path, size: int, folder: Path) -> None:
 class _Outcome:
     timed_out: bool
     exit_marker: bool
-    rollback: float
 
 
-def _boot_and_wait(  # noqa: PLR0917 (private helper called once)
-    guest: GuestSystem,
-    name: str,
-    uri: str | None,
-    io_disk: Path,
-    serial_path: Path,
-    timeout: float,
-    phases: dict[str, float],
-    progress: ProgressCallback,
-) -> _Outcome:
-    """Boot the VM, wait for ready and then for power-off (or the job timeout), roll back."""
-    from vmanager import Disk, RunState, VirtualMachine, VManagerError, VMConfig  # noqa: PLC0415
+def _define_vm(
+    guest: GuestSystem, name: str, uri: str | None, io_disk: Path, serial_path: Path
+) -> VirtualMachine:
+    """Define the run's VM: the guest system (its disk through an overlay), the IO disk, no network."""
+    from vmanager import Disk, VirtualMachine, VManagerError, VMConfig  # noqa: PLC0415
 
     config = VMConfig(
         name=name,
@@ -588,15 +542,42 @@ def _boot_and_wait(  # noqa: PLR0917 (private helper called once)
         overlay_dir=io_disk.parent / "overlay" if guest.system_disk is not None else None,
         accel=guest.accel,
     )
+    try:
+        return VirtualMachine(name, hypervisor_uri(uri), config)
+    except VManagerError as exc:
+        raise GuestRunError(f"cannot define VM {name}: {exc}", vm=name) from exc
+
+
+def _discard_vm(vm: VirtualMachine, work_dir: Path) -> None:
+    """Stop and undefine the VM; its overlay goes with it (the system disk is back to its base)."""
+    from vmanager import VManagerError  # noqa: PLC0415
+
+    try:
+        with contextlib.suppress(VManagerError):
+            vm.stop()
+        with contextlib.suppress(VManagerError):
+            vm.undefine()  # deletes the system disk's overlay
+    finally:
+        vm.close()
+        shutil.rmtree(work_dir / "overlay", ignore_errors=True)
+
+
+def _boot_and_wait(  # noqa: PLR0917 (private helper called once)
+    vm: VirtualMachine,
+    guest: GuestSystem,
+    serial_path: Path,
+    timeout: float,
+    phases: dict[str, float],
+    progress: ProgressCallback,
+) -> _Outcome:
+    """Boot the VM, wait for the ready marker, then for power-off or the job timeout."""
+    from vmanager import RunState, VManagerError  # noqa: PLC0415
+
+    name = vm.name
     stopped = (RunState.SHUTOFF, RunState.CRASHED)
     t0 = time.monotonic()
     progress("boot", f"starting VM {name}")
-    try:
-        vm = VirtualMachine(name, hypervisor_uri(uri), config)
-    except VManagerError as exc:
-        raise GuestRunError(f"cannot define VM {name}: {exc}", vm=name) from exc
     timed_out = False
-    exit_marker = False
     try:
         try:
             vm.start()
@@ -608,10 +589,7 @@ def _boot_and_wait(  # noqa: PLR0917 (private helper called once)
         boot_deadline = started + min(guest.boot_timeout, timeout)
         job_deadline = started + timeout
         # boot: until the ready marker
-        while True:
-            log = _read_tail(serial_path)
-            if READY_MARKER in log:
-                break
+        while READY_MARKER not in _read_tail(serial_path):
             state = vm.state
             now = time.monotonic()
             if state in stopped or now >= boot_deadline:
@@ -633,31 +611,16 @@ def _boot_and_wait(  # noqa: PLR0917 (private helper called once)
         t1 = time.monotonic()
         progress("tasks", "running the tasks in the guest")
         while vm.state not in stopped:
-            _read_tail(serial_path)
             if time.monotonic() >= job_deadline:
                 timed_out = True
                 progress("tasks", f"job timeout ({timeout:g} s): stopping the VM")
                 vm.stop()
                 break
             time.sleep(_POLL)
-        exit_marker = RUN_EXIT_MARKER in _read_tail(serial_path)
         phases["tasks"] = time.monotonic() - t1
     except VManagerError as exc:
         raise GuestRunError(f"VM {name} failed: {exc}", vm=name, serial_log=_read_tail(serial_path)) from exc
-    finally:
-        t2 = time.monotonic()
-        with contextlib.suppress(VManagerError):
-            vm.stop()
-        try:
-            vm.undefine()  # deletes the system disk's overlay
-        except VManagerError:
-            pass
-        finally:
-            vm.close()
-        if config.overlay_dir is not None:
-            shutil.rmtree(config.overlay_dir, ignore_errors=True)
-        rollback = time.monotonic() - t2
-    return _Outcome(timed_out=timed_out, exit_marker=exit_marker, rollback=rollback)
+    return _Outcome(timed_out=timed_out, exit_marker=RUN_EXIT_MARKER in _read_tail(serial_path))
 
 
 def _read_tail(path: Path, limit: int = _SERIAL_KEEP) -> str:

@@ -8,7 +8,6 @@ import os
 import shutil
 import subprocess
 import sys
-import time
 import zipfile
 from pathlib import Path
 from typing import Any
@@ -339,63 +338,11 @@ def test_an_explicit_uri_is_used_as_is() -> None:
     assert hypervisor_uri("test:///default") == "test:///default"
 
 
-def _hold_lock(path: Path) -> subprocess.Popen[bytes]:
-    """A child process that holds a write lock on ``path`` (as a running libvirt driver does)."""
-    code = (
-        "import fcntl, sys, time\n"
-        f"f = open({str(path)!r}, 'w')\n"
-        "fcntl.lockf(f, fcntl.LOCK_EX)\n"
-        "print('locked', flush=True)\n"
-        "time.sleep(120)\n"
-    )
-    child = subprocess.Popen([sys.executable, "-c", code], stdout=subprocess.PIPE)
-    assert child.stdout is not None
-    assert child.stdout.readline() == b"locked\n"
-    return child
+def test_the_default_uri_is_vmanagers() -> None:
+    import vmanager
 
-
-def test_a_root_held_by_another_process_gives_this_process_a_private_one(
-    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
-) -> None:
-    monkeypatch.setenv("XDG_CACHE_HOME", str(tmp_path))
-    root = tmp_path / "pyti" / "libvirt"
-    pid_file = root / "run" / "qemu" / "driver.pid"
-    pid_file.parent.mkdir(parents=True)
-    stale = tmp_path / "pyti" / "libvirt-stale"
-    (stale / "run" / "qemu").mkdir(parents=True)
-    (stale / "run" / "qemu" / "driver.pid").write_text("1\n")  # nobody holds it: a dead process's root
-    assert manager._choose_embedded_uri() == f"qemu:///embed?root={root}"  # free (no lock at all)
-    child = _hold_lock(pid_file)
-    try:
-        assert manager._locked_by_another_process(pid_file)
-        uri = manager._choose_embedded_uri()
-    finally:
-        child.kill()
-        child.wait()
-        assert child.stdout is not None
-        child.stdout.close()
-    private = Path(uri.removeprefix("qemu:///embed?root="))
-    assert private.parent == root.parent
-    assert private.name.startswith("libvirt-")
-    assert private.is_dir()
-    assert not stale.exists()
-    deadline = time.monotonic() + 10
-    while manager._locked_by_another_process(pid_file) and time.monotonic() < deadline:
-        time.sleep(0.05)
-    assert not manager._locked_by_another_process(pid_file)
-
-
-def test_the_uri_is_chosen_once_per_process(monkeypatch: pytest.MonkeyPatch) -> None:
-    calls: list[int] = []
-
-    def choose() -> str:
-        calls.append(1)
-        return "qemu:///embed?root=/somewhere"
-
-    monkeypatch.setattr(manager, "_process_uri", None)
-    monkeypatch.setattr(manager, "_choose_embedded_uri", choose)
-    assert hypervisor_uri() == hypervisor_uri() == "qemu:///embed?root=/somewhere"
-    assert calls == [1]
+    assert hypervisor_uri() == vmanager.default_uri()
+    assert hypervisor_uri().startswith("qemu:///embed?root=")
 
 
 # -- pip, byte-compiled for the guest ---------------------------------------------------------------------
