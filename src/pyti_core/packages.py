@@ -376,15 +376,15 @@ def _classify(spec: str | Path) -> str:
     if not str(spec).strip():
         raise PackageError("an empty string is not a requirement such as 'attrs==23.2.0', nor a path")
     path = Path(spec)
-    if isinstance(spec, Path) or path.exists():
+    if isinstance(spec, Path) or path.exists() or path.name.endswith((".whl", *_SDIST_SUFFIXES)):
+        if not path.exists():
+            raise PackageError(f"{path}: no such file or folder")
         if path.is_dir():
             return "project"
         if path.name.endswith(".whl"):
             return "wheel"
         if path.name.endswith(_SDIST_SUFFIXES):
             return "sdist"
-        if not path.exists():
-            raise PackageError(f"{path}: no such file or folder")
         raise PackageError(f"{path}: not a wheel (.whl), an sdist (.tar.gz, .zip) or a project folder")
     text = str(spec).strip()
     if not text or text.startswith("-") or not _NAME.match(text):

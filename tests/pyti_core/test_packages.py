@@ -391,6 +391,14 @@ def test_bad_specs_are_refused_before_pip_runs(tmp_path: Path, spec: str) -> Non
         prepare_distribution(spec, tmp_path / "out")
 
 
+@pytest.mark.parametrize("spec", ["missing-1.0-py3-none-any.whl", "gone-1.0.tar.gz"])
+@pytest.mark.parametrize("as_path", [True, False])
+def test_a_missing_file_is_named_before_pip_runs(tmp_path: Path, spec: str, as_path: bool) -> None:
+    target = tmp_path / spec
+    with pytest.raises(PackageError, match=f"{spec}: no such file or folder"):
+        prepare_distribution(target if as_path else str(target), tmp_path / "out")
+
+
 def test_a_wheel_for_another_platform_is_refused(tmp_path: Path, pip_wheel: Path) -> None:
     project = make_project(
         tmp_path, "arm", "1", {"arm/__init__.py": ""}, tag="cp311-cp311-manylinux_2_17_aarch64"
