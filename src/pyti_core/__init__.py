@@ -1,5 +1,9 @@
 """pyti_core: test a Python distribution inside a network-less virtual machine.
 
+``pyti_core.run("attrs==23.2.0")`` downloads the distribution and its dependencies for the guest, boots
+a clean guest with no network device, runs the recipe's tasks there and returns a :class:`RunResult`
+whose ``report`` holds one raw-data record per task; :class:`TaskManager` runs many at once.
+
 The building blocks are here — fetching a distribution for the guest (:func:`prepare_distribution`),
 recipes and the guest agent's job (:class:`Recipe`, :func:`to_agent_job`), JSON-RPC 2.0 raw-data
 records (:class:`RawDataRecord`, :class:`Report`), TOML job files (:class:`JobConfig`), the master and
@@ -20,10 +24,12 @@ from pyti_core.errors import (
     TaskError,
     UnsafeArchiveError,
 )
+from pyti_core.manager import GuestSystem, RunResult, run, run_prepared
 from pyti_core.master import Job, Master
 from pyti_core.packages import Distribution, GuestTarget, prepare_distribution
 from pyti_core.rawdata import RawDataRecord, Report, TestCounts, parse_record, parse_records
 from pyti_core.slave import Slave
+from pyti_core.task_manager import TaskManager
 from pyti_core.tasks import RECIPES, GuestLayout, Recipe, Task, get_recipe, stage_io_folder, to_agent_job
 
 __all__ = [
@@ -32,6 +38,7 @@ __all__ = [
     "Distribution",
     "GuestImageError",
     "GuestLayout",
+    "GuestSystem",
     "GuestTarget",
     "Job",
     "JobConfig",
@@ -44,15 +51,19 @@ __all__ = [
     "Recipe",
     "Report",
     "RpcError",
+    "RunResult",
     "Slave",
     "Task",
     "TaskError",
+    "TaskManager",
     "TestCounts",
     "UnsafeArchiveError",
     "get_recipe",
     "parse_record",
     "parse_records",
     "prepare_distribution",
+    "run",
+    "run_prepared",
     "stage_io_folder",
     "to_agent_job",
 ]
