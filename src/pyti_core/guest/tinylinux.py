@@ -101,6 +101,14 @@ PYTHON_PACKAGES: Final = (
     "libuuid1",
     "libssl3",  # ssl, and hashlib's OpenSSL algorithms
     "libsqlite3-0",  # sqlite3 (coverage.py stores its data there)
+    # the rest of what libpython3.11-stdlib's extension modules link against: a distribution's tests
+    # may import any of the standard library (six's tests import dbm.ndbm, for one)
+    "libdb5.3",  # _dbm
+    "libncursesw6",  # _curses
+    "libtinfo6",  # _curses, readline
+    "libreadline8",  # readline
+    "libcrypt1",  # _crypt
+    "media-types",  # /etc/mime.types for mimetypes
 )
 #: Kernel modules loaded at boot (with everything they depend on). The cloud kernel has ext4, the
 #: serial console and devtmpfs built in; these are modules in it.
