@@ -375,7 +375,7 @@ def run_prepared(
             ) from exc
         records = _collect_records(
             results / _RECORDS, job["tasks"], timed_out=outcome.timed_out, exited=outcome.exit_marker,
-            job_timeout=timeout, serial=serial,
+            job_timeout=timeout, serial=serial, ready_at=outcome.ready_at, stopped_at=outcome.stopped_at,
         )  # fmt: skip
         phases["collect"] = time.monotonic() - t0
         verdict = "passed" if records and all(r.ok for r in records) else "failed"
@@ -519,6 +519,8 @@ def _create_io_disk(path: Path, size: int, folder: Path) -> None:
 class _Outcome:
     timed_out: bool
     exit_marker: bool
+    ready_at: datetime.datetime | None = None  # UTC, when the ready marker was seen
+    stopped_at: datetime.datetime | None = None  # UTC, when the host stopped the VM at the job timeout
 
 
 def _define_vm(
@@ -578,6 +580,7 @@ def _boot_and_wait(  # noqa: PLR0917 (private helper called once)
     t0 = time.monotonic()
     progress("boot", f"starting VM {name}")
     timed_out = False
+    stopped_at: datetime.datetime | None = None
     try:
         try:
             vm.start()
@@ -606,6 +609,7 @@ def _boot_and_wait(  # noqa: PLR0917 (private helper called once)
                 )
             time.sleep(_POLL)
         phases["boot"] = time.monotonic() - t0
+        ready_at = datetime.datetime.now(datetime.UTC)
         progress("boot", f"guest ready after {phases['boot']:.1f} s")
         # tasks: until the guest powers off, or the job timeout
         t1 = time.monotonic()
@@ -613,6 +617,7 @@ def _boot_and_wait(  # noqa: PLR0917 (private helper called once)
         while vm.state not in stopped:
             if time.monotonic() >= job_deadline:
                 timed_out = True
+                stopped_at = datetime.datetime.now(datetime.UTC)
                 progress("tasks", f"job timeout ({timeout:g} s): stopping the VM")
                 vm.stop()
                 break
@@ -620,7 +625,12 @@ def _boot_and_wait(  # noqa: PLR0917 (private helper called once)
         phases["tasks"] = time.monotonic() - t1
     except VManagerError as exc:
         raise GuestRunError(f"VM {name} failed: {exc}", vm=name, serial_log=_read_tail(serial_path)) from exc
-    return _Outcome(timed_out=timed_out, exit_marker=RUN_EXIT_MARKER in _read_tail(serial_path))
+    return _Outcome(
+        timed_out=timed_out,
+        exit_marker=RUN_EXIT_MARKER in _read_tail(serial_path),
+        ready_at=ready_at,
+        stopped_at=stopped_at,
+    )
 
 
 def _read_tail(path: Path, limit: int = _SERIAL_KEEP) -> str:
@@ -683,6 +693,8 @@ def _collect_records(
     exited: bool,
     job_timeout: float,
     serial: str,
+    ready_at: datetime.datetime | None = None,
+    stopped_at: datetime.datetime | None = None,
 ) -> list[RawDataRecord]:
     """The job's records from the guest's ``records.jsonl``, validated; missing ones made up honestly.
 
@@ -690,7 +702,9 @@ def _collect_records(
     rejected: its task (when it can be told) is reported as ``error`` with the reason. A task without a
     record is reported as ``timeout`` when the host stopped the VM at the job timeout, else as ``error``
     (the guest stopped before reporting it). Tasks after a task that stops the job on failure legitimately
-    have no record and none is made up.
+    have no record and none is made up. The task that was running at the job timeout gets, as its start
+    and duration, the end of the task before it (or ``ready_at``) and the time until ``stopped_at``, as
+    far as the host can tell; its memory and CPU figures are unknown (0).
     """
     by_id = {str(t["id"]): t for t in tasks}
     got: dict[str, RawDataRecord] = {}
@@ -725,6 +739,7 @@ def _collect_records(
     now = datetime.datetime.now(datetime.UTC)
     out: list[RawDataRecord] = []
     first_missing = True
+    previous_end = ready_at
     extra = "; other rejected lines: " + "; ".join(unattributed[:5]) if unattributed else ""
     for task in tasks:
         task_id = str(task["id"])
@@ -732,12 +747,17 @@ def _collect_records(
         if task_id in got:
             record = got[task_id]
             out.append(record)
+            previous_end = record.started_at + datetime.timedelta(seconds=record.duration_s)
             if not record.ok and task.get("stop_on_failure"):
                 break
             continue
+        started, duration = now, 0.0
         if task_id in rejected:
             status, why = "error", f"[pyti: the guest's record was rejected: {rejected[task_id]}]"
         elif timed_out:
+            if first_missing and previous_end is not None and stopped_at is not None:
+                started = min(previous_end, stopped_at)
+                duration = (stopped_at - started).total_seconds()
             status = "timeout"
             why = (
                 f"[pyti: the job's {job_timeout:g} s timeout ran out while this task ran; the VM was stopped]"
@@ -758,8 +778,8 @@ def _collect_records(
                 exit_code=None,
                 stdout="",
                 stderr=why + extra,
-                started_at=now,
-                duration_s=0.0,
+                started_at=started,
+                duration_s=round(duration, 6),
                 max_rss_kb=0,
                 cpu_user_s=0.0,
                 cpu_system_s=0.0,

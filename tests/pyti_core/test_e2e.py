@@ -244,7 +244,10 @@ def test_task_timeout_and_job_timeout_lose_no_task(
     assert 2.5 < short.duration_s < 30
     assert short.exit_code is None
     assert "killed after the 3 s timeout" in short.stderr
-    assert "ran out while this task ran" in result.report.records[2].stderr
+    long = result.report.records[2]
+    assert "ran out while this task ran" in long.stderr
+    assert 3.0 < long.duration_s < job_timeout  # from the end of short-hang until the host stopped the VM
+    assert long.started_at >= short.started_at
     assert "before this task started" in result.report.records[3].stderr
     assert result.timed_out
     assert not result.ok

@@ -3,6 +3,7 @@ rejected records are reported, the guest's run script, and the choice of the hyp
 
 from __future__ import annotations
 
+import datetime
 import json
 import os
 import shutil
@@ -174,7 +175,15 @@ def test_a_failed_stop_on_failure_task_ends_the_job_without_made_up_records(tmp_
 def test_missing_records_after_a_job_timeout_are_timeouts(tmp_path: Path) -> None:
     path = tmp_path / "records.jsonl"
     path.write_bytes(line(record("1", "install")))
-    records = collect(path, timed_out=True, exited=False)
+    stopped = datetime.datetime(2026, 11, 27, 7, 0, 12, tzinfo=datetime.UTC)
+    records = manager._collect_records(
+        path, JOB_TASKS, timed_out=True, exited=False, job_timeout=60.0, serial="",
+        ready_at=stopped - datetime.timedelta(seconds=30), stopped_at=stopped,
+    )  # fmt: skip
+    # the install record started at 07:00:00.5 and took 1.5 s: import ran from 07:00:02 until the stop
+    assert records[1].started_at == stopped - datetime.timedelta(seconds=10)
+    assert records[1].duration_s == 10.0
+    assert records[2].duration_s == 0.0
     assert [(r.task, r.status) for r in records] == [
         ("install", "passed"),
         ("import", "timeout"),
