@@ -19,9 +19,10 @@ import pytest
 from pyti_core import manager
 from pyti_core.errors import ConfigError, GuestBootError, GuestRunError, PytiError, TaskError
 from pyti_core.manager import GuestSystem, RunResult, hypervisor_uri, run, run_prepared, run_script
-from pyti_core.packages import bundled_pip_wheel
+from pyti_core.packages import bundled_pip_wheel, prepare_distribution
 from pyti_core.rawdata import MAX_RECORD_BYTES, Report
-from pyti_core.tasks import GuestLayout
+from pyti_core.tasks import RECIPES, GuestLayout
+from tests.pyti_core.test_packages import make_wheel, tiny_pair
 
 JOB_TASKS: list[dict[str, Any]] = [
     {"id": "1", "name": "install", "stop_on_failure": True},
@@ -424,3 +425,27 @@ def test_the_job_runs_pip_from_the_compiled_copy(tmp_path: Path, monkeypatch: py
     assert json.loads((folder / "job.json").read_text()) == new
     with zipfile.ZipFile(copy) as zf:
         assert sorted(zf.namelist()) == ["pip/__main__.py", "pip/__main__.pyc"]
+
+
+def test_a_vm_that_cannot_be_defined_is_a_run_error_naming_the_file(tmp_path: Path) -> None:
+    wheel = bundled_pip_wheel()
+    if wheel is None:
+        pytest.skip("this Python has no bundled pip wheel")
+    main, dep = tiny_pair(tmp_path / "projects")
+    make_wheel(dep, tmp_path / "index")
+    dist = prepare_distribution(
+        main, tmp_path / "dist", requirements=(), no_index=True, find_links=[tmp_path / "index"],
+        pip_wheel=wheel, build_isolation=False,
+    )  # fmt: skip
+    missing = tmp_path / "no-such-vmlinuz"
+    guest = GuestSystem(kernel=missing, initrd=tmp_path / "no-such-initrd")
+    seen: list[str] = []
+    with pytest.raises(GuestRunError, match="cannot define VM pyti-pytiny-") as info:
+        run_prepared(
+            dist, RECIPES["install-only"], guest=guest, timeout=60, work_dir=tmp_path / "run", uri=None,
+            progress=lambda phase, _message: seen.append(phase),
+        )  # fmt: skip
+    assert str(missing) in str(info.value)
+    assert isinstance(info.value.__cause__, FileNotFoundError)  # vmanager's DiskNotFoundError, chained
+    assert seen[0] == "io-disk"
+    assert (tmp_path / "run" / "io.img").is_file()  # made before the VM; the caller owns work_dir
