@@ -15,7 +15,9 @@ from __future__ import annotations
 from pyti_core.config import JobConfig
 from pyti_core.errors import (
     ConfigError,
+    GuestBootError,
     GuestImageError,
+    GuestRunError,
     MasterUnreachableError,
     PackageError,
     PytiError,
@@ -36,8 +38,10 @@ __all__ = [
     "RECIPES",
     "ConfigError",
     "Distribution",
+    "GuestBootError",
     "GuestImageError",
     "GuestLayout",
+    "GuestRunError",
     "GuestSystem",
     "GuestTarget",
     "Job",
