@@ -194,22 +194,20 @@ def user_cache_dir() -> Path:
 def default_uri() -> str:
     """The URI used when none is given: libvirt's QEMU driver inside this process (``qemu:///embed``).
 
-    The root directory is, in this order: the root of the embedded driver this process already runs
-    (libvirt runs one per process); ``$PYTI_LIBVIRT_ROOT``; ``<user cache dir>/pyti/libvirt`` — unless
-    another process's embedded driver holds that one (libvirt locks it), in which case this process
-    gets a private ``<user cache dir>/pyti/libvirt-XXXX`` of its own, removed when it exits.
+    The root directory is the root of the embedded driver this process already runs (libvirt runs one
+    per process), else ``$PYTI_LIBVIRT_ROOT`` or ``<user cache dir>/pyti/libvirt`` — unless another
+    process's embedded driver holds that one (libvirt locks it), in which case this process gets a
+    private ``<root>-XXXX`` beside it, removed when it exits.
     Read when called, never at import.
     """
     with _embedded_lock:
         if _embedded is not None:
             return _embedded[0]
-        env = os.environ.get("PYTI_LIBVIRT_ROOT")
-        if env:
-            return embed_uri(env)
         global _private_root  # noqa: PLW0603 - chosen once per process, like the driver itself
         if _private_root is not None:
             return embed_uri(_private_root)
-        root = user_cache_dir() / "pyti" / "libvirt"
+        env = os.environ.get("PYTI_LIBVIRT_ROOT")
+        root = Path(env) if env else user_cache_dir() / "pyti" / "libvirt"
         if not _held_by_another_process(root):
             return embed_uri(root)
         root.parent.mkdir(parents=True, exist_ok=True)

@@ -63,6 +63,9 @@ def test_a_root_held_by_another_process_gives_a_private_root(
         uri = default_uri()
         assert uri.startswith(f"qemu:///embed?root={tmp_path}/pyti/libvirt-")
         assert default_uri() == uri  # chosen once per process
+        monkeypatch.setattr(_libvirt, "_private_root", None)
+        monkeypatch.setenv("PYTI_LIBVIRT_ROOT", str(tmp_path / "pyti" / "libvirt"))  # held as well
+        assert default_uri().startswith(f"qemu:///embed?root={tmp_path}/pyti/libvirt-")
     finally:
         holder.kill()
         holder.wait()
