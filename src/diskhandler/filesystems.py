@@ -71,6 +71,18 @@ def detect_filesystem(volume: DiskImage) -> str | None:
     return detect_filesystem_bytes(volume.read_at(0, _PROBE_SIZE))
 
 
+_EXT_INCOMPAT_OFFSET = 1024 + 0x60  # s_feature_incompat in the superblock
+_EXT_INCOMPAT_RECOVER = 0x0004  # needs_recovery: the journal holds transactions not yet written
+
+
+def _ext_needs_recovery(device: Path) -> bool:
+    """Whether the ext filesystem in ``device`` has a journal that must be replayed before use."""
+    with device.open("rb") as f:
+        f.seek(_EXT_INCOMPAT_OFFSET)
+        raw = f.read(4)
+    return len(raw) == 4 and bool(int.from_bytes(raw, "little") & _EXT_INCOMPAT_RECOVER)
+
+
 def is_mountpoint(path: str | os.PathLike[str]) -> bool:
     """Whether ``path`` is a mount point of this process's mount namespace."""
     target = os.fsencode(os.path.abspath(path))
@@ -228,6 +240,14 @@ def mount_filesystem(
         return _kernel_mount(dev, mp, fstype, readonly)
     if method != "fuse":
         raise ValueError(f"unknown mount method {method!r}; expected 'fuse' or 'kernel'")
+    if fstype == "ext" and _ext_needs_recovery(dev):
+        raise FilesystemError(
+            errno.EUCLEAN,
+            "the ext3/4 journal needs recovery (the guest was not shut down cleanly), and fuse2fs cannot "
+            "replay it: run `e2fsck -fy` on the partition, boot the guest once and shut it down cleanly, "
+            "or mount with method='kernel' (root needed)",
+            str(dev),
+        )
     argv = _driver_argv(fstype, dev, mp, readonly)
     import tempfile  # noqa: PLC0415  (lazy: keeps ``import diskhandler`` fast)
 

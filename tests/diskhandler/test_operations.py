@@ -609,3 +609,18 @@ def test_no_dev_fuse_is_a_clear_error(tmp_path: Path) -> None:
         pytest.skip(f"cannot make a mount namespace here: {proc.stderr.strip()}")
     assert proc.stdout.startswith("refused: /dev/fuse does not exist"), proc.stdout + proc.stderr
     assert os.path.exists("/dev/fuse")  # the host's /dev was not touched
+
+
+@pytest.mark.parametrize("readonly", [False, True])
+def test_ext_journal_needing_recovery_is_a_clear_error(tmp_path: Path, readonly: bool) -> None:
+    """A guest killed mid-write leaves its ext4 journal dirty; fuse2fs crashes or refuses on it."""
+    image = create_io_disk(tmp_path / "io.raw", 16 << 20, "raw", partition_table=None)
+    run("debugfs", "-w", "-R", "feature needs_recovery", image)
+    before = hashlib.sha256(image.read_bytes()).hexdigest()
+    d = DiskOperations(image, readonly=readonly)
+    with pytest.raises(FilesystemError, match="journal needs recovery") as excinfo:
+        d.mount()
+    assert "e2fsck -fy" in str(excinfo.value)
+    assert not d.mounted
+    d.close_connection()
+    assert hashlib.sha256(image.read_bytes()).hexdigest() == before  # nothing was written
