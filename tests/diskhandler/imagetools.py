@@ -7,11 +7,13 @@ These tools belong in tests and benchmarks only, never in diskhandler itself.
 from __future__ import annotations
 
 import hashlib
+import os
 import shutil
 import struct
 import subprocess
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from pathlib import Path
+from typing import Any
 
 import pytest
 
@@ -25,6 +27,7 @@ __all__ = [
     "compare_with_raw",
     "fill_with_pattern",
     "patch_file",
+    "power_cut_at_every_write",
     "qemu_check",
     "qemu_flatten",
     "qemu_img",
@@ -165,3 +168,41 @@ def read_field(path: Path, offset: int, fmt: str) -> int:
 
 class PowerCut(OSError):
     """Raised by a test's patched write call: the process 'dies' there, nothing after it reaches the file."""
+
+
+def power_cut_at_every_write(
+    monkeypatch: pytest.MonkeyPatch,
+    seed: Path,
+    work: Path,
+    workload: Callable[[Path], None],
+    check: Callable[[Path, str], None],
+    *,
+    min_writes: int,
+) -> int:
+    """Run ``workload`` on a fresh copy of ``seed`` once per ``os.pwrite`` it makes, cutting the power
+    (raising :class:`PowerCut`) at that write, and ``check`` what the crash left. Returns the number
+    of writes; asserts there were at least ``min_writes`` (the workload really allocates)."""
+    calls = 0
+    stop_at = -1
+    real_pwrite = os.pwrite
+
+    def pwrite(fd: int, data: Any, offset: int) -> int:
+        nonlocal calls
+        calls += 1
+        if calls == stop_at:
+            raise PowerCut(5, "simulated power cut")
+        return real_pwrite(fd, data, offset)
+
+    monkeypatch.setattr(os, "pwrite", pwrite)
+    shutil.copyfile(seed, work)
+    workload(work)
+    total = calls
+    assert total >= min_writes
+    for stop in range(1, total + 1):
+        calls, stop_at = 0, stop
+        shutil.copyfile(seed, work)
+        with pytest.raises(PowerCut):
+            workload(work)
+        calls, stop_at = 0, -1
+        check(work, f"power cut at write {stop} of {total}")
+    return total

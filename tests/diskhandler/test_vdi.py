@@ -10,14 +10,12 @@ import hashlib
 import os
 import random
 import re
-import shutil
 import struct
 import subprocess
 import sys
 import uuid
 import warnings
 from pathlib import Path
-from typing import Any
 
 import pytest
 from hypothesis import HealthCheck, given, settings
@@ -34,11 +32,11 @@ from diskhandler import (
 )
 from diskhandler.formats._vbox import current_disks, read_media_registry
 from diskhandler.formats.vdi import BLOCK_FREE, BLOCK_ZERO, VDIImage
-from tests.diskhandler.imagetools import PowerCut as _PowerCut
 from tests.diskhandler.imagetools import (
     assert_reads_like_qemu,
     compare_with_raw,
     fill_with_pattern,
+    power_cut_at_every_write,
     qemu_check,
     qemu_flatten,
     qemu_img,
@@ -967,35 +965,19 @@ def test_power_cut_at_any_write_leaves_an_image_every_writer_can_continue(
     seed = tmp_path / "seed.vdi"
     with create_image(seed, 6 * MiB, header="qemu") as image:
         image.write_at(0, b"\x11" * MiB)
-    calls = 0
-    stop_at = -1
-    real_pwrite = os.pwrite
 
-    def pwrite(fd: int, data: Any, offset: int) -> int:
-        nonlocal calls
-        calls += 1
-        if calls == stop_at:
-            raise _PowerCut(5, "simulated power cut")
-        return real_pwrite(fd, data, offset)
-
-    monkeypatch.setattr(os, "pwrite", pwrite)
-    work = tmp_path / "work.vdi"
-    shutil.copyfile(seed, work)
-    _allocating_workload(work)
-    total = calls
-    assert total >= 8
-    for stop in range(1, total + 1):
-        calls, stop_at = 0, stop
-        shutil.copyfile(seed, work)
-        with pytest.raises(_PowerCut):
-            _allocating_workload(work)
-        _assert_at_worst_a_leak(work, f"power cut at write {stop} of {total}")
+    def check(work: Path, when: str) -> None:
+        _assert_at_worst_a_leak(work, when)
         with open_image(work) as image:
-            assert image.read_at(MiB - 10, 10) == b"\x11" * 10, f"power cut at write {stop} of {total}"
+            assert image.read_at(MiB - 10, 10) == b"\x11" * 10, when
             survivors = bytearray(image.read_at(0, 6 * MiB))
         # whatever survived must survive the next writer too: qemu (like VirtualBox) allocates at
         # the header's cBlocksAllocated, so that count must never lag behind the block map
         qemu_io(work, "vdi", ["write -P 0x55 5M 4k"])
         survivors[5 * MiB : 5 * MiB + 4096] = b"\x55" * 4096
         with open_image(work) as image:
-            assert image.read_at(0, 6 * MiB) == survivors, f"power cut at write {stop} of {total}"
+            assert image.read_at(0, 6 * MiB) == survivors, when
+
+    power_cut_at_every_write(
+        monkeypatch, seed, tmp_path / "work.vdi", _allocating_workload, check, min_writes=8
+    )

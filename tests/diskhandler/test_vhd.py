@@ -9,7 +9,6 @@ from __future__ import annotations
 
 import hashlib
 import itertools
-import os
 import random
 import shutil
 import struct
@@ -40,11 +39,11 @@ from tests.diskhandler.imagetools import (
     assert_reads_like_qemu,
     compare_with_raw,
     fill_with_pattern,
+    power_cut_at_every_write,
     qemu_flatten,
     qemu_img,
     qemu_io,
 )
-from tests.diskhandler.imagetools import PowerCut as _PowerCut
 from tests.diskhandler.imagetools import sha256_of_file as _sha
 
 MiB = 1 << 20
@@ -825,35 +824,6 @@ def _allocating_workload(path: Path) -> None:
         image.write_at(6 * MiB - 7, b"\x44" * 14)  # into the block at 6 MiB
 
 
-def _power_cut_at_every_write(
-    tmp_path: Path, monkeypatch: pytest.MonkeyPatch, seed: Path, check: Any
-) -> None:
-    calls = 0
-    stop_at = -1
-    real_pwrite = os.pwrite
-
-    def pwrite(fd: int, data: Any, offset: int) -> int:
-        nonlocal calls
-        calls += 1
-        if calls == stop_at:
-            raise _PowerCut(5, "simulated power cut")
-        return real_pwrite(fd, data, offset)
-
-    monkeypatch.setattr(os, "pwrite", pwrite)
-    work = tmp_path / "work.vhd"
-    shutil.copyfile(seed, work)
-    _allocating_workload(work)
-    total = calls
-    assert total >= 12
-    for stop in range(1, total + 1):
-        calls, stop_at = 0, stop
-        shutil.copyfile(seed, work)
-        with pytest.raises(_PowerCut):
-            _allocating_workload(work)
-        calls, stop_at = 0, -1
-        check(work, f"power cut at write {stop} of {total}")
-
-
 def test_power_cut_at_any_write_leaves_no_stale_data_for_the_next_writer(
     tmp_path: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:
@@ -872,7 +842,9 @@ def test_power_cut_at_any_write_leaves_no_stale_data_for_the_next_writer(
         with open_image(work) as image:
             assert image.read_at(0, 8 * MiB) == survivors, when
 
-    _power_cut_at_every_write(tmp_path, monkeypatch, seed, check)
+    power_cut_at_every_write(
+        monkeypatch, seed, tmp_path / "work.vhd", _allocating_workload, check, min_writes=12
+    )
 
 
 def test_power_cut_in_a_child_leaves_the_parent_showing(
@@ -893,4 +865,6 @@ def test_power_cut_in_a_child_leaves_the_parent_showing(
         rest = got[10 : 2 * MiB + 5] + got[2 * MiB + 105 : 4 * MiB] + got[5 * MiB : 6 * MiB - 7]
         assert rest == b"\x11" * len(rest), when
 
-    _power_cut_at_every_write(tmp_path, monkeypatch, seed, check)
+    power_cut_at_every_write(
+        monkeypatch, seed, tmp_path / "work.vhd", _allocating_workload, check, min_writes=12
+    )
