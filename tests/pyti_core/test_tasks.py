@@ -49,6 +49,8 @@ def test_default_job_for_the_guest(tmp_path: Path) -> None:
     assert tasks[0]["stop_on_failure"] is True
     assert tasks[0]["env"]["PIP_BREAK_SYSTEM_PACKAGES"] == "1"
     assert tasks[1]["argv"][-1] == "pytest"
+    assert "--no-compile" in tasks[1]["argv"]  # test tooling is compiled on import, not at install
+    assert "--no-compile" not in tasks[0]["argv"]  # the distribution itself installs as usual
     assert tasks[2]["argv"] == ["python3", "-c", "import a, b"]
     assert tasks[2]["cwd"] == "/mnt/disk/work"
     assert tasks[3]["argv"] == [
