@@ -39,7 +39,8 @@ __all__ = [
 
 MiB = 1 << 20
 
-# The shared/testdata/real-images folder beside the project (absent outside the workplace checkout).
+# Real images made by other products, kept in a shared/testdata/real-images folder beside the project
+# (tests that use them skip when it is absent).
 REAL_IMAGES = Path(__file__).resolve().parents[3] / "shared" / "testdata" / "real-images"
 
 # (qemu-io command) list that leaves data, explicit zeros, unaligned writes and holes in a 64 MiB disk.
