@@ -225,3 +225,26 @@ def test_close_waits_for_a_read_in_another_thread(tmp_path: Path) -> None:
     image.close()
     t.join()
     assert all(r == 4 * MiB or (isinstance(r, ValueError) and "closed" in str(r)) for r in results)
+
+
+@pytest.mark.parametrize("fmt", ["vdi", "vmdk"])  # the formats that warn about a stale parent link
+def test_warning_raised_as_an_error_leaves_no_file_open(tmp_path: Path, fmt: str) -> None:
+    import os
+    import warnings
+
+    from diskhandler import ImageWarning
+
+    base, child = tmp_path / f"base.{fmt}", tmp_path / f"child.{fmt}"
+    create_image(base, 4 * MiB).close()
+    create_image(child, parent=base).close()
+    with open_image(base, writable=True) as image:  # the child's parent link goes stale
+        image.write_at(0, b"x")
+    kept: list[ImageWarning] = []  # callers (and pytest.raises) keep the error and its frames
+    before = len(os.listdir("/proc/self/fd"))
+    with warnings.catch_warnings():
+        warnings.simplefilter("error", ImageWarning)
+        for _ in range(5):
+            with pytest.raises(ImageWarning) as excinfo:
+                open_image(child)
+            kept.append(excinfo.value)
+    assert len(os.listdir("/proc/self/fd")) == before

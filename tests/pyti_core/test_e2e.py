@@ -29,7 +29,7 @@ import pytest
 
 from pyti_core.errors import GuestBootError, GuestImageError
 from pyti_core.manager import PHASES, GuestSystem, RunResult, run, run_prepared
-from pyti_core.packages import bundled_pip_wheel, prepare_distribution
+from pyti_core.packages import Distribution, bundled_pip_wheel, prepare_distribution
 from pyti_core.tasks import RECIPES, Recipe, Task
 from tests.pyti_core.test_packages import make_wheel, tiny_pair
 
@@ -112,6 +112,20 @@ def system_disk(tmp_path_factory: pytest.TempPathFactory) -> Path:
     subprocess.run(["qemu-img", "convert", "-O", "qcow2", str(raw), str(disk)], check=True, timeout=60)
     raw.unlink()
     return disk
+
+
+def _offline_tiny_distribution(tmp_path: Path, index: Path) -> Distribution:
+    """The test's tiny package (with its dependency) fetched from the local index only."""
+    main, _dep = tiny_pair(tmp_path / "projects")
+    return prepare_distribution(
+        main,
+        tmp_path / "dist",
+        requirements=(),
+        no_index=True,
+        find_links=[index],
+        pip_wheel=bundled_pip_wheel(),
+        build_isolation=False,
+    )
 
 
 def _sha256(path: Path) -> str:
@@ -199,16 +213,7 @@ def test_a_package_with_a_dependency_one_passing_one_failing_test(
 def test_task_timeout_and_job_timeout_lose_no_task(
     guest: GuestSystem, index: Path, system_disk: Path, tmp_path: Path
 ) -> None:
-    main, _dep = tiny_pair(tmp_path / "projects")
-    dist = prepare_distribution(
-        main,
-        tmp_path / "dist",
-        requirements=(),
-        no_index=True,
-        find_links=[index],
-        pip_wheel=bundled_pip_wheel(),
-        build_isolation=False,
-    )
+    dist = _offline_tiny_distribution(tmp_path, index)
     recipe = Recipe(
         "hangs",
         (
@@ -255,16 +260,7 @@ def test_task_timeout_and_job_timeout_lose_no_task(
 
 
 def test_a_failing_install_is_reported(guest: GuestSystem, index: Path, tmp_path: Path) -> None:
-    main, _dep = tiny_pair(tmp_path / "projects")
-    dist = prepare_distribution(
-        main,
-        tmp_path / "dist",
-        requirements=(),
-        no_index=True,
-        find_links=[index],
-        pip_wheel=bundled_pip_wheel(),
-        build_isolation=False,
-    )
+    dist = _offline_tiny_distribution(tmp_path, index)
     # The dependency goes missing from the guest's wheelhouse: pip in the guest cannot install.
     wheels = tuple(w for w in dist.wheels if not w.name.startswith("pytiny_dep-"))
     assert len(wheels) == len(dist.wheels) - 1
@@ -292,19 +288,10 @@ def test_a_failing_install_is_reported(guest: GuestSystem, index: Path, tmp_path
 def test_a_guest_that_never_boots_is_a_boot_error_with_its_serial_log(
     guest: GuestSystem, index: Path, tmp_path: Path
 ) -> None:
-    main, _dep = tiny_pair(tmp_path / "projects")
     bogus = tmp_path / "bogus-initrd.img"
     bogus.write_bytes(b"not an initramfs\n" * 4096)
     broken = attrs.evolve(guest, initrd=bogus, boot_timeout=8.0)
-    dist = prepare_distribution(
-        main,
-        tmp_path / "dist",
-        requirements=(),
-        no_index=True,
-        find_links=[index],
-        pip_wheel=bundled_pip_wheel(),
-        build_isolation=False,
-    )
+    dist = _offline_tiny_distribution(tmp_path, index)
     started = time.monotonic()
     with pytest.raises(GuestBootError) as info:
         run_prepared(
