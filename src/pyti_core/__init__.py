@@ -6,8 +6,8 @@ whose ``report`` holds one raw-data record per task; :class:`TaskManager` runs m
 
 The building blocks are here — fetching a distribution for the guest (:func:`prepare_distribution`),
 recipes and the guest agent's job (:class:`Recipe`, :func:`to_agent_job`), JSON-RPC 2.0 raw-data
-records (:class:`RawDataRecord`, :class:`Report`), TOML job files (:class:`JobConfig`), the master and
-slave (:class:`Master`, :class:`Slave`) and the tiny test guest (``pyti_core.guest.tinylinux``).
+records (:class:`RawDataRecord`, :class:`Report`), TOML job files (:class:`JobConfig`) and the tiny
+test guest (``pyti_core.guest.tinylinux``). Many hosts share the work through ``pyti_core.farm`` (Dask).
 """
 
 from __future__ import annotations
@@ -18,19 +18,15 @@ from pyti_core.errors import (
     GuestBootError,
     GuestImageError,
     GuestRunError,
-    MasterUnreachableError,
     PackageError,
     PytiError,
     RawDataError,
-    RpcError,
     TaskError,
     UnsafeArchiveError,
 )
 from pyti_core.manager import GuestSystem, RunResult, run, run_prepared
-from pyti_core.master import Job, Master
 from pyti_core.packages import Distribution, GuestTarget, prepare_distribution
 from pyti_core.rawdata import RawDataRecord, Report, TestCounts, parse_record, parse_records
-from pyti_core.slave import Slave
 from pyti_core.task_manager import TaskManager
 from pyti_core.tasks import RECIPES, GuestLayout, Recipe, Task, get_recipe, stage_io_folder, to_agent_job
 
@@ -44,19 +40,14 @@ __all__ = [
     "GuestRunError",
     "GuestSystem",
     "GuestTarget",
-    "Job",
     "JobConfig",
-    "Master",
-    "MasterUnreachableError",
     "PackageError",
     "PytiError",
     "RawDataError",
     "RawDataRecord",
     "Recipe",
     "Report",
-    "RpcError",
     "RunResult",
-    "Slave",
     "Task",
     "TaskError",
     "TaskManager",

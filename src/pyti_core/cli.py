@@ -6,13 +6,10 @@
     pyti run --job job.toml                         the same from a job file
     pyti image build                                build (or find) the default system image
     pyti image prepare disk.qcow2                   put the agent and its boot hook into your own image
-    pyti master --db pyti.sqlite --port 8080        keep a queue of jobs and their records
-    pyti add --master http://host:8080/ attrs==23.2.0   queue a job on a master
-    pyti slave --master http://host:8080/           take jobs from a master, run them, post the records
 
 Exit codes: 0 every task passed (or the command succeeded); 1 a task failed, errored or timed out;
-2 usage error (bad option, job file or recipe); 3 pyti could not do its work (download, VM, disk image,
-master) — the reason is printed on one line; 130 interrupted.
+2 usage error (bad option, job file or recipe); 3 pyti could not do its work (download, VM, disk image)
+— the reason is printed on one line; 130 interrupted.
 
 The library never prints; everything shown here is drawn from its return values and progress callbacks.
 """
@@ -22,13 +19,11 @@ from __future__ import annotations
 import argparse
 import os
 import re
-import signal
 import sys
 import threading
 import time
 from collections.abc import Callable, Sequence
 from pathlib import Path
-from types import FrameType
 from typing import TYPE_CHECKING, Final, TextIO
 
 import attrs
@@ -37,7 +32,6 @@ from pyti_core.errors import ConfigError, PytiError, TaskError
 
 if TYPE_CHECKING:
     from pyti_core.manager import RunResult
-    from pyti_core.slave import RunJob
 
 __all__ = [
     "EXIT_ERROR",
@@ -186,16 +180,6 @@ def _count(text: str) -> int:
     return value
 
 
-def _port(text: str) -> int:
-    try:
-        value = int(text)
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"not a port number: {text!r}") from None
-    if not 0 <= value <= 65535:
-        raise argparse.ArgumentTypeError(f"a port is 0..65535, got {text!r}")
-    return value
-
-
 def _cmd_run(args: argparse.Namespace, out: TextIO, err: TextIO) -> int:
     from pyti_core.config import JobConfig  # noqa: PLC0415 (keeps `pyti --help` fast)
     from pyti_core.manager import GuestSystem, run  # noqa: PLC0415
@@ -316,102 +300,8 @@ def _cmd_image_prepare(args: argparse.Namespace, out: TextIO, err: TextIO) -> in
     return EXIT_OK
 
 
-def _wait_for_signal(stop: threading.Event) -> None:
-    """Wait until SIGINT or SIGTERM (or ``stop``), in the main thread."""
-
-    def handler(_sig: int, _frame: FrameType | None) -> None:
-        stop.set()
-
-    if threading.current_thread() is threading.main_thread():
-        old = {s: signal.signal(s, handler) for s in (signal.SIGINT, signal.SIGTERM)}
-        try:
-            while not stop.wait(0.5):
-                pass
-        finally:
-            for s, h in old.items():
-                signal.signal(s, h)
-    else:
-        stop.wait()
-
-
-def _cmd_master(args: argparse.Namespace, out: TextIO, err: TextIO, stop: threading.Event) -> int:
-    from pyti_core.master import Master  # noqa: PLC0415
-
-    with Master(args.db) as master:
-        url = master.serve(host=args.host, port=args.port)
-        out.write(f"pyti master: serving on {url} (database {args.db}); stop with Ctrl-C\n")
-        out.flush()
-        if args.host not in ("127.0.0.1", "localhost", "::1"):
-            err.write("pyti: warning: the master has no authentication; put it behind a TLS proxy\n")
-        _wait_for_signal(stop)
-    out.write("pyti master: stopped\n")
-    return EXIT_OK
-
-
-def _cmd_add(args: argparse.Namespace, out: TextIO, err: TextIO) -> int:
-    from pyti_core.slave import Slave  # noqa: PLC0415
-
-    options = {"timeout": args.timeout} if args.timeout else {}
-    result = Slave(args.master).call(
-        "jobs.add", {"distribution": args.spec, "recipe": args.recipe, "options": options}
-    )
-    out.write(f"{result['job_id']}\n")
-    return EXIT_OK
-
-
-def _slave_run_job(args: argparse.Namespace, err: TextIO) -> RunJob:
-    from pyti_core.manager import run  # noqa: PLC0415
-    from pyti_core.master import Job  # noqa: PLC0415
-    from pyti_core.rawdata import RawDataRecord  # noqa: PLC0415
-
-    def run_job(job: Job) -> list[RawDataRecord]:
-        timeout = job.options.get("timeout", args.timeout)
-        if isinstance(timeout, bool) or not isinstance(timeout, int | float) or not timeout > 0:
-            timeout = args.timeout
-        display = ProgressDisplay(err, live=False, prefix=f"job {job.job_id[:8]} ")
-        result = run(
-            job.distribution,
-            recipe=job.recipe,
-            timeout=float(timeout),
-            uri=args.uri,
-            cache_dir=args.cache_dir,
-            progress=display,
-        )
-        return list(result.report.records)
-
-    return run_job
-
-
-def _cmd_slave(
-    args: argparse.Namespace, out: TextIO, err: TextIO, stop: threading.Event, run_job: RunJob | None
-) -> int:
-    from pyti_core.slave import Slave  # noqa: PLC0415
-
-    slave = Slave(args.master, name=args.name)
-    job_runner = run_job or _slave_run_job(args, err)
-    out.write(f"pyti slave {slave.name}: taking jobs from {args.master}\n")
-    out.flush()
-    done: list[int] = []
-
-    def loop() -> None:
-        done.append(
-            slave.run_forever(job_runner, poll_interval=args.poll, stop_event=stop, max_jobs=args.max_jobs)
-        )
-        stop.set()
-
-    worker = threading.Thread(target=loop, name="pyti-slave", daemon=True)
-    worker.start()
-    _wait_for_signal(stop)
-    worker.join()
-    out.write(f"pyti slave {slave.name}: {done[0] if done else 0} job(s) done\n")
-    return EXIT_OK
-
-
-# -- the parser -------------------------------------------------------------------------------------------
-
-
 def build_parser() -> argparse.ArgumentParser:
-    """The ``pyti`` argument parser (sub-commands ``run``, ``image``, ``master``, ``add``, ``slave``)."""
+    """The ``pyti`` argument parser (sub-commands ``run``, ``image``)."""
     parser = argparse.ArgumentParser(
         prog="pyti",
         description="Test Python distributions inside clean, network-less virtual machines.",
@@ -462,29 +352,6 @@ def build_parser() -> argparse.ArgumentParser:
     )
     pr.add_argument("--no-python-check", action="store_true", help="do not require python3 in the image")
 
-    m = sub.add_parser("master", help="serve a queue of jobs and store their records (JSON-RPC 2.0)")
-    m.add_argument(
-        "--db", type=Path, default=Path("pyti.sqlite"), help="the SQLite database (default pyti.sqlite)"
-    )
-    m.add_argument("--host", default="127.0.0.1", help="address to listen on (default 127.0.0.1)")
-    m.add_argument("--port", type=_port, default=8080, help="port (default 8080; 0 picks a free one)")
-
-    a = sub.add_parser("add", help="queue a job on a master; prints its id")
-    a.add_argument("spec", help="the distribution, e.g. attrs==23.2.0")
-    a.add_argument("--master", required=True, help="the master's URL")
-    a.add_argument("--recipe", default="default", help="the recipe (default: default)")
-    a.add_argument("--timeout", type=_positive_float, help="seconds for the guest's run")
-
-    s = sub.add_parser("slave", help="take jobs from a master, run them in VMs, post the records back")
-    s.add_argument("--master", required=True, help="the master's URL, e.g. http://127.0.0.1:8080/")
-    s.add_argument("--max-jobs", type=_count, help="stop after this many jobs (default: run until stopped)")
-    s.add_argument("--name", help="this slave's name (default: the host name)")
-    s.add_argument(
-        "--poll", type=_positive_float, default=10.0, help="seconds between polls of an empty queue"
-    )
-    s.add_argument("--timeout", type=_positive_float, default=DEFAULT_TIMEOUT, help="default job timeout")
-    s.add_argument("--uri", help="hypervisor URI")
-    s.add_argument("--cache-dir", type=Path, help="pyti's cache")
     return parser
 
 
@@ -515,14 +382,8 @@ def main(
     *,
     stdout: TextIO | None = None,
     stderr: TextIO | None = None,
-    run_job: RunJob | None = None,
-    stop_event: threading.Event | None = None,
 ) -> int:
-    """Run the ``pyti`` command; return its exit code.
-
-    ``run_job`` replaces the function ``pyti slave`` runs each job with, and ``stop_event`` stops
-    ``pyti master``/``pyti slave`` (they otherwise stop on SIGINT or SIGTERM) — for embedding and tests.
-    """
+    """Run the ``pyti`` command; return its exit code."""
     out = stdout or sys.stdout
     err = stderr or sys.stderr
     _quiet_libvirt()
@@ -531,12 +392,8 @@ def main(
         args = parser.parse_args(argv)
     except SystemExit as exc:  # argparse printed the usage message
         return EXIT_OK if exc.code in (0, None) else EXIT_USAGE
-    stop = stop_event or threading.Event()
     commands: dict[str, Callable[[], int]] = {
         "run": lambda: _cmd_run(args, out, err),
-        "master": lambda: _cmd_master(args, out, err, stop),
-        "add": lambda: _cmd_add(args, out, err),
-        "slave": lambda: _cmd_slave(args, out, err, stop, run_job),
         "image": lambda: (_cmd_image_build if args.image_command == "build" else _cmd_image_prepare)(
             args, out, err
         ),

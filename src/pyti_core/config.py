@@ -22,7 +22,6 @@
 
     [results]
     report = "attrs-report.json"       # written on the host (relative to this file)
-    master = "http://127.0.0.1:8080/"  # or posted to a master
 
     [[tasks]]                          # instead of recipe: your own list
     name = "smoke"
@@ -72,7 +71,6 @@ class JobConfig:
     find_links: tuple[Path, ...] = ()
     cache_dir: Path | None = None
     report: Path | None = None
-    master_url: str | None = None
     source: Path | None = None
 
     def prepare(self, dest: Path, **overrides: Any) -> Distribution:
@@ -137,6 +135,11 @@ class JobConfig:
         )
         cache = reader.string(packages, "cache_dir", key="packages.cache_dir")
         results = reader.table(data, "results", {"report", "master"})
+        if "master" in results:
+            raise reader.fail(
+                "results.master",
+                "the master is gone: run many jobs with `pyti farm run --ledger FILE` (see docs/farm.md)",
+            )
         report = reader.string(results, "report", key="results.report")
         return cls(
             distribution=distribution,
@@ -148,7 +151,6 @@ class JobConfig:
             find_links=find_links,
             cache_dir=reader.path(cache, "packages.cache_dir") if cache is not None else None,
             report=reader.path(report, "results.report") if report is not None else None,
-            master_url=reader.url(results, "master", "results.master"),
             source=source,
         )
 

@@ -14,9 +14,6 @@ exception it *is*, so ``except ValueError`` or ``except OSError`` in a caller ke
     │                                   a job was submitted to a TaskManager after close()
     ├── PackageError (OSError)          pip could not resolve, download or build what the guest needs
     │   └── UnsafeArchiveError          an sdist holds a path that would land outside its folder
-    ├── RpcError                        the master answered a JSON-RPC 2.0 call with an error object
-    │   └── MasterUnreachableError (ConnectionError)
-    │                                   the master could not be reached or sent no valid JSON-RPC reply
     └── GuestRunError                   a run's VM or IO disk failed where no record can say it (.serial_log)
         └── GuestBootError (TimeoutError)
                                         the guest did not report ready within its boot timeout
@@ -34,11 +31,9 @@ __all__ = [
     "GuestImageError",
     "GuestRunError",
     "ImagePrepareError",
-    "MasterUnreachableError",
     "PackageError",
     "PytiError",
     "RawDataError",
-    "RpcError",
     "TaskError",
     "TaskManagerClosedError",
     "UnsafeArchiveError",
@@ -103,28 +98,6 @@ class PackageError(PytiError, OSError):
 
 class UnsafeArchiveError(PackageError):
     """An archive (sdist) contains a member that is absolute, climbs out with ``..``, or is too large."""
-
-
-class RpcError(PytiError):
-    """The master answered with a JSON-RPC 2.0 error object (``code``, ``message``, optional ``data``)."""
-
-    def __init__(self, code: int, message: str, data: object = None) -> None:
-        self.code = code
-        self.message = message
-        self.data = data
-        extra = f" ({data})" if data is not None else ""
-        super().__init__(f"JSON-RPC error {code}: {message}{extra}")
-
-
-class MasterUnreachableError(RpcError, ConnectionError):
-    """The master did not answer, answered over HTTP with an error, or sent something that is not JSON-RPC."""
-
-    def __init__(self, url: str, message: str) -> None:
-        self.url = url
-        RpcError.__init__(self, -32000, f"{url}: {message}")
-
-    def __str__(self) -> str:
-        return self.message
 
 
 class GuestImageError(PytiError):

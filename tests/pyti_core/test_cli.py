@@ -1,27 +1,21 @@
-"""The pyti command: tables, progress, exit codes, image commands, master/add/slave, and real runs."""
+"""The pyti command: tables, progress, exit codes, image commands, and real runs."""
 
 from __future__ import annotations
 
 import io
-import json
 import os
 import re
 import shutil
-import signal
 import subprocess
 import sys
-import threading
-import urllib.request
 from datetime import UTC, datetime
 from pathlib import Path
-from typing import Any
 
 import pytest
 
 from diskhandler import create_io_disk
 from pyti_core.cli import EXIT_ERROR, EXIT_FAILED, EXIT_OK, EXIT_USAGE, ProgressDisplay, format_table, main
 from pyti_core.manager import RunResult
-from pyti_core.master import Job
 from pyti_core.rawdata import RawDataRecord, Report, TestCounts
 from tests.pyti_core.test_image import _rootfs, debugfs
 from tests.pyti_core.test_task_manager import HAVE_QEMU, make_wheel
@@ -151,7 +145,7 @@ def test_usage_errors_exit_2(tmp_path: Path) -> None:
     assert code == EXIT_USAGE
     assert err.startswith(f"pyti: error: {job}: timeotu: unknown key")
     assert "Traceback" not in err
-    assert run_cli("master", "--port", "70000")[0] == EXIT_USAGE
+    assert run_cli("master")[0] == EXIT_USAGE  # gone: `pyti farm`
     assert run_cli("--help")[0] == EXIT_OK
 
 
@@ -242,76 +236,6 @@ def test_image_build_prints_the_guest_files() -> None:
     assert Path(fields["kernel"].strip()).is_file()
     assert Path(fields["initrd"].strip()).is_file()
     assert "console=ttyS0" in fields["cmdline"]
-
-
-# -- master, add, slave -----------------------------------------------------------------------------
-
-
-def test_master_add_slave_on_loopback(tmp_path: Path) -> None:
-    master = subprocess.Popen(
-        [sys.executable, "-m", "pyti_core", "master", "--db", str(tmp_path / "m.sqlite"), "--port", "0"],
-        stdout=subprocess.PIPE,
-        stderr=subprocess.PIPE,
-        text=True,
-    )
-    try:
-        assert master.stdout is not None
-        first = master.stdout.readline()
-        match = re.search(r"serving on (http://127\.0\.0\.1:\d+/)", first)
-        assert match, first
-        url = match.group(1)
-        ids = []
-        for spec in ("good==1.0", "broken==2.0"):
-            code, out, _ = run_cli(
-                "add", spec, "--master", url, "--recipe", "install-only", "--timeout", "77"
-            )
-            assert code == EXIT_OK
-            ids.append(out.strip())
-        seen: list[Job] = []
-
-        def fake_run_job(job: Job) -> list[RawDataRecord]:  # the VM path is tested in test_manager
-            seen.append(job)
-            if job.distribution == "broken==2.0":
-                raise RuntimeError("no VM today")
-            return [record("install", "passed"), record("import", "passed")]
-
-        code, out, _ = run_cli(
-            "slave", "--master", url, "--max-jobs", "2", "--poll", "0.1", "--name", "t1", run_job=fake_run_job
-        )
-        assert code == EXIT_OK
-        assert out.splitlines()[-1] == "pyti slave t1: 2 job(s) done"
-        assert [j.distribution for j in seen] == ["good==1.0", "broken==2.0"]
-        assert seen[0].recipe == "install-only"
-        assert seen[0].options == {"timeout": 77.0}
-        good = _get(f"{url}jobs/{ids[0]}")
-        assert [r["params"]["task"] for r in good["records"]] == ["install", "import"]
-        broken = _get(f"{url}jobs/{ids[1]}")
-        (err_record,) = broken["records"]
-        assert err_record["params"]["status"] == "error"
-        assert "no VM today" in err_record["params"]["stderr"]
-        code, _, err = run_cli("add", "x==1", "--master", "http://127.0.0.1:9/")
-        assert code == EXIT_ERROR
-        assert "cannot reach the master" in err
-    finally:
-        master.send_signal(signal.SIGTERM)
-        out, err = master.communicate(timeout=30)
-    assert master.returncode == 0, err
-    assert "pyti master: stopped" in out
-
-
-def test_slave_stops_on_its_event(tmp_path: Path) -> None:
-    stop = threading.Event()
-    timer = threading.Timer(0.5, stop.set)
-    timer.start()
-    code, out, _ = run_cli("slave", "--master", "http://127.0.0.1:9/", "--poll", "0.1", stop_event=stop)
-    assert code == EXIT_OK
-    assert out.splitlines()[-1].endswith("0 job(s) done")
-
-
-def _get(url: str) -> dict[str, Any]:
-    with urllib.request.urlopen(url, timeout=30) as response:
-        data: dict[str, Any] = json.loads(response.read())
-    return data
 
 
 # -- real runs --------------------------------------------------------------------------------------

@@ -42,7 +42,6 @@ def test_a_full_job_file(tmp_path: Path) -> None:
 
         [results]
         report = "out/report.json"
-        master = "http://127.0.0.1:8080/"
         """,
     )
     config = JobConfig.from_toml(path)
@@ -57,14 +56,13 @@ def test_a_full_job_file(tmp_path: Path) -> None:
     assert config.find_links == (tmp_path / "wheels",)
     assert config.cache_dir == tmp_path / "cache"
     assert config.report == tmp_path / "out" / "report.json"
-    assert config.master_url == "http://127.0.0.1:8080/"
     assert config.source == path
 
 
 def test_minimal_job_and_local_paths(tmp_path: Path) -> None:
     config = JobConfig.from_toml(write(tmp_path, 'distribution = "six"\n'))
     assert (config.distribution, config.recipe, config.target) == ("six", RECIPES["default"], DEBIAN_12)
-    assert (config.report, config.master_url, config.job_timeout) == (None, None, None)
+    assert (config.report, config.job_timeout) == (None, None)
     (tmp_path / "proj").mkdir()
     (tmp_path / "x-1.0.tar.gz").write_bytes(b"")
     assert JobConfig.from_toml(write(tmp_path, 'distribution = "./proj"\n')).distribution == tmp_path / "proj"
@@ -121,7 +119,7 @@ def test_custom_tasks(tmp_path: Path) -> None:
         ("distribution = 'x'\n[guest]\npython = 3.11\n", "guest.python", "MAJOR.MINOR"),
         ("distribution = 'x'\n[guest]\nos = 'win'\n", "guest.os", "unknown key"),
         ("distribution = 'x'\n[packages]\nfind_links = './w'\n", "packages.find_links", "list of"),
-        ("distribution = 'x'\n[results]\nmaster = 'ftp://m'\n", "results.master", "http://"),
+        ("distribution = 'x'\n[results]\nmaster = 'http://m/'\n", "results.master", "pyti farm run"),
         ("distribution = 'x'\nresults = 5\n", "results", "must be a table"),
         ("distribution = 'x'\nrecipe = 'default'\n[[tasks]]\nkind = 'pytest'\n", "tasks", "not both"),
         ("distribution = 'x'\n[[tasks]]\nkind = 'shell'\n", "tasks[0]", "kind must be one of"),
