@@ -32,6 +32,7 @@ from diskhandler.errors import (
     SnapshotNotFoundError,
     UnsupportedImageError,
 )
+from diskhandler.formats._blockmap import DATA, OTHER, PARENT, ZERO, BlockMappedImage, closing_on_error
 from diskhandler.formats._qcow2_layout import (
     AUTOCLEAR_OFFSET,
     EXT_BACKING_FORMAT,
@@ -52,7 +53,7 @@ from diskhandler.formats._qcow2_layout import (
     parse_snapshots,
 )
 from diskhandler.formats._qcow2_refcount import Refcounts
-from diskhandler.formats._stream import DiskImage, pread_exact, pwrite_all, zero_fill
+from diskhandler.formats._stream import DiskImage, pread_exact, pwrite_all
 from diskhandler.formats.chain import ChainGuard
 
 __all__ = ["QCOW2Image", "SnapshotInfo", "SnapshotNotFoundError"]
@@ -66,9 +67,6 @@ _ALL_SUBCLUSTERS = 0xFFFF_FFFF
 _L2_CACHE_BYTES = 64 << 20
 _BIG_ENDIAN_HOST = sys.byteorder == "big"
 _IOV_MAX = 1024
-
-# Read-run kinds.
-_NONE, _DATA, _ZEROS, _BACKING = 0, 1, 2, 3
 
 # qemu's names for backing formats -> ours.
 _BACKING_FORMATS = {"qcow2": "qcow2", "raw": "raw", "file": "raw", "vmdk": "vmdk", "vdi": "vdi", "vpc": "vhd"}
@@ -115,7 +113,7 @@ def _pwrite_runs(fd: int, pieces: list[tuple[int, memoryview | bytes | bytearray
         i = j
 
 
-class QCOW2Image(DiskImage):
+class QCOW2Image(BlockMappedImage):
     """A qcow2 image (v2 or v3) with its backing chain, as a seekable stream.
 
     Attributes:
@@ -166,17 +164,9 @@ class QCOW2Image(DiskImage):
         return head[:4] == MAGIC
 
     @classmethod
-    def open(cls, path: Path, *, writable: bool, guard: ChainGuard) -> Self:
-        """Open ``path`` (read-write when ``writable``) and its backing chain (always read-only)."""
-        fd = os.open(path, (os.O_RDWR if writable else os.O_RDONLY) | os.O_CLOEXEC)
-        try:
-            return cls._from_fd(path, fd, writable=writable, guard=guard)
-        except BaseException:
-            os.close(fd)
-            raise
-
-    @classmethod
+    @override
     def _from_fd(cls, path: Path, fd: int, *, writable: bool, guard: ChainGuard) -> Self:
+        """Open ``path`` (read-write when ``writable``) and its backing chain (always read-only)."""
         file_size = os.fstat(fd).st_size
         head = os.pread(fd, 4096, 0)
         if len(head) >= 24 and head[:4] == MAGIC:
@@ -188,14 +178,10 @@ class QCOW2Image(DiskImage):
             cls._check_writable(header, path)
         l1 = _native_u64(pread_exact(fd, header.l1_table_offset, header.l1_size * 8, path, "L1 table"))
         parent = cls._open_backing(path, header, guard)
-        try:
+        with closing_on_error(parent):
             image = cls(path, fd, header=header, l1=l1, writable=writable, parent=parent)
             if writable:
                 image._prepare_writing(file_size)
-        except BaseException:
-            if parent is not None:
-                parent.close()
-            raise
         return image
 
     @staticmethod
@@ -509,87 +495,66 @@ class QCOW2Image(DiskImage):
     # -- reading --------------------------------------------------------------------------------
 
     @override
-    def _readinto_at(self, offset: int, buf: memoryview) -> None:
+    def _lookup(self, offset: int, remaining: int) -> tuple[int, int, int]:
         cbits = self._cbits
         cmask = self._cs - 1
         l2_bits = self._l2_bits
         l2_mask = (1 << l2_bits) - 1
-        ext = self._ext
+        cluster = offset >> cbits
+        within = offset & cmask
+        l1_index = cluster >> l2_bits
         l1 = self._l1
-        l1_len = len(l1)
-        cache = self._l2_cache
-        n = len(buf)
-        pos = 0
-        run_kind = _NONE
-        run_pos = 0
-        run_host = 0
-        while pos < n:
-            voff = offset + pos
-            cluster = voff >> cbits
-            within = voff & cmask
-            l1_index = cluster >> l2_bits
-            l1_entry = l1[l1_index] if l1_index < l1_len else 0
-            l2_offset = l1_entry & _OFFSET_MASK
-            host = 0
-            if not l2_offset:
-                kind = _BACKING
-                span = (((l1_index + 1) << l2_bits) << cbits) - voff
-            else:
-                table = cache.get(l2_offset)
-                if table is None:
-                    table = self._l2_table(l1_index, l2_offset)
-                index = cluster & l2_mask
-                if ext:
-                    entry = table[2 * index]
-                    bitmap = table[2 * index + 1]
-                else:
-                    entry = table[index]
-                    bitmap = 0
-                if entry & _COMPRESSED:
-                    if run_kind != _NONE:
-                        self._flush_run(run_kind, offset, run_pos, pos, run_host, buf)
-                        run_kind = _NONE
-                    span = min(self._cs - within, n - pos)
-                    buf[pos : pos + span] = self._decompress(entry)[within : within + span]
-                    pos += span
-                    continue
-                base = entry & _OFFSET_MASK
-                if not ext:
-                    span = self._cs - within
-                    if entry & _L2_RESERVED:
-                        raise ImageFormatError(
-                            self.path, "L2 table", f"entry for cluster {cluster} has reserved bits set"
-                        )
-                    if entry & _ZERO:
-                        kind = _ZEROS
-                    elif base:
-                        kind = _DATA
-                        host = base + within
-                        # Fast path: the following entries continue the run on the host (checked in C).
-                        count = min((n - pos + within - 1) >> cbits, l2_mask - index)
-                        if count > 0:
-                            step = self._cs
-                            run = array("Q", range(entry + step, entry + (count + 1) * step, step))
-                            if table[index + 1 : index + 1 + count] == run:
-                                span += count * step
-                    else:
-                        kind = _BACKING
-                    if kind != _DATA and entry <= _ZERO:  # a run of unallocated or plain zero entries
-                        count = min((n - pos + within - 1) >> cbits, l2_mask - index)
-                        if count > 0 and table[index + 1 : index + 1 + count] == array("Q", [entry]) * count:
-                            span += count << cbits
-                else:
-                    kind, span, host = self._subcluster_run(cluster, entry, base, bitmap, within)
-            span = min(span, n - pos)
-            if kind == run_kind and (kind != _DATA or host == run_host + (pos - run_pos)):
-                pos += span
-                continue
-            if run_kind != _NONE:
-                self._flush_run(run_kind, offset, run_pos, pos, run_host, buf)
-            run_kind, run_pos, run_host = kind, pos, host
-            pos += span
-        if run_kind != _NONE:
-            self._flush_run(run_kind, offset, run_pos, n, run_host, buf)
+        l1_entry = l1[l1_index] if l1_index < len(l1) else 0
+        l2_offset = l1_entry & _OFFSET_MASK
+        if not l2_offset:  # no L2 table: its whole range is unallocated
+            return PARENT, 0, (((l1_index + 1) << l2_bits) << cbits) - offset
+        table = self._l2_cache.get(l2_offset)
+        if table is None:
+            table = self._l2_table(l1_index, l2_offset)
+        index = cluster & l2_mask
+        if self._ext:
+            entry = table[2 * index]
+            if entry & _COMPRESSED:
+                return OTHER, entry, self._cs - within
+            kind, span, host = self._subcluster_run(
+                cluster, entry, entry & _OFFSET_MASK, table[2 * index + 1], within
+            )
+            return kind, host, span
+        entry = table[index]
+        if entry & _COMPRESSED:
+            return OTHER, entry, self._cs - within
+        if entry & _L2_RESERVED:
+            raise ImageFormatError(
+                self.path, "L2 table", f"entry for cluster {cluster} has reserved bits set"
+            )
+        span = self._cs - within
+        count = min((remaining + within - 1) >> cbits, l2_mask - index)
+        base = entry & _OFFSET_MASK
+        if entry & _ZERO:
+            kind = ZERO
+        elif base:
+            # Fast path: the following entries continue the run on the host (checked in C).
+            if count > 0:
+                step = self._cs
+                run = array("Q", range(entry + step, entry + (count + 1) * step, step))
+                if table[index + 1 : index + 1 + count] == run:
+                    span += count * step
+            return DATA, base + within, span
+        else:
+            kind = PARENT
+        # a run of unallocated or plain zero entries
+        if (
+            entry <= _ZERO
+            and count > 0
+            and table[index + 1 : index + 1 + count] == array("Q", [entry]) * count
+        ):
+            span += count << cbits
+        return kind, 0, span
+
+    @override
+    def _fill_other(self, offset: int, view: memoryview, host: int) -> None:
+        within = offset & (self._cs - 1)
+        view[:] = memoryview(self._decompress(host))[within : within + len(view)]
 
     def _subcluster_run(
         self, cluster: int, entry: int, base: int, bitmap: int, within: int
@@ -605,36 +570,32 @@ class QCOW2Image(DiskImage):
         sc = within >> sc_bits
         bit = 1 << sc
         if alloc & bit:
-            kind, same, host = _DATA, alloc, base + within
+            kind, same, host = DATA, alloc, base + within
         elif zero & bit:
-            kind, same, host = _ZEROS, zero, 0
+            kind, same, host = ZERO, zero, 0
         else:
-            kind, same, host = _BACKING, ~(alloc | zero), 0
+            kind, same, host = PARENT, ~(alloc | zero), 0
         end = sc + 1
         while end < 32 and (same >> end) & 1:
             end += 1
         return kind, (end << sc_bits) - within, host
 
-    def _flush_run(  # noqa: PLR0917  (hot path: positional arguments are cheaper)
-        self, kind: int, offset: int, start: int, end: int, host: int, buf: memoryview
-    ) -> None:
-        part = buf[start:end]
-        if kind == _DATA:
-            done = 0
-            total = end - start
-            while done < total:
-                got = os.preadv(self._fd, [part[done:]], host + done)
-                if got == 0:
-                    raise ImageFormatError(
-                        self.path,
-                        "L2 table",
-                        f"data cluster at {host + done:#x} lies past the end of the file (truncated image?)",
-                    )
-                done += got
-        elif kind == _ZEROS:
-            zero_fill(part)
-        else:
-            self._read_parent(offset + start, part)
+    @override
+    def _fill(self, kind: int, offset: int, view: memoryview, host: int) -> None:
+        if kind != DATA:
+            super()._fill(kind, offset, view, host)
+            return
+        done = 0
+        total = len(view)
+        while done < total:
+            got = os.preadv(self._fd, [view[done:]], host + done)
+            if got == 0:
+                raise ImageFormatError(
+                    self.path,
+                    "L2 table",
+                    f"data cluster at {host + done:#x} lies past the end of the file (truncated image?)",
+                )
+            done += got
 
     # -- writing --------------------------------------------------------------------------------
 

@@ -31,14 +31,9 @@ from typing_extensions import override
 
 from diskhandler.errors import ChainError, ImageFormatError, ImageWarning, UnsupportedImageError
 from diskhandler.formats import _vbox
+from diskhandler.formats._blockmap import DATA, PARENT, ZERO, BlockMappedImage, closing_on_error
 from diskhandler.formats._layout import Layout, binary_layout, ffield
-from diskhandler.formats._stream import (
-    DiskImage,
-    pread_exact,
-    preadinto_exact,
-    pwrite_all,
-    zero_fill,
-)
+from diskhandler.formats._stream import DiskImage, pread_exact, pwrite_all
 from diskhandler.formats.chain import ChainGuard
 
 __all__ = [
@@ -331,7 +326,7 @@ def _is_zero(data: memoryview) -> bool:
     return all(_ZEROS.startswith(data[pos : pos + MiB]) for pos in range(0, len(data), MiB))
 
 
-class VDIImage(DiskImage):
+class VDIImage(BlockMappedImage):
     """A VirtualBox disk image (and, for a differencing image, its chain of parents).
 
     Attributes (besides :class:`DiskImage`'s):
@@ -355,7 +350,7 @@ class VDIImage(DiskImage):
         super().__init__(path, fd, size=header.disk_size, writable=writable, parent=parent)
         self.header = header
         self._map = block_map
-        self._shift = header.block_size.bit_length() - 1
+        self._shift = self._block_shift = header.block_size.bit_length() - 1
         self._mask = header.block_size - 1
         self._stride = header.block_size + header.block_extra
         self._data_base = header.off_data + header.block_extra
@@ -384,22 +379,19 @@ class VDIImage(DiskImage):
 
     @classmethod
     @override
-    def open(cls, path: Path, *, writable: bool, guard: ChainGuard) -> Self:
-        fd = os.open(path, (os.O_RDWR if writable else os.O_RDONLY) | os.O_CLOEXEC)
-        parent: DiskImage | None = None
-        try:
-            header = _read_header(fd, path)
-            if writable and header.major == 0:
-                raise UnsupportedImageError(
-                    path,
-                    "version",
-                    "legacy VDI 0.x image: diskhandler reads it but does not write it; convert it first"
-                    " (VBoxManage clonemedium)",
-                )
-            _check_registry(path, header, writable)
-            block_map, slots_end = _load_map(fd, path, header)
-            if header.is_differencing:
-                parent = _open_parent(path, header, guard)
+    def _from_fd(cls, path: Path, fd: int, *, writable: bool, guard: ChainGuard) -> Self:
+        header = _read_header(fd, path)
+        if writable and header.major == 0:
+            raise UnsupportedImageError(
+                path,
+                "version",
+                "legacy VDI 0.x image: diskhandler reads it but does not write it; convert it first"
+                " (VBoxManage clonemedium)",
+            )
+        _check_registry(path, header, writable)
+        block_map, slots_end = _load_map(fd, path, header)
+        parent = _open_parent(path, header, guard) if header.is_differencing else None
+        with closing_on_error(parent):
             return cls(
                 path,
                 fd,
@@ -409,11 +401,6 @@ class VDIImage(DiskImage):
                 writable=writable,
                 parent=parent,
             )
-        except BaseException:
-            os.close(fd)
-            if parent is not None:
-                parent.close()
-            raise
 
     @classmethod
     @override
@@ -544,71 +531,27 @@ class VDIImage(DiskImage):
     # -- reading --------------------------------------------------------------------------------
 
     @override
-    def _readinto_at(self, offset: int, buf: memoryview) -> None:
-        bmap = self._map
-        shift, mask, bs = self._shift, self._mask, self._mask + 1
-        stride, base = self._stride, self._data_base
-        has_parent = self.parent is not None
-        total = len(buf)
-        pos = 0
-        run_kind = -1  # 0 data, 1 zeros, 2 parent
-        run_start = 0
-        run_phys = 0
-        run_phys_end = 0
-        while pos < total:
-            virt = offset + pos
-            index = virt >> shift
-            within = virt & mask
-            take = min(bs - within, total - pos)
-            entry = bmap[index]
-            if entry < BLOCK_ZERO:
-                phys = base + entry * stride + within
-                if run_kind == 0 and phys == run_phys_end:
-                    run_phys_end += take
-                    pos += take
-                    continue
-                kind = 0
-            else:
-                kind = 2 if (entry == BLOCK_FREE and has_parent) else 1
-                if kind == run_kind:
-                    pos += take
-                    continue
-                phys = 0
-            if run_kind >= 0:
-                self._fill(run_kind, offset + run_start, buf[run_start:pos], run_phys)
-            run_kind, run_start, run_phys, run_phys_end = kind, pos, phys, phys + take
-            pos += take
-        self._fill(run_kind, offset + run_start, buf[run_start:pos], run_phys)
-
-    def _fill(self, kind: int, virt: int, view: memoryview, phys: int) -> None:
-        if kind == 0:
-            preadinto_exact(self._fd, view, phys, self.path, "block data")
-        elif kind == 1:
-            zero_fill(view)
-        else:
-            self._read_parent(virt, view)
+    def _lookup(self, offset: int, remaining: int) -> tuple[int, int, int]:
+        within = offset & self._mask
+        entry = self._map[offset >> self._shift]
+        span = self._mask + 1 - within
+        if entry < BLOCK_ZERO:
+            return DATA, self._data_base + entry * self._stride + within, span
+        if entry == BLOCK_FREE and self.parent is not None:
+            return PARENT, 0, span
+        return ZERO, 0, span
 
     # -- writing --------------------------------------------------------------------------------
 
     @override
-    def _write_at(self, offset: int, data: memoryview) -> None:
+    def _write_block(self, index: int, within: int, chunk: memoryview) -> None:
         if not self._modified:
             self._mark_modified()
-        shift, mask, bs = self._shift, self._mask, self._mask + 1
-        pos = 0
-        total = len(data)
-        while pos < total:
-            virt = offset + pos
-            index = virt >> shift
-            within = virt & mask
-            take = min(bs - within, total - pos)
-            chunk = data[pos : pos + take]
-            entry = self._map[index]
-            if entry < BLOCK_ZERO:
-                pwrite_all(self._fd, chunk, self._data_base + entry * self._stride + within)
-            else:
-                self._write_unallocated(index, within, chunk, entry)
-            pos += take
+        entry = self._map[index]
+        if entry < BLOCK_ZERO:
+            pwrite_all(self._fd, chunk, self._data_base + entry * self._stride + within)
+        else:
+            self._write_unallocated(index, within, chunk, entry)
 
     def _mark_modified(self) -> None:
         """A new ``uuidModify`` on the first write of a session, as VirtualBox does."""

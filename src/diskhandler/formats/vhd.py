@@ -30,6 +30,7 @@ new block is unreferenced space holding no data.
 
 from __future__ import annotations
 
+import bisect
 import os
 import sys
 import time
@@ -50,8 +51,9 @@ from diskhandler.errors import (
     ReadOnlyImageError,
     UnsupportedImageError,
 )
+from diskhandler.formats._blockmap import DATA, PARENT, ZERO, BlockMappedImage, closing_on_error
 from diskhandler.formats._layout import Layout, binary_layout, ffield
-from diskhandler.formats._stream import DiskImage, preadinto_exact, pwrite_all, zero_fill
+from diskhandler.formats._stream import DiskImage, preadinto_exact, pwrite_all
 from diskhandler.formats.chain import ChainGuard
 
 __all__ = [
@@ -283,7 +285,7 @@ def _virtual_size(footer: VHDFooter) -> tuple[int, str | None]:
 # -- the image -------------------------------------------------------------------------------------
 
 
-class VHDImage(DiskImage):
+class VHDImage(BlockMappedImage):
     """A fixed, dynamic or differencing VHD.
 
     Attributes:
@@ -318,7 +320,7 @@ class VHDImage(DiskImage):
         self._differencing = footer.disk_type == DISK_DIFFERENCING
         if header is not None:
             self.block_size = header.block_size
-            self._shift = header.block_size.bit_length() - 1
+            self._shift = self._block_shift = header.block_size.bit_length() - 1
             self._bitmap_size = _align(header.block_size // SECTOR // 8)
             self._sectors_per_block = header.block_size // SECTOR
             self._bat_offset = header.table_offset
@@ -347,16 +349,7 @@ class VHDImage(DiskImage):
 
     @classmethod
     @override
-    def open(cls, path: Path, *, writable: bool, guard: ChainGuard) -> Self:
-        fd = os.open(path, (os.O_RDWR if writable else os.O_RDONLY) | os.O_CLOEXEC)
-        try:
-            return cls._open_fd(path, fd, writable=writable, guard=guard)
-        except BaseException:
-            os.close(fd)
-            raise
-
-    @classmethod
-    def _open_fd(cls, path: Path, fd: int, *, writable: bool, guard: ChainGuard) -> Self:
+    def _from_fd(cls, path: Path, fd: int, *, writable: bool, guard: ChainGuard) -> Self:
         file_size = os.fstat(fd).st_size
         footer, raw_footer, trailing_len = _read_footer(fd, path, file_size)
         if footer.format_version >> 16 != 1:
@@ -427,7 +420,7 @@ class VHDImage(DiskImage):
         parent: DiskImage | None = None
         if header is not None and footer.disk_type == DISK_DIFFERENCING:
             parent = _open_parent(path, header, guard)
-        try:
+        with closing_on_error(parent):
             return cls(
                 path,
                 fd,
@@ -439,10 +432,6 @@ class VHDImage(DiskImage):
                 next_block=next_block,
                 parent=parent,
             )
-        except BaseException:
-            if parent is not None:
-                parent.close()
-            raise
 
     @staticmethod
     def _read_header(
@@ -645,56 +634,23 @@ class VHDImage(DiskImage):
     # -- reading ------------------------------------------------------------------------------------
 
     @override
-    def _readinto_at(self, offset: int, buf: memoryview) -> None:
+    def _lookup(self, offset: int, remaining: int) -> tuple[int, int, int]:
         bat = self._bat
         if bat is None:
-            preadinto_exact(self._fd, buf, offset, self.path, "fixed disk data")
-            return
-        fd = self._fd
-        shift = self._shift
+            return DATA, offset, remaining
         bs = self.block_size
-        mask = bs - 1
-        data_skip = self._bitmap_size
-        total = len(buf)
-        pos = 0
-        while pos < total:
-            voff = offset + pos
-            index = voff >> shift
-            within = voff & mask
-            seg = min(total - pos, bs - within)
-            sector = bat[index]
-            view = buf[pos : pos + seg]
-            if sector == UNALLOCATED:
-                # coalesce a run of unallocated blocks into one fill / one parent read
-                while pos + seg < total and bat[index + 1] == UNALLOCATED:
-                    index += 1
-                    seg = min(total - pos, seg + bs)
-                view = buf[pos : pos + seg]
-                if self._differencing:
-                    self._read_parent(voff, view)
-                else:
-                    zero_fill(view)
-            elif not self._differencing:
-                preadinto_exact(fd, view, sector * SECTOR + data_skip + within, self.path, "block data")
-            else:
-                self._read_diff_block(index, sector * SECTOR + data_skip, voff - within, within, view)
-            pos += seg
-
-    def _read_diff_block(
-        self, index: int, data_at: int, block_voff: int, within: int, view: memoryview
-    ) -> None:
-        """Fill ``view`` from block ``index``: set bits read this file, clear bits the parent."""
-        end = within + len(view)
-        for first, last, here in self._block_runs(index):
-            start = max(first * SECTOR, within)
-            stop = min(last * SECTOR, end)
-            if start >= stop:
-                continue
-            part = view[start - within : stop - within]
-            if here:
-                preadinto_exact(self._fd, part, data_at + start, self.path, "block data")
-            else:
-                self._read_parent(block_voff + start, part)
+        index = offset >> self._shift
+        within = offset & (bs - 1)
+        sector = bat[index]
+        if sector == UNALLOCATED:
+            return (PARENT if self._differencing else ZERO), 0, bs - within
+        data_at = sector * SECTOR + self._bitmap_size + within
+        if not self._differencing:
+            return DATA, data_at, bs - within
+        # a differencing block: set bits read this file, clear bits the parent
+        runs = self._block_runs(index)
+        _first, last, here = runs[bisect.bisect_right(runs, within // SECTOR, key=_run_start) - 1]
+        return (DATA if here else PARENT), data_at, last * SECTOR - within
 
     def _bitmap(self, index: int) -> bytearray:
         cached = self._bitmaps.get(index)
@@ -730,18 +686,10 @@ class VHDImage(DiskImage):
     def _write_at(self, offset: int, data: memoryview) -> None:
         if self._bat is None:
             pwrite_all(self._fd, data, offset)
-            return
-        bs = self.block_size
-        total = len(data)
-        pos = 0
-        while pos < total:
-            voff = offset + pos
-            index = voff >> self._shift
-            within = voff & (bs - 1)
-            seg = min(total - pos, bs - within)
-            self._write_block(index, within, data[pos : pos + seg])
-            pos += seg
+        else:
+            super()._write_at(offset, data)
 
+    @override
     def _write_block(self, index: int, within: int, chunk: memoryview) -> None:
         assert self._bat is not None
         first = within // SECTOR
@@ -798,6 +746,10 @@ class VHDImage(DiskImage):
         if self._differencing:
             lo, hi = _set_bits(bitmap, first, last)
             pwrite_all(fd, memoryview(bitmap)[lo:hi], block_at + lo)
+
+
+def _run_start(run: tuple[int, int, bool]) -> int:
+    return run[0]
 
 
 def _set_bits(bitmap: bytearray, first: int, last: int) -> tuple[int, int]:

@@ -55,6 +55,7 @@ from diskhandler.errors import (
     ImageWarning,
     UnsupportedImageError,
 )
+from diskhandler.formats._blockmap import DATA, PARENT, ZERO, walk
 from diskhandler.formats._layout import Layout, binary_layout, ffield
 from diskhandler.formats._stream import DiskImage, pread_exact, preadinto_exact, pwrite_all, zero_fill
 from diskhandler.formats._vmdk_descriptor import (
@@ -146,10 +147,6 @@ _DEVICE_CREATE_TYPES = {
     "vmfspassthroughrawdevicemap",
 }
 _LITTLE_ENDIAN_HOST = sys.byteorder == "little"
-
-_HOLE = 0
-_ZERO = 1
-_DATA = 2
 
 
 @binary_layout("<")
@@ -376,47 +373,22 @@ class _SparseExtent(_Extent):
         if self.compressed:
             self._read_compressed(offset, buf, parent)
             return
-        shift = self.grain_shift
-        mask = self.grain_mask
-        gbytes = self.grain_bytes
-        zeroed = self.zeroed_grains
-        total = len(buf)
-        pos = 0
-        run_kind = -1
-        run_start = 0
-        run_file = 0
-        run_len = 0
-        while pos < total:
-            here = offset + pos
-            within = here & mask
-            take = min(gbytes - within, total - pos)
-            entry = self.lookup(here >> shift)
-            if entry == 0:
-                kind, file_at = _HOLE, 0
-            elif entry == GTE_ZEROED and zeroed:
-                kind, file_at = _ZERO, 0
-            else:
-                kind, file_at = _DATA, entry * SECTOR + within
-            if kind == run_kind and (kind != _DATA or file_at == run_file + run_len):
-                run_len += take
-            else:
-                if run_kind >= 0:
-                    self._flush_read(
-                        run_kind, buf[run_start : run_start + run_len], run_file, offset + run_start, parent
-                    )
-                run_kind, run_start, run_file, run_len = kind, pos, file_at, take
-            pos += take
-        if run_kind >= 0:
-            self._flush_read(
-                run_kind, buf[run_start : run_start + run_len], run_file, offset + run_start, parent
-            )
+        walk(offset, buf, self._lookup, lambda kind, at, view, host: self._fill(kind, at, view, host, parent))
 
-    def _flush_read(
-        self, kind: int, view: memoryview, file_at: int, offset: int, parent: ParentReader
-    ) -> None:
-        if kind == _DATA:
+    def _lookup(self, offset: int, remaining: int) -> tuple[int, int, int]:
+        within = offset & self.grain_mask
+        span = self.grain_bytes - within
+        entry = self.lookup(offset >> self.grain_shift)
+        if entry == 0:
+            return PARENT, 0, span
+        if entry == GTE_ZEROED and self.zeroed_grains:
+            return ZERO, 0, span
+        return DATA, entry * SECTOR + within, span
+
+    def _fill(self, kind: int, offset: int, view: memoryview, file_at: int, parent: ParentReader) -> None:
+        if kind == DATA:
             preadinto_exact(self.fd, view, file_at, self.path, f"grain at byte {file_at}")
-        elif kind == _ZERO:
+        elif kind == ZERO:
             zero_fill(view)
         else:
             parent(self.vstart + offset, view)
