@@ -783,6 +783,6 @@ def test_failed_write_leaves_tables_as_they_were(tmp_path: Path) -> None:
 def test_old_qcow_version_1_is_refused_with_advice(tmp_path: Path) -> None:
     path = tmp_path / "old.qcow"
     qemu_img("create", "-f", "qcow", path, "1M")
-    with pytest.raises(UnsupportedImageError, match=r"convert -O qcow2") as excinfo:
+    with pytest.raises(UnsupportedImageError, match=r"qcow \(version 1\).*convert -O qcow2") as excinfo:
         open_image(path)
-    assert excinfo.value.field == "version"
+    assert excinfo.value.field == "format"
