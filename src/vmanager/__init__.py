@@ -18,7 +18,10 @@ process (``qemu:///embed``, no daemon). ``from vmanager import *`` gives the nam
 from __future__ import annotations
 
 from ._accel import detect_accelerator
+from ._domain_xml import domain_xml
 from ._libvirt import Connection, connect, default_uri
+from ._snapshots import Snapshot
+from .compat import PyTICompat
 from .config import Disk, VMConfig
 from .errors import (
     ConfigError,
@@ -34,7 +37,8 @@ from .errors import (
     VMStateError,
     VMTimeoutError,
 )
-from .machine import RunState, Snapshot, VirtualMachine
+from .machine import VirtualMachine
+from .state import RunState
 
 __all__ = [
     "ConfigError",
@@ -45,6 +49,7 @@ __all__ = [
     "DomainNotFoundError",
     "HypervisorConnectionError",
     "HypervisorError",
+    "PyTICompat",
     "RunState",
     "Snapshot",
     "SnapshotExistsError",
@@ -58,4 +63,5 @@ __all__ = [
     "connect",
     "default_uri",
     "detect_accelerator",
+    "domain_xml",
 ]

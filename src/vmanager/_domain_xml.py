@@ -20,7 +20,7 @@ from .errors import ConfigError
 if TYPE_CHECKING:
     from .config import VMConfig
 
-__all__ = ["DiskPlan", "plan_disks", "render"]
+__all__ = ["DiskPlan", "domain_xml", "plan_disks", "render"]
 
 FAMILIES = ("qemu", "kvm", "vbox", "xen", "test")
 
@@ -158,7 +158,7 @@ def render(
     domain_type: str | None,
     overlays: Mapping[str, Path],
 ) -> str:
-    """The domain XML of ``config`` for one hypervisor family (see :meth:`VMConfig.to_xml`)."""
+    """The domain XML of ``config`` for one hypervisor family (see :func:`domain_xml`)."""
     family = hypervisor.lower()
     if family not in FAMILIES:
         raise ConfigError("hypervisor", f"unknown hypervisor {hypervisor!r}; use one of {list(FAMILIES)}")
@@ -217,3 +217,17 @@ def render(
         _sub(devices, "memballoon", model="none")
     ET.indent(root)
     return ET.tostring(root, encoding="unicode") + "\n"
+
+
+def domain_xml(
+    config: VMConfig, hypervisor: str, *, name: str | None = None, domain_type: str | None = None
+) -> str:
+    """libvirt domain XML for ``config`` on ``hypervisor`` (``"qemu"``, ``"kvm"``, ``"vbox"``, ``"xen"``,
+    ``"test"``).
+
+    ``name`` overrides the domain name (``config.name`` then becomes the ``<title>``); ``domain_type``
+    overrides the ``<domain type>`` for QEMU (``"kvm"`` or ``"qemu"``). Disk formats are read from the
+    images' magic numbers; a missing image counts as raw unless ``Disk(format=...)`` says otherwise.
+    This is the XML :class:`~vmanager.VirtualMachine` defines.
+    """
+    return render(config, hypervisor, name=name, domain_type=domain_type, overlays={})

@@ -1,15 +1,19 @@
 """The one module that imports libvirt.
 
-It owns three things:
+It owns:
 
+* libvirt's own log lines: before libvirt is loaded, ``LIBVIRT_LOG_OUTPUTS`` points libvirt's log at a
+  pipe this module reads, and each line becomes a record of the ``vmanager.libvirt`` logger (libvirt
+  otherwise writes "libvirt version: ..." and "Domain ... is tainted: high-privileges" straight to
+  file descriptor 2). A ``LIBVIRT_LOG_OUTPUTS`` the user set is left alone;
 * the libvirt event loop: ``virEventRegisterDefaultImpl()`` once, then a daemon thread looping
   ``virEventRunDefaultImpl()``, both before the first ``libvirt.open`` (``qemu:///embed`` needs it to
   watch its QEMU processes, remote URIs need it for keep-alives);
-* :class:`Connection`, an open hypervisor connection (context-managed, never closed by ``__del__``);
-* :func:`translate`, the single mapping from ``libvirt.libvirtError`` to :mod:`vmanager.errors`.
-
-Other vmanager modules reach libvirt objects (``virDomain``, ``virDomainSnapshot``) only through values
-this module hands out, typed as :data:`Domain` / :data:`DomainSnapshot`.
+* the process's one embedded QEMU driver (see :func:`default_uri`);
+* :class:`Connection`, :class:`Domain` and :class:`DomainSnapshot`: typed wrappers whose methods
+  translate ``libvirt.libvirtError`` once, through :func:`translate` (the single mapping to
+  :mod:`vmanager.errors`, always chained). No other module sees a raw libvirt object or catches
+  ``libvirtError``.
 """
 
 from __future__ import annotations
@@ -17,17 +21,18 @@ from __future__ import annotations
 import atexit
 import contextlib
 import fcntl
+import logging
 import os
+import re
 import shutil
 import struct
+import sys
 import tempfile
 import threading
 import urllib.parse
 from pathlib import Path
 from types import TracebackType
 from typing import Any, Final, Literal, Self
-
-import libvirt
 
 from .errors import (
     ConfigError,
@@ -40,8 +45,62 @@ from .errors import (
     VMTimeoutError,
 )
 
+_log = logging.getLogger("vmanager.libvirt")
+logging.getLogger("vmanager").addHandler(logging.NullHandler())  # a library never prints by itself
+
+# libvirt log line: "2026-12-03 15:54:22.604+0000: 12891: warning : func:123 : message"
+_LOG_LINE: Final = re.compile(rb"^\S+ \S+: \d+: (debug|info|warning|error) : (?:\S+ : )?(.*)$")
+_LOG_LEVELS: Final = {
+    b"debug": logging.DEBUG,
+    b"info": logging.INFO,
+    b"warning": logging.WARNING,
+    # every libvirt error that matters reaches the caller as an exception; the log copy is detail
+    b"error": logging.DEBUG,
+}
+
+
+def _forward_log(fd: int) -> None:
+    """Turn libvirt's log lines read from ``fd`` into ``vmanager.libvirt`` log records."""
+    level = logging.DEBUG
+    with open(fd, "rb", buffering=0, closefd=True) as pipe:
+        pending = b""
+        while chunk := pipe.read(65536):
+            *lines, pending = (pending + chunk).split(b"\n")
+            for line in lines:
+                match = _LOG_LINE.match(line)
+                text = line
+                if match is not None:
+                    level = _LOG_LEVELS[match.group(1)]
+                    text = match.group(2)
+                if text.strip():  # continuation lines keep their record's level
+                    _log.log(level, "%s", text.decode("utf-8", "replace"))
+
+
+def _route_libvirt_log() -> bool:
+    """Point libvirt's log output at a pipe read into :mod:`logging` (libvirt reads it when loaded)."""
+    if "libvirt" in sys.modules or "LIBVIRT_LOG_OUTPUTS" in os.environ:
+        return False  # too late, or the user chose where libvirt logs
+    read_fd, write_fd = os.pipe()
+    os.set_inheritable(write_fd, False)
+    # level 3: warnings and errors (libvirt adds its "libvirt version" header lines itself)
+    os.environ["LIBVIRT_LOG_OUTPUTS"] = f"3:file:/proc/self/fd/{write_fd}"
+    threading.Thread(target=_forward_log, args=(read_fd,), name="libvirt-log", daemon=True).start()
+    return True
+
+
+#: Whether libvirt's log lines go to the ``vmanager.libvirt`` logger in this process.
+LOG_ROUTED: Final = _route_libvirt_log()
+try:
+    import libvirt
+finally:
+    if os.environ.get("LIBVIRT_LOG_OUTPUTS", "").startswith("3:file:/proc/self/fd/"):
+        del os.environ["LIBVIRT_LOG_OUTPUTS"]  # meaningless in a child process
+
+
 __all__ = [
     "Connection",
+    "Domain",
+    "DomainSnapshot",
     "Hypervisor",
     "LibvirtError",
     "connect",
@@ -50,13 +109,13 @@ __all__ = [
     "translate",
 ]
 
-#: libvirt's exception class; other modules catch it only to pass it to :func:`translate`.
+#: libvirt's exception class (only this module catches it).
 LibvirtError: Final = libvirt.libvirtError
 
-#: libvirt objects have no type information; these aliases document what a value is.
-Domain = Any
-DomainSnapshot = Any
+#: libvirt objects have no type information; this alias documents what a value is.
 RawConnection = Any
+RawDomain = Any
+RawSnapshot = Any
 
 Hypervisor = Literal["qemu", "kvm", "vbox", "xen", "test"]
 
@@ -80,6 +139,11 @@ REVERT_PAUSED: Final = libvirt.VIR_DOMAIN_SNAPSHOT_REVERT_PAUSED
 SNAPSHOT_DELETE_METADATA_ONLY: Final = libvirt.VIR_DOMAIN_SNAPSHOT_DELETE_METADATA_ONLY
 SNAPSHOT_DELETE_CHILDREN: Final = libvirt.VIR_DOMAIN_SNAPSHOT_DELETE_CHILDREN
 LIST_ACTIVE: Final = libvirt.VIR_CONNECT_LIST_DOMAINS_ACTIVE
+XML_INACTIVE: Final = libvirt.VIR_DOMAIN_XML_INACTIVE
+SNAPSHOT_CREATE_REDEFINE: Final = libvirt.VIR_DOMAIN_SNAPSHOT_CREATE_REDEFINE
+SNAPSHOT_CREATE_CURRENT: Final = libvirt.VIR_DOMAIN_SNAPSHOT_CREATE_CURRENT
+SAVE_RUNNING: Final = libvirt.VIR_DOMAIN_SAVE_RUNNING
+SAVE_PAUSED: Final = libvirt.VIR_DOMAIN_SAVE_PAUSED
 
 _UNSUPPORTED_CODES: Final = frozenset(
     {
@@ -143,13 +207,6 @@ def translate(
     if code == libvirt.VIR_ERR_OPERATION_TIMEOUT:
         return VMTimeoutError(vm, operation or "operation", 0.0, message)
     return HypervisorError(f"VM {vm!r} on {uri!r}: {where}" if vm else where, code)
-
-
-def is_missing_snapshot(exc: Exception) -> bool:
-    """True when a libvirt error says "no such snapshot" (an answer, not a failure)."""
-    return (
-        isinstance(exc, libvirt.libvirtError) and exc.get_error_code() == libvirt.VIR_ERR_NO_DOMAIN_SNAPSHOT
-    )
 
 
 # -- event loop ----------------------------------------------------------------------------------
@@ -412,45 +469,233 @@ class Connection:
         state = "closed" if self._closed else ("owned" if self._owned else "borrowed")
         return f"<vmanager.Connection {self.uri!r} ({state})>"
 
-    # -- small helpers used by VirtualMachine ---------------------------------------------------
+    # -- calls ------------------------------------------------------------------------------------
+
+    def _err(self, exc: libvirt.libvirtError, operation: str, vm: str = "") -> VManagerError:
+        return translate(exc, uri=self.uri, vm=vm, operation=operation)
 
     def lookup(self, name: str) -> Domain:
+        """The domain called ``name``; :class:`DomainNotFoundError` when there is none."""
         try:
-            return self.raw.lookupByName(name)
+            return Domain(self.raw.lookupByName(name), name, self.uri)
         except libvirt.libvirtError as exc:
-            raise translate(exc, uri=self.uri, vm=name, operation="lookup") from exc
+            raise self._err(exc, "lookup", name) from exc
 
     def find(self, name: str) -> Domain | None:
         """The domain called ``name``, or ``None``."""
         try:
-            return self.raw.lookupByName(name)
+            return Domain(self.raw.lookupByName(name), name, self.uri)
         except libvirt.libvirtError as exc:
             if exc.get_error_code() == libvirt.VIR_ERR_NO_DOMAIN:
                 return None
-            raise translate(exc, uri=self.uri, vm=name, operation="lookup") from exc
+            raise self._err(exc, "lookup", name) from exc
 
     def define(self, name: str, xml: str) -> Domain:
+        """Define (or redefine) a persistent domain from its XML."""
         try:
-            return self.raw.defineXML(xml)
+            return Domain(self.raw.defineXML(xml), name, self.uri)
         except libvirt.libvirtError as exc:
-            raise translate(exc, uri=self.uri, vm=name, operation="define") from exc
+            raise self._err(exc, "define", name) from exc
 
     def domains(self, *, active_only: bool = False) -> list[Domain]:
         try:
-            return list(self.raw.listAllDomains(LIST_ACTIVE if active_only else 0))
+            raws = self.raw.listAllDomains(LIST_ACTIVE if active_only else 0)
+            return [Domain(raw, raw.name(), self.uri) for raw in raws]
         except libvirt.libvirtError as exc:
-            raise translate(exc, uri=self.uri, operation="list domains") from exc
+            if exc.get_error_code() == libvirt.VIR_ERR_NO_DOMAIN:  # one vanished while we listed
+                return self.domains(active_only=active_only)
+            raise self._err(exc, "list domains") from exc
 
     def capabilities(self) -> str:
         try:
             return str(self.raw.getCapabilities())
         except libvirt.libvirtError as exc:
-            raise translate(exc, uri=self.uri, operation="capabilities") from exc
+            raise self._err(exc, "capabilities") from exc
+
+    def lib_version(self) -> tuple[int, int, int]:
+        """The version of libvirt serving this connection (major, minor, micro)."""
+        try:
+            number = int(self.raw.getLibVersion())
+        except libvirt.libvirtError as exc:
+            raise self._err(exc, "version") from exc
+        return number // 1_000_000, number // 1000 % 1000, number % 1000
+
+    def saved_domain_xml(self, path: Path, vm: str) -> str:
+        """The domain XML stored in a saved memory image (``virsh save-image-dumpxml``)."""
+        try:
+            return str(self.raw.saveImageGetXMLDesc(str(path), 0))
+        except libvirt.libvirtError as exc:
+            raise self._err(exc, "read saved memory", vm) from exc
+
+    def restore(self, path: Path, xml: str, vm: str, *, paused: bool = False) -> None:
+        """Start a domain from saved memory, with ``xml`` (ABI-compatible) as its definition."""
+        try:
+            self.raw.restoreFlags(str(path), xml, SAVE_PAUSED if paused else SAVE_RUNNING)
+        except libvirt.libvirtError as exc:
+            raise self._err(exc, "restore memory", vm) from exc
 
 
 def connect(uri: str | None = None) -> Connection:
     """Open ``uri`` (default: :func:`default_uri`); use as ``with connect(...) as conn:``."""
     return Connection(uri)
+
+
+# -- domains ---------------------------------------------------------------------------------------
+
+
+class Domain:
+    """One libvirt domain; every method translates libvirt's errors (named after the VM) once."""
+
+    __slots__ = ("name", "raw", "uri")
+
+    def __init__(self, raw: RawDomain, name: str, uri: str) -> None:
+        self.raw = raw
+        self.name = name
+        self.uri = uri
+
+    def _err(self, exc: libvirt.libvirtError, operation: str, snapshot: str | None = None) -> VManagerError:
+        return translate(exc, uri=self.uri, vm=self.name, operation=operation, snapshot=snapshot)
+
+    def xml_desc(self, *, inactive: bool = False) -> str:
+        try:
+            return str(self.raw.XMLDesc(XML_INACTIVE if inactive else 0))
+        except libvirt.libvirtError as exc:
+            raise self._err(exc, "read definition") from exc
+
+    def state(self) -> int:
+        """libvirt's ``virDomainState`` code."""
+        try:
+            return int(self.raw.state()[0])
+        except libvirt.libvirtError as exc:
+            raise self._err(exc, "state") from exc
+
+    def create(self) -> None:
+        try:
+            self.raw.create()
+        except libvirt.libvirtError as exc:
+            raise self._err(exc, "start") from exc
+
+    def destroy(self) -> None:
+        try:
+            self.raw.destroy()
+        except libvirt.libvirtError as exc:
+            raise self._err(exc, "stop") from exc
+
+    def shutdown(self) -> None:
+        try:
+            self.raw.shutdown()
+        except libvirt.libvirtError as exc:
+            raise self._err(exc, "shutdown") from exc
+
+    def suspend(self) -> None:
+        try:
+            self.raw.suspend()
+        except libvirt.libvirtError as exc:
+            raise self._err(exc, "pause") from exc
+
+    def resume(self) -> None:
+        try:
+            self.raw.resume()
+        except libvirt.libvirtError as exc:
+            raise self._err(exc, "resume") from exc
+
+    def reboot(self) -> None:
+        try:
+            self.raw.reboot(0)
+        except libvirt.libvirtError as exc:
+            raise self._err(exc, "reboot") from exc
+
+    def undefine(self) -> None:
+        """Remove the definition (with its managed save and snapshot metadata)."""
+        try:
+            self.raw.undefineFlags(UNDEFINE_FLAGS)
+        except libvirt.libvirtError as exc:
+            raise self._err(exc, "undefine") from exc
+
+    # -- snapshots --------------------------------------------------------------------------------
+
+    def snapshot_create(self, xml: str, name: str, flags: int = 0) -> DomainSnapshot:
+        try:
+            return DomainSnapshot(self.raw.snapshotCreateXML(xml, flags), name, self)
+        except libvirt.libvirtError as exc:
+            raise self._err(exc, "snapshot", snapshot=name) from exc
+
+    def snapshot(self, name: str) -> DomainSnapshot | None:
+        """The snapshot called ``name``, or ``None``."""
+        try:
+            return DomainSnapshot(self.raw.snapshotLookupByName(name, 0), name, self)
+        except libvirt.libvirtError as exc:
+            if exc.get_error_code() == libvirt.VIR_ERR_NO_DOMAIN_SNAPSHOT:
+                return None
+            raise self._err(exc, "snapshot lookup", snapshot=name) from exc
+
+    def snapshots(self) -> list[DomainSnapshot]:
+        try:
+            return [DomainSnapshot(raw, raw.getName(), self) for raw in self.raw.listAllSnapshots(0)]
+        except libvirt.libvirtError as exc:
+            raise self._err(exc, "list snapshots") from exc
+
+    def snapshot_names(self) -> list[str]:
+        try:
+            return [str(n) for n in self.raw.snapshotListNames(0)]
+        except libvirt.libvirtError as exc:
+            raise self._err(exc, "list snapshots") from exc
+
+    def current_snapshot(self) -> DomainSnapshot | None:
+        try:
+            if not self.raw.hasCurrentSnapshot(0):
+                return None
+            raw = self.raw.snapshotCurrent(0)
+            return DomainSnapshot(raw, raw.getName(), self)
+        except libvirt.libvirtError as exc:
+            raise self._err(exc, "current snapshot") from exc
+
+    def revert(self, snap: DomainSnapshot, flags: int = 0) -> None:
+        try:
+            self.raw.revertToSnapshot(snap.raw, flags)
+        except libvirt.libvirtError as exc:
+            raise self._err(exc, "rollback", snapshot=snap.name) from exc
+
+    def open_console(self) -> ConsoleStream:
+        return ConsoleStream(self)
+
+
+class DomainSnapshot:
+    """One snapshot of a :class:`Domain`."""
+
+    __slots__ = ("domain", "name", "raw")
+
+    def __init__(self, raw: RawSnapshot, name: str, domain: Domain) -> None:
+        self.raw = raw
+        self.name = name
+        self.domain = domain
+
+    def _err(self, exc: libvirt.libvirtError, operation: str) -> VManagerError:
+        return self.domain._err(exc, operation, snapshot=self.name)
+
+    def xml_desc(self) -> str:
+        try:
+            return str(self.raw.getXMLDesc(0))
+        except libvirt.libvirtError as exc:
+            raise self._err(exc, "read snapshot") from exc
+
+    def children_names(self) -> list[str]:
+        try:
+            return [str(n) for n in self.raw.listChildrenNames(0)]
+        except libvirt.libvirtError as exc:
+            raise self._err(exc, "read snapshot") from exc
+
+    def is_current(self) -> bool:
+        try:
+            return bool(self.raw.isCurrent(0))
+        except libvirt.libvirtError as exc:
+            raise self._err(exc, "read snapshot") from exc
+
+    def delete(self, flags: int = 0) -> None:
+        try:
+            self.raw.delete(flags)
+        except libvirt.libvirtError as exc:
+            raise self._err(exc, "delete snapshot") from exc
 
 
 # -- console stream --------------------------------------------------------------------------------
@@ -461,12 +706,12 @@ class ConsoleStream:
 
     __slots__ = ("_stream", "closed")
 
-    def __init__(self, conn: Connection, dom: Domain, vm: str) -> None:
+    def __init__(self, dom: Domain) -> None:
         try:
-            stream = conn.raw.newStream(libvirt.VIR_STREAM_NONBLOCK)
-            dom.openConsole(None, stream, libvirt.VIR_DOMAIN_CONSOLE_FORCE)
+            stream = dom.raw.connect().newStream(libvirt.VIR_STREAM_NONBLOCK)
+            dom.raw.openConsole(None, stream, libvirt.VIR_DOMAIN_CONSOLE_FORCE)
         except libvirt.libvirtError as exc:
-            raise translate(exc, uri=conn.uri, vm=vm, operation="open console") from exc
+            raise dom._err(exc, "open console") from exc
         self._stream = stream
         self.closed = False
 

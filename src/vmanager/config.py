@@ -7,7 +7,7 @@
 
 ``memory`` is MiB (an int or a numeric string). ``disk_location`` is a CD-ROM ISO, ``hd_location`` the
 system disk; ``disks`` adds more (an IO disk that is never snapshotted is ``Disk(path, snapshot=False)``).
-:meth:`VMConfig.to_xml` renders libvirt domain XML for one hypervisor family.
+:func:`vmanager.domain_xml` renders libvirt domain XML from a config for one hypervisor family.
 """
 
 from __future__ import annotations
@@ -20,7 +20,6 @@ from typing import Any, Literal
 import attrs
 
 from ._diskformat import DiskFormat
-from ._domain_xml import render
 from .errors import ConfigError
 
 __all__ = ["Disk", "RollbackMode", "VMConfig"]
@@ -206,20 +205,3 @@ class VMConfig:
                 out.append((field, value))
         out.extend((f"disks[{i}]", d.path) for i, d in enumerate(self.disks))
         return out
-
-    def to_xml(
-        self,
-        hypervisor: str,
-        *,
-        name: str | None = None,
-        domain_type: str | None = None,
-        overlays: Mapping[str, Path] | None = None,
-    ) -> str:
-        """Domain XML for ``hypervisor`` (``"qemu"``, ``"kvm"``, ``"vbox"``, ``"xen"`` or ``"test"``).
-
-        ``name`` overrides the domain name (``self.name`` then becomes the ``<title>``). ``domain_type``
-        overrides the ``<domain type>`` for QEMU (``"kvm"``/``"qemu"``). ``overlays`` maps a disk's
-        target (``"vda"``) to the qcow2 overlay that replaces it in the XML (overlay rollback). Disk
-        formats are read from the images' magic numbers; a missing image counts as raw.
-        """
-        return render(self, hypervisor, name=name, domain_type=domain_type, overlays=overlays or {})

@@ -27,7 +27,7 @@ from pathlib import Path
 from typing import TYPE_CHECKING
 
 if TYPE_CHECKING:
-    from .machine import RunState
+    from .state import RunState
 
 __all__ = [
     "ConfigError",

@@ -1,4 +1,4 @@
-"""VirtualMachine: one libvirt domain, its run state, its snapshots and its serial console.
+"""VirtualMachine: one libvirt domain — definition, lifecycle and the entry points of everything else.
 
 ::
 
@@ -13,184 +13,69 @@
 
 The first argument is the libvirt domain name and wins over ``config.name``, which becomes the domain's
 ``<title>`` when the two differ. With a config, the domain is defined (persistently) unless a domain of
-that name already exists, in which case the VM attaches to it and the config's hardware is not applied
-(undefine the domain first to change it). Everything else (disks, overlays, serial log) is read back
-from the domain's own XML, so a VM attached by name alone works the same.
+that name already exists: then the VM attaches to it when its hardware matches the config, and a
+:class:`ConfigError` says what differs when it does not. :meth:`VirtualMachine.define` and
+:meth:`VirtualMachine.attach` say which of the two is meant. Everything else (disks, overlays, serial
+log) is read back from the domain's own XML, so a VM attached by name alone works the same.
+
+Snapshots live in :mod:`vmanager._snapshots`, the console in :mod:`vmanager._console`, overlays in
+:mod:`vmanager._overlays`, the camelCase names in :mod:`vmanager.compat`.
 """
 
 from __future__ import annotations
 
-import codecs
-import datetime as dt
-import enum
-import functools
-import heapq
 import html
-import os
 import re
-import shutil
-import subprocess
 import time
 import xml.etree.ElementTree as ET
 from collections.abc import Mapping
 from pathlib import Path
 from types import TracebackType
 from typing import Any, Final, Self
-from xml.sax.saxutils import escape as xml_escape
 
 import attrs
 
+from . import _console, _domain_info, _overlays, _snapshots
 from . import _libvirt as lv
 from ._accel import detect_accelerator
-from ._domain_xml import plan_disks
+from ._domain_xml import plan_disks, render
+from ._snapshots import Snapshot
+from .compat import PyTICompat
 from .config import VMConfig
 from .errors import (
     ConfigError,
     DiskInUseError,
     DiskNotFoundError,
     DomainNotFoundError,
-    SnapshotExistsError,
-    SnapshotNotFoundError,
     UnsupportedOperationError,
     VManagerError,
     VMStateError,
     VMTimeoutError,
 )
+from .state import ACTIVE, STOPPED, RunState, state_of
 
-__all__ = ["RunState", "Snapshot", "VirtualMachine"]
+__all__ = ["VirtualMachine"]
 
 _NAME_RE: Final = re.compile(r"[A-Za-z0-9][A-Za-z0-9._+-]{0,63}")
-_POLL: Final = 0.05
-_CONSOLE_KEEP: Final = 4 << 20
-OVERLAY_SUFFIX: Final = ".vmanager-overlay.qcow2"
 
-
-class RunState(enum.Enum):
-    """A domain's run state (libvirt's ``virDomainState``)."""
-
-    NOSTATE = 0
-    RUNNING = 1
-    BLOCKED = 2
-    PAUSED = 3
-    SHUTDOWN = 4  # shutting down
-    SHUTOFF = 5
-    CRASHED = 6
-    PMSUSPENDED = 7
-
-
-_STATES: Final = tuple(RunState)
-_SNAPSHOT_STATES: Final = {
-    "nostate": RunState.NOSTATE,
-    "running": RunState.RUNNING,
-    "blocked": RunState.BLOCKED,
-    "paused": RunState.PAUSED,
-    "shutdown": RunState.SHUTDOWN,
-    "shutoff": RunState.SHUTOFF,
-    "crashed": RunState.CRASHED,
-    "pmsuspended": RunState.PMSUSPENDED,
-    "disk-snapshot": RunState.SHUTOFF,
-}
-_REFUSES_DUPLICATE_SNAPSHOTS: Final = frozenset({"qemu", "test"})
-_STOPPED: Final = (RunState.SHUTOFF, RunState.CRASHED, RunState.NOSTATE)
-_ACTIVE: Final = (
-    RunState.RUNNING,
-    RunState.BLOCKED,
-    RunState.PAUSED,
-    RunState.SHUTDOWN,
-    RunState.PMSUSPENDED,
-)
-
-
-@attrs.frozen
-class Snapshot:
-    """One snapshot of a VM, as libvirt records it.
-
-    ``state`` is the VM's run state when the snapshot was taken (a rollback restores it), ``parent`` and
-    ``children`` are snapshot names, ``is_current`` marks the snapshot the VM last reverted to or took.
-    """
-
-    name: str
-    description: str
-    parent: str | None
-    children: tuple[str, ...]
-    created: dt.datetime
-    state: RunState
-    is_current: bool
-
-    def _repr_html_(self) -> str:
-        cur = " (current)" if self.is_current else ""
-        desc = html.escape(self.description) or "<i>no description</i>"
-        return (
-            f"<b>{html.escape(self.name)}</b>{cur}: {desc}"
-            f" — {self.state.name}, {self.created:%Y-%m-%d %H:%M:%S}"
-            f", parent {html.escape(self.parent or '-')}"
-        )
+Hypervisor = str | lv.Connection | Any | None
 
 
 def _check_name(kind: str, name: object) -> str:
-    if not isinstance(name, str) or not _NAME_RE.fullmatch(name):
+    if type(name) is not str or not _NAME_RE.fullmatch(name):
         raise ConfigError(kind, f"{name!r} is not a valid name (1-64 of letters, digits, '._+-')")
     return name
 
 
-# Domain XML is parsed once per distinct text: libvirt hands out a fresh string on every call, and a
-# start() must look at every running domain's disks, so parsing would otherwise dominate its cost.
-@functools.lru_cache(maxsize=256)
-def _parse_xml(text: str) -> ET.Element:
-    """Parsed domain XML (cached by text; callers never modify the tree)."""
-    return ET.fromstring(text)
+def _coerce_config(name: str, config: VMConfig | Mapping[str, Any] | None) -> VMConfig | None:
+    if isinstance(config, Mapping):
+        return VMConfig.from_dict({"name": name, **config})
+    if config is not None and not isinstance(config, VMConfig):
+        raise ConfigError("config", f"expected a VMConfig or a dict, got {type(config).__name__}")
+    return config
 
 
-@functools.lru_cache(maxsize=256)
-def _disk_uses(text: str) -> dict[str, bool]:
-    """Absolute paths of the files a domain's disks use (CD-ROMs excluded) -> written by it?"""
-    uses: dict[str, bool] = {}
-    for disk in _parse_xml(text).iterfind("devices/disk"):
-        if disk.get("device", "disk") not in {"disk", "lun"}:
-            continue
-        source = disk.find("source")
-        path = source.get("file") if source is not None else None
-        if path:
-            shared = disk.find("readonly") is not None or disk.find("shareable") is not None
-            uses[os.path.abspath(path)] = uses.get(os.path.abspath(path), False) or not shared
-        for backing in disk.iter("backingStore"):
-            bsrc = backing.find("source")
-            if bsrc is not None and bsrc.get("file"):
-                uses.setdefault(os.path.abspath(bsrc.get("file", "")), False)
-    return uses
-
-
-@functools.lru_cache(maxsize=256)
-def _overlay_bases(text: str) -> tuple[tuple[Path, Path, str], ...]:
-    """(overlay, base, base format) for each disk that is a vmanager overlay."""
-    out = []
-    for disk in _parse_xml(text).iterfind("devices/disk"):
-        source = disk.find("source")
-        path = source.get("file", "") if source is not None else ""
-        if not path.endswith(OVERLAY_SUFFIX):
-            continue
-        backing = disk.find("backingStore")
-        bsrc = backing.find("source") if backing is not None else None
-        bfmt = backing.find("format") if backing is not None else None
-        if bsrc is None or not bsrc.get("file"):
-            raise ConfigError("rollback", f"overlay {path} has no backing file in the domain XML")
-        fmt = bfmt.get("type", "raw") if bfmt is not None else "raw"
-        out.append((Path(path), Path(bsrc.get("file", "")), fmt))
-    return tuple(out)
-
-
-def _serial_log(root: ET.Element) -> Path | None:
-    for serial in root.iterfind("devices/serial"):
-        log = serial.find("log")
-        if log is not None and log.get("file"):
-            return Path(log.get("file", ""))
-        source = serial.find("source")
-        if serial.get("type") == "file" and source is not None and source.get("path"):
-            return Path(source.get("path", ""))
-    return None
-
-
-class VirtualMachine:
+class VirtualMachine(PyTICompat):
     """A libvirt domain with a run-state guard, snapshots, overlay rollback and a serial console.
 
     ``uri`` is a hypervisor URI (``None``: ``qemu:///embed`` under the user cache dir, see
@@ -202,48 +87,69 @@ class VirtualMachine:
     ``shutdown_timeout`` seconds), so no running domain is left behind; the definition stays.
     """
 
+    __slots__ = ("_console", "_dom", "_owns_connection", "_undefined", "config", "connection", "name",
+                 "shutdown_timeout")  # fmt: skip
+
     def __init__(
         self,
         name: str,
-        uri: str | lv.Connection | Any | None = None,
+        uri: Hypervisor = None,
         config: VMConfig | Mapping[str, Any] | None = None,
         *,
         shutdown_timeout: float = 30.0,
     ) -> None:
         self.name: str = _check_name("name", name)
-        if isinstance(config, Mapping):
-            config = VMConfig.from_dict({"name": name, **config})
-        elif config is not None and not isinstance(config, VMConfig):
-            raise ConfigError("config", f"expected a VMConfig or a dict, got {type(config).__name__}")
-        self.config: VMConfig | None = config
+        self.config: VMConfig | None = _coerce_config(name, config)
         self.shutdown_timeout = shutdown_timeout
-        self._owns_connection = uri is None or isinstance(uri, str)
-        if uri is None or isinstance(uri, str):
+        if uri is None or type(uri) is str:
             self.connection = lv.Connection(uri)
-        elif isinstance(uri, lv.Connection):
-            self.connection = uri
+            self._owns_connection = True
         else:
-            self.connection = lv.Connection.wrap(uri)
-        self._console: lv.ConsoleStream | None = None
+            self.connection = uri if isinstance(uri, lv.Connection) else lv.Connection.wrap(uri)
+            self._owns_connection = False
         self._undefined = False
-        self._console_decoder = _utf8_decoder()
         try:
             dom = self.connection.find(name)
             if dom is None:
-                if config is None:
+                if self.config is None:
                     raise DomainNotFoundError(name, self.connection.uri)
-                dom = self._define(config)
-        except Exception:
+                dom = self._define(self.config)
+            elif self.config is not None:
+                self._check_same_hardware(dom, self.config)
+        except BaseException:
             if self._owns_connection:
                 self.connection.close()
             raise
         self._dom: lv.Domain = dom
+        self._console = _console.SerialConsole(dom, lambda: self.state)
+
+    @classmethod
+    def define(
+        cls, config: VMConfig | Mapping[str, Any], uri: Hypervisor = None, *, shutdown_timeout: float = 30.0
+    ) -> VirtualMachine:
+        """Define a VM named ``config.name`` from ``config``.
+
+        A domain of that name that already exists is attached to when its hardware is the config's;
+        otherwise :class:`ConfigError` says what differs.
+        """
+        if isinstance(config, Mapping):
+            if "name" not in config:
+                raise ConfigError("name", "the config needs a name")
+            config = VMConfig.from_dict(config)
+        if not isinstance(config, VMConfig):
+            raise ConfigError("config", f"expected a VMConfig or a dict, got {type(config).__name__}")
+        return cls(config.name, uri, config, shutdown_timeout=shutdown_timeout)
+
+    @classmethod
+    def attach(cls, name: str, uri: Hypervisor = None, *, shutdown_timeout: float = 30.0) -> VirtualMachine:
+        """The existing domain called ``name``; :class:`DomainNotFoundError` when there is none."""
+        return cls(name, uri, None, shutdown_timeout=shutdown_timeout)
 
     @classmethod
     def with_overlay(
         cls,
         name: str,
-        uri: str | lv.Connection | Any | None = None,
+        uri: Hypervisor = None,
         config: VMConfig | Mapping[str, Any] | None = None,
         *,
         overlay_dir: str | Path | None = None,
@@ -255,8 +161,7 @@ class VirtualMachine:
         the VM is shut off), whatever the base's format (raw, VDI, VMDK, VHD, qcow2). The overlay is
         made on this machine, so the hypervisor must be local too.
         """
-        if isinstance(config, Mapping):
-            config = VMConfig.from_dict({"name": name, **config})
+        config = _coerce_config(name, config)
         if config is None:
             raise ConfigError("config", "with_overlay needs a config with hd_location")
         changes: dict[str, Any] = {"rollback": "overlay"}
@@ -288,10 +193,30 @@ class VirtualMachine:
         caps = self.connection.capabilities()
         return "kvm" if "<domain type='kvm'" in caps or '<domain type="kvm"' in caps else "qemu"
 
-    def _overlay_dir(self, config: VMConfig | None) -> Path:
+    def _overlay_dir(self, config: VMConfig | None = None) -> Path:
+        """Where this VM's overlays (and external snapshot layers) go."""
+        config = self.config if config is None else config
         if config is not None and config.overlay_dir is not None:
             return config.overlay_dir.absolute()
         return lv.user_cache_dir() / "pyti" / "overlays"
+
+    def _render(self, config: VMConfig, overlays: Mapping[str, Path]) -> str:
+        family = self.connection.family
+        return render(
+            config, family, name=self.name, domain_type=self._domain_type(config), overlays=overlays
+        )
+
+    def _check_same_hardware(self, dom: lv.Domain, config: VMConfig) -> None:
+        live, chains = _domain_info.hardware(dom.xml_desc(inactive=True))
+        wanted, _ = _domain_info.hardware(self._render(config, {}))
+        differences = wanted.differences(live, chains)
+        if differences:
+            raise ConfigError(
+                "config",
+                f"a VM named {self.name!r} already exists on {self.uri!r} with other hardware: "
+                f"{'; '.join(differences)}. Attach to it without a config (VirtualMachine.attach), "
+                "or undefine it first to define it anew",
+            )
 
     def _define(self, config: VMConfig) -> lv.Domain:
         family = self.connection.family
@@ -307,13 +232,13 @@ class VirtualMachine:
                 )
             system = next(p for p in plan_disks(config, family) if p.field == "hd_location")
             overlays[system.target] = (
-                self._overlay_dir(config) / f"{self.name}-{system.target}{OVERLAY_SUFFIX}"
+                self._overlay_dir(config) / f"{self.name}-{system.target}{_overlays.OVERLAY_SUFFIX}"
             )
-        xml = config.to_xml(family, name=self.name, domain_type=self._domain_type(config), overlays=overlays)
+        xml = self._render(config, overlays)
         self._check_disks_free(xml, active_only=False)
         for target, overlay in overlays.items():
             base = next(p for p in plan_disks(config, family) if p.target == target)
-            _create_overlay(overlay, base.path, base.format)
+            _overlays.create_overlay(overlay, base.path, base.format)
         try:
             return self.connection.define(self.name, xml)
         except VManagerError:
@@ -323,67 +248,50 @@ class VirtualMachine:
 
     def _check_disks_free(self, xml: str, *, active_only: bool) -> None:
         """Raise :class:`DiskInUseError` if another domain uses one of our disks and either side writes."""
-        mine = _disk_uses(xml)
+        mine = _domain_info.disk_uses(xml)
         if not mine:
             return
         for other in self.connection.domains(active_only=active_only):
+            if other.name == self.name:
+                continue
             try:
-                other_name = other.name()
-                if other_name == self.name:
-                    continue
-                theirs = _disk_uses(other.XMLDesc(0))
-            except lv.LibvirtError:
+                theirs = _domain_info.disk_uses(other.xml_desc())
+            except DomainNotFoundError:
                 continue  # the other domain vanished while we looked
             for path, writes in theirs.items():
                 if path in mine and (mine[path] or writes):
-                    raise DiskInUseError(path, self.name, other_name)
+                    raise DiskInUseError(path, self.name, other.name)
 
     # -- state ------------------------------------------------------------------------------------
 
-    def _err(self, exc: Exception, operation: str, snapshot: str | None = None) -> VManagerError:
-        return lv.translate(exc, uri=self.uri, vm=self.name, operation=operation, snapshot=snapshot)
-
     def xml_desc(self) -> str:
         """The domain's current libvirt XML (what ``virsh dumpxml`` prints)."""
-        try:
-            return str(self._dom.XMLDesc(0))
-        except lv.LibvirtError as exc:
-            raise self._err(exc, "read definition") from exc
+        return self._dom.xml_desc()
 
-    _xml_text = xml_desc
+    def _xml(self) -> ET.Element:
+        return _domain_info.parse(self._dom.xml_desc())
 
     def disks(self) -> dict[str, Path]:
         """The file-backed disks (not CD-ROMs) the domain uses now, by target name (``vda``, ``hdb``...).
 
-        With overlay rollback these are the overlays: the files holding the disks' current state.
+        With overlays or external snapshots these are the top layers: the files holding the disks'
+        current state (their backing files below hold the rest).
         """
-        out: dict[str, Path] = {}
-        for disk in self._xml().iterfind("devices/disk"):
-            if disk.get("device", "disk") != "disk":
-                continue
-            source = disk.find("source")
-            target = disk.find("target")
-            if source is None or target is None or not source.get("file"):
-                continue
-            out[target.get("dev", "")] = Path(source.get("file", ""))
-        return out
-
-    def _xml(self) -> ET.Element:
-        return _parse_xml(self._xml_text())
+        return {
+            d.target: d.path
+            for d in _domain_info.disks(self._dom.xml_desc())
+            if d.device == "disk" and d.path is not None
+        }
 
     @property
     def state(self) -> RunState:
         """The current run state, asked from the hypervisor."""
-        try:
-            code = self._dom.state()[0]
-        except lv.LibvirtError as exc:
-            raise self._err(exc, "state") from exc
-        return _STATES[code] if 0 <= code < len(_STATES) else RunState.NOSTATE
+        return state_of(self._dom.state())
 
     @property
     def is_running(self) -> bool:
         """True unless the VM is shut off (paused and shutting down count as running)."""
-        return self.state in _ACTIVE
+        return self.state in ACTIVE
 
     def _require(self, operation: str, *allowed: RunState) -> RunState:
         state = self.state
@@ -400,33 +308,30 @@ class VirtualMachine:
                 return
             if time.monotonic() >= deadline:
                 raise VMTimeoutError(self.name, f"wait for {state.name}", timeout, f"still {current.name}")
-            time.sleep(_POLL)
+            time.sleep(_console.POLL)
 
     # -- lifecycle -----------------------------------------------------------------------------------
 
     def start(self) -> None:
         """Boot the VM. It must be shut off; its disks must not be in use by a running domain."""
-        self._require("start", *_STOPPED)
-        xml = self._xml_text()
+        self._require("start", *STOPPED)
+        xml = self._dom.xml_desc()
         self._check_disks_free(xml, active_only=True)
-        self._ensure_overlays(xml)
-        self._reset_console()
-        try:
-            self._dom.create()
-        except lv.LibvirtError as exc:
-            raise self._err(exc, "start") from exc
+        _overlays.ensure(xml)
+        self._console.reset()
+        self._dom.create()
 
     def stop(self) -> None:
         """Power the VM off at once (like pulling the plug); a no-op when it is shut off."""
         if self._undefined:
             return
-        self._reset_console()
+        self._console.reset()
         try:
             self._dom.destroy()  # no state query first: destroy() is the cheap call, failure is rare
-        except lv.LibvirtError as exc:
-            if self.state in _STOPPED:  # it went away by itself meanwhile
+        except VManagerError:
+            if self.state in STOPPED:  # it went away by itself meanwhile
                 return
-            raise self._err(exc, "stop") from exc
+            raise
 
     def shutdown(self, timeout: float | None = None) -> bool:
         """Ask the guest to power off (ACPI); force it off after ``timeout`` seconds.
@@ -438,20 +343,21 @@ class VirtualMachine:
         if self._undefined:
             return True
         state = self.state
-        if state in _STOPPED:
+        if state in STOPPED:
             return True
+        cause: VManagerError
         try:
             if state is RunState.PAUSED:
                 self._dom.resume()
             self._dom.shutdown()
-        except lv.LibvirtError as exc:
-            if self.state in _STOPPED:
+        except VManagerError as exc:
+            if self.state in STOPPED:
                 return True
-            cause: VManagerError = self._err(exc, "shutdown")
+            cause = exc
         else:
             try:
                 self.wait_for(RunState.SHUTOFF, timeout)
-                self._reset_console()
+                self._console.reset()
                 return True
             except VMTimeoutError as exc:
                 cause = exc
@@ -464,51 +370,37 @@ class VirtualMachine:
     def pause(self) -> None:
         """Freeze the running VM's CPUs."""
         self._require("pause", RunState.RUNNING, RunState.BLOCKED)
-        try:
-            self._dom.suspend()
-        except lv.LibvirtError as exc:
-            raise self._err(exc, "pause") from exc
+        self._dom.suspend()
 
     def resume(self) -> None:
         """Let a paused VM run again."""
         self._require("resume", RunState.PAUSED)
-        try:
-            self._dom.resume()
-        except lv.LibvirtError as exc:
-            raise self._err(exc, "resume") from exc
+        self._dom.resume()
 
     def reboot(self) -> None:
         """Ask the guest to reboot (ACPI)."""
         self._require("reboot", RunState.RUNNING, RunState.BLOCKED)
-        try:
-            self._dom.reboot(0)
-        except lv.LibvirtError as exc:
-            raise self._err(exc, "reboot") from exc
+        self._dom.reboot()
 
     def undefine(self) -> None:
-        """Stop the VM and remove it: definition, snapshots and the overlay files it created.
+        """Stop the VM and remove it: definition, snapshots and every file vmanager created for it.
 
+        Overlays, external snapshot layers and saved memory go; the disks named in the config never do.
         Idempotent; afterwards only :meth:`stop`, :meth:`shutdown` and :meth:`close` (all no-ops) work.
         """
         if self._undefined:
             return
         self.stop()
-        overlays = [overlay for overlay, _, _ in _overlay_bases(self._xml_text())]
-        try:
-            # Delete snapshots for real (QEMU keeps internal ones inside the qcow2 otherwise), newest
-            # first so that no revert-able state is reparented needlessly.
-            for snap in reversed(self._dom.listAllSnapshots(0)):
-                snap.delete(0)
-            self._dom.undefineFlags(lv.UNDEFINE_FLAGS)
-        except lv.LibvirtError as exc:
-            raise self._err(exc, "undefine") from exc
+        overlays = [overlay for overlay, _, _ in _overlays.overlay_bases(self._dom.xml_desc())]
+        _snapshots.delete_all(self)
+        self._dom.undefine()
         self._undefined = True
         for overlay in overlays:
             overlay.unlink(missing_ok=True)
 
     def close(self) -> None:
         """Close the console stream and, if this VM opened it, the connection. Idempotent."""
-        self._reset_console()
+        self._console.reset()
         if self._owns_connection and not self.connection.closed:
             self.connection.close()
 
@@ -529,164 +421,37 @@ class VirtualMachine:
     @property
     def uses_overlay(self) -> bool:
         """True when the system disk is a throwaway overlay (``rollback="overlay"``)."""
-        return bool(_overlay_bases(self._xml_text()))
-
-    def _ensure_overlays(self, xml: str) -> None:
-        for overlay, base, fmt in _overlay_bases(xml):
-            if not overlay.exists():
-                _create_overlay(overlay, base, fmt)
+        return bool(_overlays.overlay_bases(self._dom.xml_desc()))
 
     def discard_overlay(self) -> None:
         """Throw the overlay away and start over from the base image; the VM must be shut off.
 
         Snapshots taken on the overlay go with it (their metadata is deleted).
         """
-        self._require("discard the overlay of", *_STOPPED)
-        bases = _overlay_bases(self._xml_text())
-        if not bases:
-            raise UnsupportedOperationError(
-                f"VM {self.name!r} has no overlay; define it with rollback='overlay' "
-                "(VirtualMachine.with_overlay)"
-            )
-        try:
-            for snap in self._dom.listAllSnapshots(0):
-                snap.delete(lv.SNAPSHOT_DELETE_METADATA_ONLY)
-        except lv.LibvirtError as exc:
-            raise self._err(exc, "discard snapshots") from exc
-        for overlay, base, fmt in bases:
-            overlay.unlink(missing_ok=True)
-            _create_overlay(overlay, base, fmt)
+        _overlays.discard(self)
 
     # -- snapshots -----------------------------------------------------------------------------------
-
-    def _check_can_snapshot(self, root: ET.Element, running: bool) -> None:
-        """Refuse up front what the driver would refuse halfway (or get wrong)."""
-        if self.connection.family != "qemu":
-            return
-        qcow2 = 0
-        for disk in root.iterfind("devices/disk"):
-            if disk.get("device", "disk") != "disk" or disk.find("readonly") is not None:
-                continue
-            driver = disk.find("driver")
-            fmt = driver.get("type", "raw") if driver is not None else "raw"
-            target = disk.find("target")
-            dev = target.get("dev", "?") if target is not None else "?"
-            source = disk.find("source")
-            path = source.get("file", "?") if source is not None else "?"
-            if disk.get("snapshot") == "no":
-                raise UnsupportedOperationError(
-                    f"VM {self.name!r}: disk {dev} ({path}) is excluded from snapshots, but QEMU internal "
-                    "snapshots (libvirt 9) must include every disk. Keep such an IO disk out of rollbacks "
-                    "with overlay rollback (VMConfig(rollback='overlay') / VirtualMachine.with_overlay)"
-                )
-            if fmt == "qcow2":
-                qcow2 += 1
-            else:
-                raise UnsupportedOperationError(
-                    f"VM {self.name!r}: disk {dev} ({path}) is {fmt}; QEMU snapshots need qcow2 disks. "
-                    "Convert it (qemu-img convert -O qcow2) or use overlay rollback "
-                    "(VMConfig(rollback='overlay') / VirtualMachine.with_overlay)"
-                )
-        if running and qcow2 == 0:
-            raise UnsupportedOperationError(
-                f"VM {self.name!r}: a running QEMU VM's snapshot stores its memory in a qcow2 disk, and this "
-                "VM has none; shut it off first or add a qcow2 disk"
-            )
-
-    def _snapshot_obj(self, name: str) -> lv.DomainSnapshot:
-        try:
-            return self._dom.snapshotLookupByName(name, 0)
-        except lv.LibvirtError as exc:
-            err = self._err(exc, "snapshot lookup", snapshot=name)
-            if isinstance(err, SnapshotNotFoundError):
-                raise SnapshotNotFoundError(self.name, name, self._snapshot_names()) from exc
-            raise err from exc
-
-    def _has_snapshot(self, name: str) -> bool:
-        try:
-            self._dom.snapshotLookupByName(name, 0)
-        except lv.LibvirtError as exc:
-            if lv.is_missing_snapshot(exc):
-                return False
-            raise self._err(exc, "snapshot lookup", snapshot=name) from exc
-        return True
-
-    def _snapshot_names(self) -> list[str]:
-        try:
-            return sorted(self._dom.snapshotListNames(0))
-        except lv.LibvirtError as exc:
-            raise self._err(exc, "list snapshots") from exc
 
     def snapshot(self, name: str, description: str = "") -> Snapshot:
         """Take a snapshot called ``name`` (running: memory and disks; shut off: disks)."""
         _check_name("snapshot name", name)
-        family = self.connection.family
-        # libvirt's QEMU and test drivers refuse a duplicate name themselves (checked after a failure,
-        # below); VirtualBox keeps duplicates, so elsewhere look first.
-        if family not in _REFUSES_DUPLICATE_SNAPSHOTS and self._has_snapshot(name):
-            raise SnapshotExistsError(self.name, name)
-        if family == "qemu":
-            self._check_can_snapshot(self._xml(), self.state in _ACTIVE)
-        desc = f"<description>{xml_escape(description)}</description>" if description else ""
-        try:
-            snap = self._dom.snapshotCreateXML(
-                f"<domainsnapshot><name>{name}</name>{desc}</domainsnapshot>", 0
-            )
-            text = snap.getXMLDesc(0)
-        except lv.LibvirtError as exc:
-            if self._has_snapshot(name):
-                raise SnapshotExistsError(self.name, name) from exc
-            raise self._err(exc, "snapshot", snapshot=name) from exc
-        return _parse_snapshot(_snapshot_head(text), (), True)
-
-    def _snapshot_info(self, snap: lv.DomainSnapshot, *, current: bool | None = None) -> Snapshot:
-        try:
-            head = _snapshot_head(snap.getXMLDesc(0))
-            children = tuple(sorted(snap.listChildrenNames(0)))
-            is_current = bool(snap.isCurrent(0)) if current is None else current
-        except lv.LibvirtError as exc:
-            raise self._err(exc, "read snapshot") from exc
-        return _parse_snapshot(head, children, is_current)
+        return _snapshots.take(self, name, description)
 
     def snapshots(self) -> list[Snapshot]:
         """All snapshots, oldest first, with parent, children and which one is current."""
-        try:
-            snaps = self._dom.listAllSnapshots(0)
-            current = self._dom.snapshotCurrent(0).getName() if self._dom.hasCurrentSnapshot(0) else None
-            roots = [_snapshot_head(s.getXMLDesc(0)) for s in snaps]
-        except lv.LibvirtError as exc:
-            raise self._err(exc, "list snapshots") from exc
-        children: dict[str, list[str]] = {}
-        for root in roots:
-            parent = root.findtext("parent/name")
-            if parent:
-                children.setdefault(parent, []).append(root.findtext("name", ""))
-        out = [
-            _parse_snapshot(r, tuple(sorted(children.get(r.findtext("name", ""), []))), None) for r in roots
-        ]
-        return _oldest_first([attrs.evolve(s, is_current=s.name == current) for s in out])
+        return _snapshots.listing(self)
 
     def snapshot_info(self, name: str) -> Snapshot:
         """One snapshot by name; :class:`SnapshotNotFoundError` names the ones that exist."""
-        return self._snapshot_info(self._snapshot_obj(name))
+        return _snapshots.info(_snapshots.lookup(self, name))
 
     def current_snapshot(self) -> Snapshot | None:
         """The snapshot the VM last took or reverted to, if any."""
-        try:
-            if not self._dom.hasCurrentSnapshot(0):
-                return None
-            snap = self._dom.snapshotCurrent(0)
-        except lv.LibvirtError as exc:
-            raise self._err(exc, "current snapshot") from exc
-        return self._snapshot_info(snap, current=True)
+        return _snapshots.current(self)
 
     def delete_snapshot(self, name: str, *, children: bool = False) -> None:
         """Delete snapshot ``name`` (and its descendants when ``children``); its children move up."""
-        snap = self._snapshot_obj(name)
-        try:
-            snap.delete(lv.SNAPSHOT_DELETE_CHILDREN if children else 0)
-        except lv.LibvirtError as exc:
-            raise self._err(exc, "delete snapshot", snapshot=name) from exc
+        _snapshots.delete(self, name, children=children)
 
     def rollback(self, name: str | None = None) -> None:
         """Go back to snapshot ``name`` and to the run state it was taken in.
@@ -696,86 +461,21 @@ class VirtualMachine:
         running VM is restarted fresh, a shut-off one stays off); otherwise revert to the current
         snapshot.
         """
-        if name is None:
-            if self.uses_overlay:
-                was_running = self.state in _ACTIVE
-                self.stop()
-                self.discard_overlay()
-                if was_running:
-                    self.start()
-                return
-            current = self.current_snapshot()
-            if current is None:
-                raise SnapshotNotFoundError(self.name, "<current>", self._snapshot_names())
-            name = current.name
-        snap = self._snapshot_obj(name)
-        try:
-            head = _snapshot_head(snap.getXMLDesc(0))
-        except lv.LibvirtError as exc:
-            raise self._err(exc, "read snapshot", snapshot=name) from exc
-        target = _SNAPSHOT_STATES.get(head.findtext("state", "") or "", RunState.NOSTATE)
-        self._reset_console()
-        if target in (RunState.RUNNING, RunState.BLOCKED, RunState.PAUSED):
-            flag = lv.REVERT_PAUSED if target is RunState.PAUSED else lv.REVERT_RUNNING
-            try:
-                self._dom.revertToSnapshot(snap, flag)
-            except lv.LibvirtError as exc:
-                err = self._err(exc, "rollback", snapshot=name)
-                if not isinstance(err, UnsupportedOperationError):
-                    raise err from exc
-                # Some drivers reject the run-state flags: revert plainly, then restore the state.
-                self._revert_plain(snap, name)
-            state = self.state
-            if state in _STOPPED:
-                self.start()
-                state = self.state
-            if target is RunState.PAUSED and state is not RunState.PAUSED:
-                self.pause()
-            elif target is not RunState.PAUSED and state is RunState.PAUSED:
-                self.resume()
-        else:
-            self._revert_plain(snap, name)
-            self.stop()
-
-    def _revert_plain(self, snap: lv.DomainSnapshot, name: str) -> None:
-        try:
-            self._dom.revertToSnapshot(snap, 0)
-        except lv.LibvirtError as exc:
-            raise self._err(exc, "rollback", snapshot=name) from exc
-
-    # camelCase aliases from the original PyTI API
-    def createSnapshot(self, name: str, description: str = "") -> Snapshot:
-        """Alias of :meth:`snapshot`."""
-        return self.snapshot(name, description)
-
-    def deleteSnapshot(self, name: str) -> None:
-        """Alias of :meth:`delete_snapshot`."""
-        self.delete_snapshot(name)
-
-    def listSnapshots(self) -> list[str]:
-        """Snapshot names, oldest first (see :meth:`snapshots` for the details)."""
-        return [s.name for s in self.snapshots()]
-
-    def revertToSnapshot(self, name: str) -> None:
-        """Alias of :meth:`rollback`."""
-        self.rollback(name)
+        _snapshots.rollback(self, name)
 
     # -- console -------------------------------------------------------------------------------------
 
     @property
     def serial_log(self) -> Path | None:
         """The file the serial console is logged to, if the domain has one."""
-        return _serial_log(self._xml())
+        return _domain_info.serial_log(self._xml())
 
     def console_output(self) -> str:
         """Everything the guest wrote to its serial console this run (from the serial log file)."""
         log = self.serial_log
         if log is None:
             raise ConfigError("serial_log", f"VM {self.name!r} has no serial log; set VMConfig.serial_log")
-        try:
-            return log.read_bytes().decode("utf-8", "replace")
-        except FileNotFoundError:
-            return ""
+        return _console.read_log(log)
 
     def wait_for_output(self, pattern: str | re.Pattern[str], timeout: float = 60.0) -> re.Match[str]:
         """Wait until the serial log matches ``pattern`` (e.g. a boot marker); returns the match."""
@@ -788,48 +488,15 @@ class VirtualMachine:
                 return match
             if time.monotonic() >= deadline:
                 raise VMTimeoutError(
-                    self.name, f"wait for {regex.pattern!r} on the serial log", timeout, _tail(text)
+                    self.name, f"wait for {regex.pattern!r} on the serial log", timeout, _console.tail(text)
                 )
-            if self.state in _STOPPED:
+            if self.state in STOPPED:
                 raise VMStateError(self.name, "wait for console output of", self.state, (RunState.RUNNING,))
-            time.sleep(_POLL)
-
-    def _reset_console(self) -> None:
-        if self._console is not None:
-            self._console.close()
-            self._console = None
-        self._console_buf = ""
-        self._console_decoder = _utf8_decoder()
-
-    def _open_console(self) -> lv.ConsoleStream:
-        if self._console is None or self._console.closed:
-            self._require("open the console of", RunState.RUNNING, RunState.BLOCKED, RunState.PAUSED)
-            self._console = lv.ConsoleStream(self.connection, self._dom, self.name)
-        return self._console
-
-    def _drain_console(self) -> bool:
-        """Move what the console has into the buffer; False at end of stream."""
-        console = self._open_console()
-        data = console.read_available()
-        if data:
-            self._console_buf += self._console_decoder.decode(data)
-            if len(self._console_buf) > _CONSOLE_KEEP:  # nobody matched it for megabytes: keep the tail
-                self._console_buf = self._console_buf[-_CONSOLE_KEEP:]
-        return data is not None
+            time.sleep(_console.POLL)
 
     def console_write(self, text: str | bytes, timeout: float = 10.0) -> None:
         """Type ``text`` on the serial console (through libvirt's console stream)."""
-        data = text.encode() if isinstance(text, str) else bytes(text)
-        console = self._open_console()
-        deadline = time.monotonic() + timeout
-        while data:
-            sent = console.send(data)
-            data = data[sent:]
-            if data:
-                if time.monotonic() >= deadline:
-                    raise VMTimeoutError(self.name, "console write", timeout, f"{len(data)} bytes unsent")
-                self._drain_console()
-                time.sleep(_POLL / 5)
+        self._console.write(text, timeout)
 
     def console_expect(self, pattern: str | re.Pattern[str], timeout: float = 30.0) -> re.Match[str]:
         """Wait for ``pattern`` in console output read since the last match; returns the match.
@@ -838,24 +505,7 @@ class VirtualMachine:
         opened (the first :meth:`console_write` or :meth:`console_expect` of a run). For boot messages use
         :meth:`wait_for_output`, which reads the serial log from the start.
         """
-        regex = re.compile(pattern) if isinstance(pattern, str) else pattern
-        deadline = time.monotonic() + timeout
-        while True:
-            alive = self._drain_console()
-            match = regex.search(self._console_buf)
-            if match is not None:
-                self._console_buf = self._console_buf[match.end() :]  # consumed
-                return match
-            if not alive:
-                state = self.state
-                if state not in _ACTIVE:
-                    raise VMStateError(self.name, "read the console of", state, (RunState.RUNNING,))
-                self._console = None  # the stream ended under a running guest: open a new one
-            if time.monotonic() >= deadline:
-                raise VMTimeoutError(
-                    self.name, f"console expect {regex.pattern!r}", timeout, _tail(self._console_buf)
-                )
-            time.sleep(_POLL / 2)
+        return self._console.expect(pattern, timeout)
 
     # -- display -------------------------------------------------------------------------------------
 
@@ -865,7 +515,7 @@ class VirtualMachine:
                 state = "undefined"
             else:
                 state = self.state.name if not self.connection.closed else "closed"
-        except VManagerError:
+        except (VManagerError, AttributeError):  # AttributeError: repr of a half-built VM
             state = "unknown"
         return f"<VirtualMachine {self.name!r} {state} on {self.uri!r}>"
 
@@ -891,68 +541,3 @@ class VirtualMachine:
             f"<div><b>VirtualMachine {html.escape(self.name)}</b> — {state} on "
             f"<code>{html.escape(self.uri)}</code>{table}</div>"
         )
-
-
-def _oldest_first(snaps: list[Snapshot]) -> list[Snapshot]:
-    """Parents before children, otherwise by creation time (libvirt records whole seconds) and name."""
-    by_name = {s.name: s for s in snaps}
-    ready = [(s.created, s.name) for s in snaps if s.parent not in by_name]
-    heapq.heapify(ready)
-    out: list[Snapshot] = []
-    while ready:
-        _, name = heapq.heappop(ready)
-        snap = by_name[name]
-        out.append(snap)
-        for child in snap.children:
-            if child in by_name:
-                heapq.heappush(ready, (by_name[child].created, child))
-    return out
-
-
-def _utf8_decoder() -> codecs.IncrementalDecoder:
-    """Decodes console bytes that may split a character between two reads."""
-    return codecs.getincrementaldecoder("utf-8")(errors="replace")
-
-
-def _tail(text: str, limit: int = 400) -> str:
-    text = text[-limit:]
-    return f"last output: {text!r}" if text else "no output"
-
-
-_EMBEDDED_DOMAIN = re.compile(r"<domain[\s>]")
-
-
-def _snapshot_head(text: str) -> ET.Element:
-    """The snapshot's own elements, without the full domain definition libvirt embeds after them."""
-    match = _EMBEDDED_DOMAIN.search(text, 1)
-    if match is not None:
-        text = text[: match.start()] + "</domainsnapshot>"
-    return ET.fromstring(text)
-
-
-def _parse_snapshot(root: ET.Element, children: tuple[str, ...], is_current: bool | None) -> Snapshot:
-    created = int(root.findtext("creationTime", "0") or 0)
-    return Snapshot(
-        name=root.findtext("name", ""),
-        description=root.findtext("description", "") or "",
-        parent=root.findtext("parent/name") or None,
-        children=children,
-        created=dt.datetime.fromtimestamp(created, dt.UTC),
-        state=_SNAPSHOT_STATES.get(root.findtext("state", "") or "", RunState.NOSTATE),
-        is_current=bool(is_current),
-    )
-
-
-def _create_overlay(overlay: Path, base: Path, fmt: str) -> None:
-    """A fresh qcow2 overlay over ``base`` (opened read-only by QEMU through the overlay)."""
-    qemu_img = shutil.which("qemu-img")
-    if qemu_img is None:
-        raise UnsupportedOperationError("overlay rollback needs qemu-img (Debian package qemu-utils)")
-    if not base.exists():
-        raise DiskNotFoundError("hd_location", base)
-    overlay.parent.mkdir(parents=True, exist_ok=True)
-    overlay.unlink(missing_ok=True)
-    cmd = [qemu_img, "create", "-q", "-f", "qcow2", "-b", str(base.absolute()), "-F", fmt, str(overlay)]
-    proc = subprocess.run(cmd, capture_output=True, text=True, check=False)
-    if proc.returncode != 0:
-        raise ConfigError("hd_location", f"cannot create an overlay over {base}: {proc.stderr.strip()}")

@@ -11,8 +11,9 @@ import pytest
 from hypothesis import given
 from hypothesis import strategies as st
 
-from vmanager import ConfigError, Disk, VMConfig
+from vmanager import ConfigError, Disk, VMConfig, domain_xml
 from vmanager._diskformat import sniff_bytes, sniff_format
+from vmanager._domain_xml import render
 
 FAMILIES = ["qemu", "kvm", "vbox", "xen", "test"]
 ORIGINAL = {"name": "test123", "memory": "123", "disk_location": "dsl-4.4.10.iso", "hd_location": "disk.vdi"}
@@ -86,7 +87,7 @@ def test_original_example_xml_validates(family: str, tmp_path: Path) -> None:
     config = VMConfig.from_dict(
         {**ORIGINAL, "disks": [Disk(tmp_path / "io.img", snapshot=False)], "serial_log": "serial.log"}
     )
-    xml = config.to_xml(family, name="hey")
+    xml = domain_xml(config, family, name="hey")
     _validate(xml, tmp_path)
     root = ET.fromstring(xml)
     assert root.get("type") == family
@@ -117,7 +118,7 @@ def test_kernel_boot_network_and_overlay_validate(family: str, tmp_path: Path) -
         network="network:default",
     )
     overlays = {"vda": tmp_path / "o.qcow2"} if family in {"qemu", "kvm"} else None
-    xml = config.to_xml(family, overlays=overlays)
+    xml = render(config, family, name=None, domain_type=None, overlays=overlays or {})
     _validate(xml, tmp_path)
     root = ET.fromstring(xml)
     assert root.findtext("os/kernel") == "/boot/vmlinuz"
@@ -134,18 +135,24 @@ def test_kernel_boot_network_and_overlay_validate(family: str, tmp_path: Path) -
 
 def test_vbox_rejects_kernel_and_overlay(tmp_path: Path) -> None:
     with pytest.raises(ConfigError, match="VirtualBox"):
-        VMConfig(name="v", kernel="/k").to_xml("vbox")
+        domain_xml(VMConfig(name="v", kernel="/k"), "vbox")
     with pytest.raises(ConfigError, match="overlay"):
-        VMConfig(name="v", hd_location="d.vdi").to_xml("vbox", overlays={"sda": tmp_path / "o"})
+        render(
+            VMConfig(name="v", hd_location="d.vdi"),
+            "vbox",
+            name=None,
+            domain_type=None,
+            overlays={"sda": tmp_path / "o"},
+        )
     with pytest.raises(ConfigError, match="hypervisor"):
-        VMConfig(name="v", hd_location="d.vdi").to_xml("bhyve")
+        domain_xml(VMConfig(name="v", hd_location="d.vdi"), "bhyve")
 
 
 def test_qemu_domain_type_override() -> None:
     config = VMConfig(name="q", kernel="/k")
-    assert ET.fromstring(config.to_xml("qemu", domain_type="kvm")).get("type") == "kvm"
+    assert ET.fromstring(domain_xml(config, "qemu", domain_type="kvm")).get("type") == "kvm"
     with pytest.raises(ConfigError, match="domain_type"):
-        config.to_xml("xen", domain_type="kvm")
+        domain_xml(config, "xen", domain_type="kvm")
 
 
 # -- disk formats ---------------------------------------------------------------------------------
@@ -171,7 +178,7 @@ def test_sniff_real_images(fmt: str, options: list[str], expected: str, tmp_path
     path = tmp_path / "image.vdi" if fmt != "vdi" else tmp_path / "image.qcow2"
     subprocess.run([QEMU_IMG, "create", "-q", "-f", fmt, *options, str(path), "4M"], check=True)  # type: ignore[list-item]
     assert sniff_format(path) == expected
-    xml = VMConfig(name="f", hd_location=path).to_xml("qemu")
+    xml = domain_xml(VMConfig(name="f", hd_location=path), "qemu")
     assert ET.fromstring(xml).find("devices/disk/driver").get("type") == expected  # type: ignore[union-attr]
 
 
@@ -188,7 +195,9 @@ def test_sniff_bytes_edge_cases(tmp_path: Path) -> None:
 
 def test_missing_image_renders_as_raw_and_explicit_format_wins(tmp_path: Path) -> None:
     config = VMConfig(name="m", hd_location=tmp_path / "nope.qcow2", disks=[Disk("io.img", format="qcow2")])
-    drivers = [d.get("type") for d in ET.fromstring(config.to_xml("qemu")).iterfind("devices/disk/driver")]
+    drivers = [
+        d.get("type") for d in ET.fromstring(domain_xml(config, "qemu")).iterfind("devices/disk/driver")
+    ]
     assert drivers == ["raw", "qcow2"]
 
 

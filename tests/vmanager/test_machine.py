@@ -63,10 +63,32 @@ def test_attach_to_existing_domain(conn: Connection) -> None:
     make_vm(conn, "vm1").start()
     again = VirtualMachine("vm1", conn)
     assert again.state is RunState.RUNNING
-    # with a config, an existing domain is attached to, not redefined
-    other = VirtualMachine("vm1", conn, config={"memory": 999, "kernel": "/k"})
+    # with the same config, an existing domain is attached to
+    same = make_vm(conn, "vm1")
+    assert same.state is RunState.RUNNING
+    assert VirtualMachine.attach("vm1", conn).state is RunState.RUNNING
+    assert VirtualMachine.define(
+        VMConfig(name="vm1", memory=128, hd_location="/images/vm1.qcow2"), conn
+    ).is_running
+    # with other hardware, it says what differs instead of silently ignoring the config
+    with pytest.raises(ConfigError, match=r"already exists.*memory 128 MiB \(config: 999 MiB\)") as info:
+        VirtualMachine("vm1", conn, config={"memory": 999, "kernel": "/k"})
+    assert info.value.field == "config"
+    assert "kernel None (config: '/k')" in str(info.value)
+    assert "disk vda /images/vm1.qcow2 (config: none)" in str(info.value)
     assert ET.fromstring(conn.raw.lookupByName("vm1").XMLDesc(0)).findtext("memory") == str(128 * 1024)
-    assert other.state is RunState.RUNNING
+
+
+def test_define_and_attach(conn: Connection) -> None:
+    vm = VirtualMachine.define({"name": "d1", "memory": 64, "kernel": "/k"}, conn)
+    assert vm.name == "d1"
+    assert vm.state is RunState.SHUTOFF
+    with pytest.raises(DomainNotFoundError, match="'d2'"):
+        VirtualMachine.attach("d2", conn)
+    with pytest.raises(ConfigError, match="name"):
+        VirtualMachine.define({"memory": 64, "kernel": "/k"}, conn)
+    with pytest.raises(ConfigError, match="VMConfig or a dict"):
+        VirtualMachine.define(42, conn)  # type: ignore[arg-type]
 
 
 def test_lifecycle_state_sequence(vm: VirtualMachine) -> None:
@@ -128,7 +150,7 @@ def test_context_manager_leaves_nothing_running(conn: Connection) -> None:
     with make_vm(conn, "ctx") as vm:
         vm.start()
         assert vm.state is RunState.RUNNING
-    assert conn.lookup("ctx").state()[0] == libvirt.VIR_DOMAIN_SHUTOFF
+    assert conn.lookup("ctx").state() == libvirt.VIR_DOMAIN_SHUTOFF
     assert not conn.closed  # an injected connection stays open
 
     # even when the block raises
@@ -139,7 +161,7 @@ def test_context_manager_leaves_nothing_running(conn: Connection) -> None:
 
     with pytest.raises(RuntimeError, match="boom"):
         crash()
-    assert conn.lookup("ctx2").state()[0] == libvirt.VIR_DOMAIN_SHUTOFF
+    assert conn.lookup("ctx2").state() == libvirt.VIR_DOMAIN_SHUTOFF
 
 
 def test_owned_connection_closed_by_context_manager(test_uri: str) -> None:
@@ -284,7 +306,7 @@ def test_disk_in_use_by_another_vm(conn: Connection, tmp_path: Path) -> None:
     make_vm(conn, "ro1", hd_location=None, kernel="/k", disks=[{"path": tmp_path / "b", "readonly": True}])
     make_vm(conn, "ro2", hd_location=None, kernel="/k", disks=[{"path": tmp_path / "b", "readonly": True}])
     # start() checks running domains: define a clash behind vmanager's back, start both
-    xml = first.config.to_xml("test", name="rogue")  # type: ignore[union-attr]
+    xml = vmanager.domain_xml(first.config, "test", name="rogue")  # type: ignore[arg-type]
     conn.raw.defineXML(xml).create()
     with pytest.raises(DiskInUseError, match="rogue"):
         first.start()

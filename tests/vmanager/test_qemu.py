@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import hashlib
 import itertools
+import logging
 import os
 import re
 import shutil
@@ -26,7 +27,7 @@ from vmanager import (
     VMConfig,
     detect_accelerator,
 )
-from vmanager._libvirt import embed_uri
+from vmanager._libvirt import LOG_ROUTED, embed_uri
 
 pytestmark = pytest.mark.qemu
 
@@ -140,11 +141,21 @@ def tiny(
         vm.undefine()
 
 
-def test_boots_to_marker(tiny: VirtualMachine) -> None:
+def test_boots_to_marker(
+    tiny: VirtualMachine, capfd: pytest.CaptureFixture[str], caplog: pytest.LogCaptureFixture
+) -> None:
     assert tiny.state is RunState.SHUTOFF
-    tiny.start()
-    assert tiny.state is RunState.RUNNING
-    tiny.wait_for_output(READY, BOOT_TIMEOUT)
+    with caplog.at_level(logging.INFO, logger="vmanager"):
+        tiny.start()
+        assert tiny.state is RunState.RUNNING
+        tiny.wait_for_output(READY, BOOT_TIMEOUT)
+    if LOG_ROUTED:  # vmanager loaded libvirt in this process (nothing imported it before)
+        assert "libvirt" not in capfd.readouterr().err  # nothing on file descriptor 2
+        if os.geteuid() == 0:  # libvirt taints a guest it runs as root, and logs it
+            tainted = [r for r in caplog.records if "tainted" in r.getMessage()]
+            assert tainted, caplog.records
+            assert tainted[0].name == "vmanager.libvirt"
+            assert tainted[0].levelno == logging.WARNING
     assert READY in tiny.console_output()
     assert len(qemu_processes("tiny")) == 1
     assert sh(tiny, "echo hi $((6 * 7))").strip().endswith("hi 42")
@@ -278,7 +289,7 @@ def test_accelerator_detection_is_consistent(guest: object, qemu_conn: Connectio
     disk = make_ext4(tmp_path / "a.qcow2", "qcow2")
     vm = VirtualMachine("accel", qemu_conn, tiny_config(guest, "accel", disk, tmp_path))
     try:
-        domain_type = ET.fromstring(qemu_conn.lookup("accel").XMLDesc(0)).get("type")
+        domain_type = ET.fromstring(qemu_conn.lookup("accel").xml_desc()).get("type")
         assert domain_type == ("kvm" if accel == "kvm" else "qemu")
     finally:
         vm.undefine()
