@@ -28,7 +28,7 @@ from typing import TYPE_CHECKING, Final, TextIO
 
 import attrs
 
-from pyti_core.errors import ConfigError, PytiError, TaskError
+from pyti_core.errors import ConfigError, PytiError, TaskError, vmanager_errors
 
 if TYPE_CHECKING:
     from pyti_core.manager import RunResult
@@ -399,7 +399,9 @@ def main(
         ),
     }
     from diskhandler.errors import DiskHandlerError  # noqa: PLC0415
-    from vmanager.errors import VManagerError  # noqa: PLC0415
+
+    # vmanager's errors are () without libvirt-python: `pyti master` and friends still work
+    failures: tuple[type[Exception], ...] = (PytiError, *vmanager_errors(), DiskHandlerError, OSError)
 
     try:
         return commands[args.command]()
@@ -409,7 +411,7 @@ def main(
     except (ConfigError, TaskError) as exc:
         err.write(f"pyti: error: {_message(exc)}\n")
         return EXIT_USAGE
-    except (PytiError, VManagerError, DiskHandlerError, OSError) as exc:
+    except failures as exc:
         err.write(f"pyti: error: {_message(exc)}\n")
         return EXIT_ERROR
     except KeyboardInterrupt:

@@ -160,3 +160,16 @@ class GuestBootError(GuestRunError, TimeoutError):
 
 
 _BOOT_TAIL_LINES = 40
+
+
+def vmanager_errors() -> tuple[type[Exception], ...]:
+    """``(vmanager.VManagerError,)`` for an ``except`` clause, or ``()`` when vmanager cannot load.
+
+    pyti_core imports vmanager (and libvirt with it) only where a VM runs, so that records, reports and
+    the agent work on a host without libvirt-python.
+    """
+    try:
+        from vmanager import VManagerError  # noqa: PLC0415
+    except ImportError:
+        return ()
+    return (VManagerError,)

@@ -36,8 +36,16 @@ from typing import TYPE_CHECKING, Final, Literal
 import attrs
 
 from diskhandler import DiskOperations
-from pyti_core import agent
 from pyti_core.errors import ImagePrepareError
+from pyti_core.guest import agent
+from pyti_core.guest.protocol import (
+    CMDLINE_AGENT,
+    IO_LABEL,
+    IO_MOUNT,
+    READY_MARKER,
+    RUN_EXIT_MARKER,
+    RUN_SCRIPT,
+)
 
 if TYPE_CHECKING:
     from pyti_core.manager import GuestSystem
@@ -57,11 +65,6 @@ __all__ = [
     "sysv_script",
 ]
 
-#: The filesystem label pyti's IO disks carry (``pyti_core.manager``); the hook looks for it first.
-IO_LABEL: Final = "pyti-io"
-#: What the hook prints on the serial console once the IO disk is mounted, and when the job is over.
-READY_MARKER: Final = "PYTI-GUEST-READY"
-RUN_EXIT_MARKER: Final = "PYTI-RUN-EXIT"
 #: Where the agent and its hook go in a prepared guest.
 AGENT_DIR: Final = "/opt/pyti"
 SERVICE: Final = "pyti-agent"
@@ -86,7 +89,7 @@ def _shell_word(value: str, what: str) -> str:
     return value
 
 
-def hook_script(*, label: str = IO_LABEL, mount_point: str = "/mnt/disk") -> str:
+def hook_script(*, label: str = IO_LABEL, mount_point: str = IO_MOUNT) -> str:
     """The boot hook (POSIX sh): find and mount the IO disk, run the agent on it, power off."""
     label = _shell_word(label, "label")
     mount_point = _shell_word(mount_point, "mount_point")
@@ -101,7 +104,7 @@ MNT='{mount_point}'
 AGENT='{AGENT_DIR}/agent.py'
 
 case " $(cat /proc/cmdline 2>/dev/null) " in
-    *" pyti.agent=0 "*) exit 0 ;;
+    *" {CMDLINE_AGENT}=0 "*) exit 0 ;;
 esac
 
 try_mount() {{  # mount $1 on $MNT; succeed only when it holds a job
@@ -131,8 +134,8 @@ say() {{  # on stdout (the journal / console) and on the serial port, where the 
 say "pyti: running the job on $found ($MNT)"
 say "{READY_MARKER}"
 cd "$MNT"
-if [ -f "$MNT/run.sh" ]; then
-    sh "$MNT/run.sh"
+if [ -f "$MNT/{RUN_SCRIPT}" ]; then
+    sh "$MNT/{RUN_SCRIPT}"
 else
     agent="$MNT/agent.py"
     [ -f "$agent" ] || agent=$AGENT
@@ -242,7 +245,7 @@ def prepare_image(
     partition: int | None = None,
     init: InitSystem | None = None,
     label: str = IO_LABEL,
-    mount_point: str = "/mnt/disk",
+    mount_point: str = IO_MOUNT,
     require_python: bool = True,
 ) -> PreparedImage:
     """Install pyti's agent and boot hook into the disk image ``image`` without booting it.

@@ -50,19 +50,12 @@ from __future__ import annotations
 
 import contextlib
 import datetime
-import hashlib
-import importlib.util
-import json
-import marshal
 import os
 import re
 import shutil
-import sys
 import tempfile
 import time
-import types
 import uuid
-import zipfile
 from collections.abc import Callable, Iterable, Mapping, Sequence
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, Final, Literal
@@ -70,12 +63,15 @@ from typing import TYPE_CHECKING, Any, Final, Literal
 import attrs
 
 from pyti_core.errors import ConfigError, GuestBootError, GuestRunError, PytiError, RawDataError
+from pyti_core.guest import protocol
+from pyti_core.guest.bytecode import use_compiled_pip, use_compiled_pip_in_job
+from pyti_core.guest.protocol import READY_MARKER, RUN_EXIT_MARKER
 from pyti_core.packages import DEBIAN_12, Distribution, GuestTarget, bundled_pip_wheel, prepare_distribution
 from pyti_core.rawdata import MAX_RECORD_BYTES, RawDataRecord, Report, parse_record
 from pyti_core.tasks import GuestLayout, Recipe, get_recipe, stage_io_folder
 
 if TYPE_CHECKING:
-    from vmanager import VirtualMachine
+    from vmanager import Connection, VirtualMachine
 
 __all__ = [
     "PHASES",
@@ -92,8 +88,6 @@ PHASES: Final = ("download", "io-disk", "boot", "tasks", "collect", "rollback")
 #: ``progress(phase, message)``: called from the thread that runs the job; must not block for long.
 ProgressCallback = Callable[[str, str], None]
 
-READY_MARKER: Final = "PYTI-GUEST-READY"
-RUN_EXIT_MARKER: Final = "PYTI-RUN-EXIT"
 #: The IO disk holds the staged files twice over plus this much room for results and test files.
 _IO_DISK_SLACK: Final = 64 << 20
 _IO_DISK_MIN: Final = 96 << 20
@@ -102,7 +96,6 @@ _SERIAL_KEEP: Final = 1 << 20
 _POLL: Final = 0.1
 #: Lines after these many oversize bytes are skipped, not read into memory.
 _MAX_RECORDS_FILE: Final = 256 << 20
-_RUN_SCRIPT: Final = "run.sh"
 _RECORDS: Final = "records.jsonl"
 
 
@@ -201,32 +194,20 @@ class GuestSystem:
     def run_cmdline(self) -> str:
         """The kernel command line of a run: mount the IO disk's partition, run ``run.sh`` from it."""
         dev = self.io_device
-        script = self.layout.path(_RUN_SCRIPT)
-        return f"{self.cmdline} pyti.disk={dev}1,{dev} pyti.run={script}"
+        return protocol.kernel_cmdline(
+            self.cmdline, disks=(f"{dev}1", dev), run=self.layout.path(protocol.RUN_SCRIPT)
+        )
 
 
 def run_script(guest: GuestSystem) -> str:
-    """The ``run.sh`` put on the IO disk: mount the system disk (if any), run the agent, sync."""
+    """The ``run.sh`` put on the IO disk (:func:`pyti_core.guest.protocol.run_script` for this guest)."""
     layout = guest.layout
-    lines = [
-        "#!/bin/sh",
-        "# Written by pyti: run the agent on this IO disk's job; the guest powers off afterwards.",
-    ]
+    mount = None
     if guest.system_disk is not None and guest.kernel is not None:
-        mnt = guest.system_mount
-        lines += [
-            f"mkdir -p {mnt}",
-            f"mount /dev/vda1 {mnt} 2>/dev/null || mount /dev/vda {mnt} 2>/dev/null "
-            f"|| echo 'pyti: cannot mount the system disk at {mnt}'",
-        ]
-    lines += [
-        f"cd {layout.path(layout.work)} || exit 70",
-        f"{layout.python} {layout.path('agent.py')} {layout.io_dir}",
-        "status=$?",
-        "sync",
-        'exit "$status"',
-    ]
-    return "\n".join(lines) + "\n"
+        mount = ("/dev/vda", guest.system_mount)
+    return protocol.run_script(
+        python=layout.python, io_dir=layout.io_dir, work_dir=layout.path(layout.work), system_mount=mount
+    )
 
 
 # -- the run ---------------------------------------------------------------------------------------------
@@ -317,20 +298,25 @@ def run_prepared(
     guest: GuestSystem,
     timeout: float,
     work_dir: Path,
-    uri: str | None,
-    progress: ProgressCallback | None,
+    uri: str | None = None,
+    connection: Connection | None = None,
+    progress: ProgressCallback | None = None,
     name: str | None = None,
 ) -> RunResult:
     """Run ``recipe`` on an already downloaded ``distribution`` in one fresh VM; safe from any thread.
 
     ``work_dir`` receives the IO disk (``io.img``), the serial log (``serial.log``) and the results read
-    back (``results/``); the caller owns it and deletes it. ``name`` is the VM's name (default: a unique
-    ``pyti-<project>-<random>``); two runs at the same time need different names. Phases and errors as
-    in :func:`run` (without the download).
+    back (``results/``); the caller owns it and deletes it. The VM runs on ``connection`` (an open
+    :class:`vmanager.Connection`, shared with other runs and left open) or else on a connection to
+    ``uri`` opened and closed by the run (default: :func:`hypervisor_uri`); not both. ``name`` is the
+    VM's name (default: a unique ``pyti-<project>-<random>``); two runs at the same time need different
+    names. Phases and errors as in :func:`run` (without the download).
     """
     report_progress = progress or _no_progress
     if not timeout > 0:
         raise ConfigError(None, "timeout", f"the job timeout must be > 0 seconds, got {timeout!r}")
+    if uri is not None and connection is not None:
+        raise ConfigError(None, "uri", "give a hypervisor uri or an open connection, not both")
     name = name or _vm_name(distribution.name)
     work_dir = Path(work_dir).absolute()
     work_dir.mkdir(parents=True, exist_ok=True)
@@ -340,9 +326,9 @@ def run_prepared(
     t0 = time.monotonic()
     report_progress("io-disk", "staging the wheels, sources and job")
     job = stage_io_folder(work_dir / "io", distribution, recipe, guest.layout)
-    if _use_compiled_pip(guest):
-        job = _run_pip_compiled(job, work_dir / "io", distribution.pip_wheel, guest.layout)
-    (work_dir / "io" / _RUN_SCRIPT).write_text(run_script(guest))
+    if use_compiled_pip(guest.target):
+        job = use_compiled_pip_in_job(job, work_dir / "io", distribution.pip_wheel, guest.layout)
+    (work_dir / "io" / protocol.RUN_SCRIPT).write_text(run_script(guest))
     # Made here, so its directory entry is on the disk before the guest runs: the agent only appends
     # and fsyncs it, which keeps every finished record even when the VM is stopped at the job timeout.
     (work_dir / "io" / guest.layout.results / _RECORDS).touch()
@@ -359,7 +345,7 @@ def run_prepared(
     # -- boot, tasks, collect, rollback ---------------------------------------------------------------
     serial_path = work_dir / "serial.log"
     serial_path.unlink(missing_ok=True)
-    vm = _define_vm(guest, name, uri, io_disk, serial_path)
+    vm = _define_vm(guest, name, connection if connection is not None else uri, io_disk, serial_path)
     try:
         outcome = _boot_and_wait(vm, guest, serial_path, timeout, phases, report_progress)
         t0 = time.monotonic()
@@ -408,85 +394,6 @@ def hypervisor_uri(uri: str | None = None) -> str:
     return default_uri()
 
 
-# -- pip, byte-compiled for the guest ---------------------------------------------------------------------
-
-_COMPILED_PIP_DIR: Final = "pyti"
-
-
-def _use_compiled_pip(guest: GuestSystem) -> bool:
-    """Byte code made here runs in the guest only when both Pythons share a minor version."""
-    if os.environ.get("PYTI_NO_COMPILED_PIP", "") not in ("", "0"):
-        return False
-    return sys.version_info[:2] == tuple(guest.target.python_version)
-
-
-def compiled_pip_zip(wheel: Path, cache_dir: Path | None = None) -> Path:
-    """A copy of the pip ``wheel`` with the byte code of every module beside it (this Python's version).
-
-    The guest runs pip straight from a zip. Python cannot cache byte code for modules it imports from a
-    zip, so under TCG every pip start compiles pip's own ~500 modules again, which costs seconds per
-    call. With a ``.pyc`` next to each ``.py`` in the zip (unchecked hash-based, PEP 552, so their time
-    stamps do not matter) zipimport loads the byte code instead; a Python of another version sees the
-    wrong magic number and falls back to the sources. Cached under ``cache_dir`` (default
-    ``<user cache>/pyti/pip-compiled``) by the wheel's SHA-256 and the byte code's magic number.
-    """
-    cache = (
-        cache_dir
-        or Path(os.environ.get("XDG_CACHE_HOME") or Path.home() / ".cache") / "pyti" / "pip-compiled"
-    )
-    digest = hashlib.sha256(wheel.read_bytes()).hexdigest()[:24]
-    magic = importlib.util.MAGIC_NUMBER.hex()
-    target = cache / f"{wheel.stem}-{digest}-{magic}.zip"
-    if target.is_file():
-        return target
-    cache.mkdir(parents=True, exist_ok=True)
-    fd, tmp_name = tempfile.mkstemp(dir=cache, prefix=".pip-", suffix=".zip")
-    os.close(fd)
-    try:
-        with zipfile.ZipFile(wheel) as src, zipfile.ZipFile(tmp_name, "w", zipfile.ZIP_STORED) as out:
-            for info in src.infolist():
-                data = src.read(info)
-                out.writestr(info.filename, data)
-                if info.filename.endswith(".py") and not info.is_dir():
-                    try:
-                        code = compile(data, info.filename, "exec", dont_inherit=True)
-                    except (SyntaxError, ValueError):
-                        continue  # left to the source: the guest reports what is wrong
-                    pyc = _code_to_unchecked_pyc(code, data)
-                    out.writestr(info.filename + "c", pyc)
-        os.replace(tmp_name, target)
-    except (OSError, zipfile.BadZipFile) as exc:
-        with contextlib.suppress(OSError):
-            os.unlink(tmp_name)
-        raise GuestRunError(f"{wheel}: cannot make a byte-compiled copy of pip: {exc}") from exc
-    return target
-
-
-def _code_to_unchecked_pyc(code: types.CodeType, source: bytes) -> bytes:
-    """A PEP 552 ``.pyc``: magic, flags 0b01 (hash-based, not checked), the source hash, the code."""
-    return (
-        importlib.util.MAGIC_NUMBER
-        + (0b01).to_bytes(4, "little")
-        + importlib.util.source_hash(source)
-        + marshal.dumps(code)
-    )
-
-
-def _run_pip_compiled(
-    job: dict[str, Any], folder: Path, pip_wheel: Path, layout: GuestLayout
-) -> dict[str, Any]:
-    """Point the job's pip commands at a byte-compiled copy of pip on the IO disk; rewrite job.json."""
-    from_wheel = layout.path(layout.wheels, pip_wheel.name, "pip")
-    compiled = compiled_pip_zip(pip_wheel)
-    (folder / _COMPILED_PIP_DIR).mkdir(exist_ok=True)
-    shutil.copyfile(compiled, folder / _COMPILED_PIP_DIR / compiled.name)
-    to_zip = layout.path(_COMPILED_PIP_DIR, compiled.name, "pip")
-    tasks = [{**t, "argv": [to_zip if a == from_wheel else a for a in t["argv"]]} for t in job["tasks"]]
-    job = {**job, "tasks": tasks}
-    (folder / "job.json").write_text(json.dumps(job, indent=2) + "\n")
-    return job
-
-
 def _vm_name(project: str) -> str:
     stem = re.sub(r"[^A-Za-z0-9.+-]+", "-", project).strip("-.")[:40] or "dist"
     return f"pyti-{stem}-{uuid.uuid4().hex[:10]}"
@@ -510,7 +417,7 @@ def _create_io_disk(path: Path, size: int, folder: Path) -> None:
     from diskhandler.errors import DiskHandlerError  # noqa: PLC0415
 
     try:
-        create_io_disk(path, size, format="raw", filesystem="ext2", files=folder, label="pyti-io")
+        create_io_disk(path, size, format="raw", filesystem="ext2", files=folder, label=protocol.IO_LABEL)
     except (DiskHandlerError, OSError, ValueError) as exc:
         raise GuestRunError(f"{path}: cannot create the IO disk: {exc}") from exc
 
@@ -524,10 +431,17 @@ class _Outcome:
 
 
 def _define_vm(
-    guest: GuestSystem, name: str, uri: str | None, io_disk: Path, serial_path: Path
+    guest: GuestSystem, name: str, uri: str | Connection | None, io_disk: Path, serial_path: Path
 ) -> VirtualMachine:
     """Define the run's VM: the guest system (its disk through an overlay), the IO disk, no network."""
-    from vmanager import Disk, VirtualMachine, VManagerError, VMConfig  # noqa: PLC0415
+    try:
+        from vmanager import Disk, VirtualMachine, VManagerError, VMConfig  # noqa: PLC0415
+    except ImportError as exc:  # libvirt-python is missing: everything but running a VM works without it
+        raise GuestRunError(
+            f"cannot run VM {name}: vmanager cannot load libvirt-python ({exc}); install it "
+            "(pip install libvirt-python, which needs libvirt's development files)",
+            vm=name,
+        ) from exc
 
     config = VMConfig(
         name=name,
@@ -545,7 +459,8 @@ def _define_vm(
         accel=guest.accel,
     )
     try:
-        return VirtualMachine(name, hypervisor_uri(uri), config)
+        target = hypervisor_uri(uri) if uri is None or isinstance(uri, str) else uri
+        return VirtualMachine(name, target, config)
     except VManagerError as exc:
         raise GuestRunError(f"cannot define VM {name}: {exc}", vm=name) from exc
 

@@ -44,16 +44,18 @@ from collections.abc import Callable, Iterable, Iterator, Sequence
 from concurrent.futures import Future, ThreadPoolExecutor, wait
 from datetime import UTC, datetime
 from pathlib import Path
-from typing import Final, Literal, cast
+from typing import TYPE_CHECKING, Final, Literal
 
 import attrs
 
-from pyti_core.errors import GuestBootError, GuestRunError, PytiError, TaskManagerClosedError
+from pyti_core.errors import GuestBootError, GuestRunError, PytiError, TaskManagerClosedError, vmanager_errors
 from pyti_core.manager import GuestSystem, ProgressCallback, RunResult, run_prepared
 from pyti_core.packages import Distribution, bundled_pip_wheel, prepare_distribution
 from pyti_core.rawdata import RawDataRecord, Report
 from pyti_core.tasks import Recipe, get_recipe
-from vmanager import Connection, DomainNotFoundError, VirtualMachine, VManagerError
+
+if TYPE_CHECKING:
+    from vmanager import Connection
 
 __all__ = [
     "DEFAULT_VM_MEMORY_MIB",
@@ -336,6 +338,8 @@ class TaskManager:
         return report
 
     def _run_job(self, job: _Job) -> None:
+        # download, hypervisor: the message says it all
+        expected: tuple[type[Exception], ...] = (PytiError, OSError, *vmanager_errors())
         try:
             result = self._run_stages(job)
         except GuestBootError as exc:  # never ready: a timeout if it ran that long, else it stopped early
@@ -345,7 +349,7 @@ class TaskManager:
             result = self._failure(job, status, str(exc), serial=exc.serial_log)
         except GuestRunError as exc:
             result = self._failure(job, "error", str(exc), serial=exc.serial_log)
-        except (PytiError, OSError, VManagerError) as exc:  # download, hypervisor: the message says it all
+        except expected as exc:
             result = self._failure(job, "error", f"pyti could not run {job.spec}: {exc}")
         except Exception as exc:  # a job never ends without a result
             log.exception("job %s (%s) failed", job.name, job.spec)
@@ -393,7 +397,7 @@ class TaskManager:
                 timeout=job.timeout,
                 work_dir=folder / "run",
                 # one connection for every VM of this process: see _shared_connection
-                uri=cast("str | None", self._shared_connection()),
+                connection=self._shared_connection(),
                 progress=self._job_progress(job),
                 name=job.name,
             )
@@ -447,6 +451,8 @@ class TaskManager:
 
     def _kill(self, job: _Job, why: str) -> None:
         """Destroy the job's domain, if it runs; the run then fails and the job is reported."""
+        from vmanager import DomainNotFoundError, VirtualMachine, VManagerError  # noqa: PLC0415
+
         job.killed = True
         job.vm_deadline = None
         log.warning("job %s: killing its guest (%s)", job.name, why)
@@ -470,6 +476,8 @@ class TaskManager:
         cannot register QEMU". One connection shared by all threads works (libvirt connections are
         thread-safe); it also lets the watchdog reach the jobs' domains on a private test driver.
         """
+        from vmanager import Connection  # noqa: PLC0415
+
         with self._connection_lock:
             if self._connection is None:
                 self._connection = Connection(self.uri)

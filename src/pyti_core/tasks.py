@@ -23,12 +23,13 @@ import os
 import shutil
 from collections.abc import Iterable, Mapping
 from pathlib import Path, PurePosixPath
-from typing import Any, Final, Literal, get_args
+from typing import Final, Literal, get_args
 
 import attrs
 
-from pyti_core import agent
 from pyti_core.errors import TaskError
+from pyti_core.guest import agent
+from pyti_core.guest.protocol import AGENT_FILE, IO_MOUNT, JOB_FILE, AgentJob, AgentTask
 from pyti_core.packages import Distribution
 
 __all__ = [
@@ -151,7 +152,7 @@ def get_recipe(name: str) -> Recipe:
 class GuestLayout:
     """Where things are in the guest: the IO disk's mount point and its folders, and the Python to run."""
 
-    io_dir: str = "/mnt/disk"
+    io_dir: str = IO_MOUNT
     python: str = "python3"
     wheels: str = "wheels"
     sources: str = "src"
@@ -192,7 +193,7 @@ def to_agent_job(
     layout: GuestLayout | None = None,
     *,
     output_cap: int = agent.DEFAULT_OUTPUT_CAP,
-) -> dict[str, Any]:
+) -> AgentJob:
     """The ``job.json`` the guest agent runs for ``recipe`` on ``distribution`` (guest paths from ``layout``).
 
     An ``install`` task also installs the recipe's requirements (as a separate ``install-requirements``
@@ -204,7 +205,7 @@ def to_agent_job(
     sources = layout.path(layout.sources) if distribution.sources is not None else None
     work = layout.path(layout.work)
     results = layout.path(layout.results)
-    tasks: list[dict[str, Any]] = []
+    tasks: list[AgentTask] = []
 
     def add(
         task: Task, name: str, argv: list[str], *, cwd: str, env: Mapping[str, str], parse: str | None
@@ -296,7 +297,7 @@ def stage_io_folder(
     distribution: Distribution,
     recipe: Recipe,
     layout: GuestLayout | None = None,
-) -> dict[str, Any]:
+) -> AgentJob:
     """Lay out ``folder`` as the IO disk must look; return the job written to ``folder/job.json``.
 
     ``folder`` gets ``wheels/`` (every wheel), ``src/`` (the sources, without version-control folders,
@@ -316,6 +317,6 @@ def stage_io_folder(
         target = folder / layout.sources
         target.rmdir()
         shutil.copytree(distribution.sources, target, symlinks=True, ignore=_ignore_in_sources)
-    shutil.copyfile(agent.__file__, folder / "agent.py")
-    (folder / "job.json").write_text(json.dumps(job, indent=2) + "\n")
+    shutil.copyfile(agent.__file__, folder / AGENT_FILE)
+    (folder / JOB_FILE).write_text(json.dumps(job, indent=2) + "\n")
     return job

@@ -11,7 +11,7 @@ from typing import Any
 
 import pytest
 
-from pyti_core import agent
+from pyti_core.guest import agent
 from pyti_core.rawdata import parse_record, parse_records
 
 PY = sys.executable

@@ -18,8 +18,8 @@ from pathlib import Path
 import pytest
 
 from diskhandler import DiskOperations, create_io_disk
-from pyti_core import agent
 from pyti_core.errors import GuestImageError, ImagePrepareError, PytiError
+from pyti_core.guest import agent
 from pyti_core.image import (
     IO_LABEL,
     detect_init,

@@ -8,12 +8,9 @@ import json
 import os
 import shutil
 import subprocess
-import sys
-import zipfile
 from pathlib import Path
 from typing import Any
 
-import attrs
 import pytest
 
 from pyti_core import manager
@@ -353,78 +350,6 @@ def test_the_default_uri_is_vmanagers() -> None:
 
     assert hypervisor_uri() == vmanager.default_uri()
     assert hypervisor_uri().startswith("qemu:///embed?root=")
-
-
-# -- pip, byte-compiled for the guest ---------------------------------------------------------------------
-
-
-def test_unchecked_pyc_in_a_zip_is_what_zipimport_loads(tmp_path: Path) -> None:
-    source = b"VALUE = 1\n"
-    pyc = manager._code_to_unchecked_pyc(compile(source, "mod.py", "exec"), source)
-    archive = tmp_path / "lib.zip"
-    with zipfile.ZipFile(archive, "w") as zf:
-        zf.writestr("mod.py", b"VALUE = 2\n")  # the source says 2; the byte code, never checked, says 1
-        zf.writestr("mod.pyc", pyc)
-    out = subprocess.run(
-        [sys.executable, "-c", "import mod; print(mod.VALUE)"],
-        env={**os.environ, "PYTHONPATH": str(archive)},
-        capture_output=True,
-        text=True,
-        check=True,
-    )
-    assert out.stdout == "1\n"
-
-
-def test_compiled_pip_runs_and_is_cached(tmp_path: Path) -> None:
-    wheel = bundled_pip_wheel()
-    if wheel is None:
-        pytest.skip("this Python has no bundled pip wheel")
-    compiled = manager.compiled_pip_zip(wheel, tmp_path / "cache")
-    with zipfile.ZipFile(compiled) as zf:
-        names = set(zf.namelist())
-    sources = {n for n in names if n.endswith(".py")}
-    assert len(sources) > 100
-    assert {n + "c" for n in sources} <= names
-    out = subprocess.run(
-        [sys.executable, str(compiled / "pip"), "--version"], capture_output=True, text=True, check=True
-    )
-    assert out.stdout.startswith("pip ")
-    assert str(compiled) in out.stdout
-    mtime = compiled.stat().st_mtime_ns
-    assert manager.compiled_pip_zip(wheel, tmp_path / "cache") == compiled
-    assert compiled.stat().st_mtime_ns == mtime
-    assert [p.name for p in (tmp_path / "cache").iterdir()] == [compiled.name]  # no temporary left
-
-
-def test_compiled_pip_only_for_the_same_python_and_not_when_turned_off(
-    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
-) -> None:
-    same = GuestSystem(kernel=tmp_path / "k")
-    assert same.target.python_version == (3, 11)
-    assert manager._use_compiled_pip(same) is (sys.version_info[:2] == (3, 11))
-    other = attrs.evolve(same, target=attrs.evolve(same.target, python_version=(3, 8)))
-    assert not manager._use_compiled_pip(other)
-    monkeypatch.setenv("PYTI_NO_COMPILED_PIP", "1")
-    assert not manager._use_compiled_pip(same)
-
-
-def test_the_job_runs_pip_from_the_compiled_copy(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
-    wheel = tmp_path / "pip-24.0-py3-none-any.whl"
-    with zipfile.ZipFile(wheel, "w") as zf:
-        zf.writestr("pip/__main__.py", "print('pip')\n")
-    monkeypatch.setenv("XDG_CACHE_HOME", str(tmp_path / "cache"))
-    layout = GuestLayout()
-    pip_argv = ["python3", f"/mnt/disk/wheels/{wheel.name}/pip", "install", "x"]
-    job = {"distribution": "x==1", "tasks": [{"id": "1", "argv": pip_argv}, {"id": "2", "argv": ["true"]}]}
-    folder = tmp_path / "io"
-    folder.mkdir()
-    new = manager._run_pip_compiled(job, folder, wheel, layout)
-    (copy,) = (folder / "pyti").iterdir()
-    assert new["tasks"][0]["argv"] == ["python3", f"/mnt/disk/pyti/{copy.name}/pip", "install", "x"]
-    assert new["tasks"][1]["argv"] == ["true"]
-    assert json.loads((folder / "job.json").read_text()) == new
-    with zipfile.ZipFile(copy) as zf:
-        assert sorted(zf.namelist()) == ["pip/__main__.py", "pip/__main__.pyc"]
 
 
 def test_a_vm_that_cannot_be_defined_is_a_run_error_naming_the_file(tmp_path: Path) -> None:

@@ -11,8 +11,8 @@ from pathlib import Path
 import attrs
 import pytest
 
-from pyti_core import agent
 from pyti_core.errors import TaskError
+from pyti_core.guest import agent
 from pyti_core.packages import Distribution, bundled_pip_wheel, prepare_distribution
 from pyti_core.rawdata import parse_records
 from pyti_core.tasks import RECIPES, GuestLayout, Recipe, Task, get_recipe, stage_io_folder, to_agent_job

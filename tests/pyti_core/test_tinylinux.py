@@ -36,7 +36,7 @@ HAVE_QEMU = shutil.which("qemu-system-x86_64") is not None
 needs_apt = pytest.mark.skipif(not HAVE_APT, reason="building the guest needs apt-get and dpkg-deb")
 needs_qemu = pytest.mark.skipif(not HAVE_QEMU, reason="qemu-system-x86_64 is not installed")
 BOOT_TIMEOUT = 120.0  # TCG on a loaded 2-core machine; a normal boot takes about 5 s
-AGENT = Path(tinylinux.__file__).parents[1] / "agent.py"
+AGENT = Path(tinylinux.__file__).parent / "agent.py"
 
 
 # --------------------------------------------------------------------------------------------------
@@ -568,7 +568,7 @@ def test_python_guest_imports_what_the_agent_needs(python_guest: TinyLinux, boot
 
 @pytest.mark.qemu
 @needs_qemu
-@pytest.mark.skipif(not AGENT.is_file(), reason="pyti_core/agent.py is not there")
+@pytest.mark.skipif(not AGENT.is_file(), reason="pyti_core/guest/agent.py is not there")
 def test_python_guest_runs_the_agent(python_guest: TinyLinux, boot: Boot, tmp_path: Path) -> None:
     from pyti_core.rawdata import parse_records
 

@@ -59,6 +59,8 @@ from typing import Final, Protocol
 import attrs
 
 from pyti_core.errors import CpioEntryError, GuestImageError
+from pyti_core.guest import protocol
+from pyti_core.guest.protocol import READY_MARKER, RUN_EXIT_MARKER
 
 __all__ = [
     "BUSYBOX_PACKAGE",
@@ -78,10 +80,6 @@ __all__ = [
     "module_dependencies",
 ]
 
-#: Printed on the serial console once the guest is up (modules loaded, disk mounted, acpid running).
-READY_MARKER: Final = "PYTI-GUEST-READY"
-#: Printed after a ``pyti.run`` script ends, followed by its exit status, just before power-off.
-RUN_EXIT_MARKER: Final = "PYTI-RUN-EXIT"
 #: The kernel command line a guest needs: serial console, reboot on panic, few kernel messages.
 DEFAULT_CMDLINE: Final = "console=ttyS0 panic=-1 quiet"
 #: Debian's metapackage for the cloud kernel; it depends on exactly one versioned kernel package.
@@ -171,8 +169,8 @@ class TinyLinux:
         words = [self.cmdline]
         if run is not None:
             if not run or any(c.isspace() for c in run):
-                raise ValueError(f"pyti.run path must be non-empty without whitespace: {run!r}")
-            words.append(f"pyti.run={run}")
+                raise ValueError(f"{protocol.CMDLINE_RUN} path must be non-empty without whitespace: {run!r}")
+            words.append(f"{protocol.CMDLINE_RUN}={run}")
         words.extend(extra)
         return " ".join(words)
 
@@ -428,9 +426,9 @@ ip link set lo up 2>/dev/null
 run="" disks="/dev/vda /dev/vda1" echo=1
 for word in $(cat /proc/cmdline); do
     case "$word" in
-        pyti.run=*) run="${word#pyti.run=}" ;;
-        pyti.disk=*) disks=$(echo "${word#pyti.disk=}" | tr , ' ') ;;
-        pyti.echo=0) echo=0 ;;
+        @RUN_KEY@=*) run="${word#@RUN_KEY@=}" ;;
+        @DISK_KEY@=*) disks=$(echo "${word#@DISK_KEY@=}" | tr , ' ') ;;
+        @ECHO_KEY@=0) echo=0 ;;
     esac
 done
 
@@ -499,6 +497,9 @@ def _render_init(modules: Sequence[str]) -> str:
         .replace("@MODULES_DIR@", _MODULES_DIR)
         .replace("@READY@", READY_MARKER)
         .replace("@RUN_EXIT@", RUN_EXIT_MARKER)
+        .replace("@RUN_KEY@", protocol.CMDLINE_RUN)
+        .replace("@DISK_KEY@", protocol.CMDLINE_DISK)
+        .replace("@ECHO_KEY@", protocol.CMDLINE_ECHO)
     )
 
 

@@ -2,10 +2,12 @@
 
 This module is copied verbatim onto the IO disk and run by the guest's Python
 (``python3 agent.py /path/to/io``). It must therefore use the standard library only, and run on the
-oldest Python a guest may have (3.8): no imports from pyti, no ``match``, no ``X | Y`` annotations at
-run time.
+oldest Python a guest may have (3.8; CPython and PyPy): no imports from pyti, no ``match``, no
+``X | Y`` annotations at run time, no ``datetime.UTC``. What it shares with the host (the job's schema,
+the record method, the records file) is defined in :mod:`pyti_core.guest.protocol`; the tests check
+that the copies here agree with it.
 
-Job file (``job.json`` in the IO folder)::
+Job file (``job.json`` in the IO folder, :class:`pyti_core.guest.protocol.AgentJob`)::
 
     {"distribution": "attrs==23.2.0",
      "output_cap": 65536,
@@ -36,7 +38,9 @@ from typing import Any
 
 __all__ = ["main", "parse_junit", "parse_unittest", "run_job", "run_task"]
 
-METHOD = "rawdata.report"
+METHOD = "rawdata.report"  # pyti_core.rawdata.METHOD
+RECORDS_FILE = "results/records.jsonl"  # pyti_core.guest.protocol.RECORDS_FILE
+JOB_FILE = "job.json"  # pyti_core.guest.protocol.JOB_FILE
 DEFAULT_OUTPUT_CAP = 64 * 1024
 TRUNCATED = "\n[... output truncated by pyti: {n} more bytes ...]\n"
 
@@ -133,7 +137,7 @@ def run_task(task: dict[str, Any], io_dir: str, output_cap: int = DEFAULT_OUTPUT
     timeout = float(task.get("timeout", 600))
     env = dict(os.environ)
     env.update({str(k): str(v) for k, v in task.get("env", {}).items()})
-    started = datetime.datetime.now(datetime.UTC)
+    started = datetime.datetime.now(datetime.timezone.utc)
     t0 = time.monotonic()
     with tempfile.TemporaryDirectory(prefix="pyti-task-") as tmp:
         out = os.path.join(tmp, "task")
@@ -188,13 +192,13 @@ def run_task(task: dict[str, Any], io_dir: str, output_cap: int = DEFAULT_OUTPUT
 
 def run_job(io_dir: str) -> int:
     """Run every task of ``io_dir/job.json``; records go to ``io_dir/results/records.jsonl``."""
-    with open(os.path.join(io_dir, "job.json")) as f:
+    with open(os.path.join(io_dir, JOB_FILE)) as f:
         job = json.load(f)
-    results = os.path.join(io_dir, "results")
-    os.makedirs(results, exist_ok=True)
+    records = os.path.join(io_dir, *RECORDS_FILE.split("/"))
+    os.makedirs(os.path.dirname(records), exist_ok=True)
     cap = int(job.get("output_cap", DEFAULT_OUTPUT_CAP))
     failures = 0
-    with open(os.path.join(results, "records.jsonl"), "a") as out:
+    with open(records, "a") as out:
         for task in job["tasks"]:
             record = run_task(task, io_dir, cap)
             out.write(json.dumps(record) + "\n")
