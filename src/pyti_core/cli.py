@@ -400,7 +400,7 @@ def main(
     }
     from diskhandler.errors import DiskHandlerError  # noqa: PLC0415
 
-    # vmanager's errors are () without libvirt-python: `pyti master` and friends still work
+    # vmanager's errors are () without libvirt-python: `pyti image prepare` and friends still work
     failures: tuple[type[Exception], ...] = (PytiError, *vmanager_errors(), DiskHandlerError, OSError)
 
     try:
