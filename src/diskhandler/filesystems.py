@@ -19,11 +19,11 @@ import os
 import shutil
 import signal
 import subprocess
-import time
 from pathlib import Path
 from types import TracebackType
 from typing import Literal, Self
 
+from diskhandler._fusechild import is_mountpoint, stop_child, wait_mounted
 from diskhandler.errors import FilesystemError, MissingDependencyError
 from diskhandler.formats import DiskImage
 
@@ -81,16 +81,6 @@ def _ext_needs_recovery(device: Path) -> bool:
         f.seek(_EXT_INCOMPAT_OFFSET)
         raw = f.read(4)
     return len(raw) == 4 and bool(int.from_bytes(raw, "little") & _EXT_INCOMPAT_RECOVER)
-
-
-def is_mountpoint(path: str | os.PathLike[str]) -> bool:
-    """Whether ``path`` is a mount point of this process's mount namespace."""
-    target = os.fsencode(os.path.abspath(path))
-    try:
-        with open("/proc/self/mountinfo", "rb") as f:
-            return any(line.split()[4] == target for line in f)
-    except OSError:
-        return os.path.ismount(path)
 
 
 def _require(program: str, package: str, what: str) -> str:
@@ -152,24 +142,9 @@ class FilesystemMount:
                         )
                 return
             assert self.process is not None
-            if self.process.poll() is None:
-                # libfuse's SIGTERM handler leaves the loop, unmounts and runs the driver's destroy
-                # callback (fuse2fs closes the filesystem there: journal, bitmaps, superblock).
-                self.process.send_signal(signal.SIGTERM)
-                try:
-                    self.process.wait(timeout)
-                except subprocess.TimeoutExpired:
-                    self.process.kill()
-                    self.process.wait()
-                    raise FilesystemError(
-                        errno.ETIMEDOUT,
-                        f"the {self.fstype} driver did not stop within {timeout} s",
-                        str(self.mountpoint),
-                    ) from None
-            if is_mountpoint(self.mountpoint):
-                subprocess.run(
-                    ["fusermount", "-u", "-z", str(self.mountpoint)], capture_output=True, check=False
-                )
+            # libfuse's SIGTERM handler leaves the loop, unmounts and runs the driver's destroy
+            # callback (fuse2fs closes the filesystem there: journal, bitmaps, superblock).
+            stop_child(self.process, self.mountpoint, timeout=timeout, what=f"the {self.fstype} driver")
             if self.process.returncode not in (0, -signal.SIGTERM):
                 raise FilesystemError(
                     errno.EIO,
@@ -263,22 +238,17 @@ def mount_filesystem(
     fs = FilesystemMount(
         device=dev, mountpoint=mp, fstype=fstype, method="fuse", readonly=readonly, process=process, log=log
     )
-    deadline = time.monotonic() + timeout
-    delay = 0.0005
-    while not is_mountpoint(mp):
+
+    def failed() -> str:
+        message = fs._stderr() or f"exit status {process.returncode}"
+        log.unlink(missing_ok=True)
+        return f"{Path(argv[0]).name} could not mount the {fstype} filesystem: {message}"
+
+    try:
+        wait_mounted(mp, process, timeout, failed)
+    finally:
         if process.poll() is not None:
-            message = fs._stderr() or f"exit status {process.returncode}"
             log.unlink(missing_ok=True)
-            raise FilesystemError(
-                errno.EIO,
-                f"{Path(argv[0]).name} could not mount the {fstype} filesystem: {message}",
-                str(dev),
-            )
-        if time.monotonic() > deadline:
-            fs.unmount()
-            raise FilesystemError(errno.ETIMEDOUT, f"{Path(argv[0]).name} was not ready within {timeout} s")
-        time.sleep(delay)
-        delay = min(delay * 2, 0.02)
     return fs
 
 

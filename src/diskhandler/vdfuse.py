@@ -29,22 +29,18 @@ This is the only module that imports ``fuse`` (fusepy).
 from __future__ import annotations
 
 import errno
-import gc
 import json
 import os
-import select
-import shutil
-import signal
 import stat
 import subprocess
 import sys
 import threading
-import time
 from collections.abc import Callable, Sequence
 from pathlib import Path
 from types import TracebackType
-from typing import Any, Protocol, Self
+from typing import Any, Self
 
+from diskhandler._fusechild import READY, ChildProcess, fork_child, stop_child, wait_ready
 from diskhandler.errors import (
     ChainError,
     DiskHandlerError,
@@ -62,7 +58,6 @@ __all__ = ["ENTIRE_DISK", "VDFuseMount", "VDFuseOperations", "check_fuse_availab
 
 ENTIRE_DISK = "EntireDisk"
 _PARTITION_PREFIX = "Partition"
-_READY = b"R"
 
 
 def check_fuse_available() -> None:
@@ -475,7 +470,7 @@ def _run_server(
             readonly=readonly,
             foreground=foreground,
             image_format=image_format,
-            on_ready=lambda: report(_READY),
+            on_ready=lambda: report(READY),
         )
     except (DiskHandlerError, OSError) as exc:
         report(json.dumps(_describe_error(exc)).encode())
@@ -497,7 +492,7 @@ class VDFuseMount:
         process: the child serving the mount.
     """
 
-    def __init__(self, image: Path, mountpoint: Path, readonly: bool, process: _Process) -> None:
+    def __init__(self, image: Path, mountpoint: Path, readonly: bool, process: ChildProcess) -> None:
         self.image = image
         self.mountpoint = mountpoint
         self.readonly = readonly
@@ -513,19 +508,7 @@ class VDFuseMount:
 
         Files of the view must be closed first (a filesystem driver on top must be unmounted first).
         """
-        if self.process.poll() is None:
-            self.process.send_signal(signal.SIGTERM)  # libfuse's handler: leave the loop, unmount
-            try:
-                self.process.wait(timeout)
-            except subprocess.TimeoutExpired:
-                self.process.kill()
-                self.process.wait()
-                _detach(self.mountpoint)
-                raise FilesystemError(
-                    errno.ETIMEDOUT, f"vdfuse did not stop within {timeout} s; killed", str(self.mountpoint)
-                ) from None
-        if _is_mountpoint(self.mountpoint):  # the child died without unmounting (kill -9)
-            _detach(self.mountpoint)
+        stop_child(self.process, self.mountpoint, timeout=timeout, what="vdfuse")
 
     def __enter__(self) -> Self:
         return self
@@ -538,24 +521,6 @@ class VDFuseMount:
     def __repr__(self) -> str:
         state = "live" if self.process.poll() is None else "stopped"
         return f"<VDFuseMount {str(self.image)!r} at {str(self.mountpoint)!r} {state}>"
-
-
-def _is_mountpoint(path: Path) -> bool:
-    target = os.fsencode(os.path.abspath(path))
-    try:
-        with open("/proc/self/mountinfo", "rb") as f:
-            return any(line.split()[4] == target for line in f)
-    except OSError:
-        return os.path.ismount(path)
-
-
-def _detach(mountpoint: Path) -> None:
-    """Lazily unmount a mount whose server is gone."""
-    for argv in (["fusermount", "-u", "-z"], ["umount", "-l"]):
-        if shutil.which(argv[0]):
-            subprocess.run([*argv, str(mountpoint)], capture_output=True, check=False)
-            if not _is_mountpoint(mountpoint):
-                return
 
 
 def mount_vdfuse(
@@ -591,7 +556,7 @@ def mount_vdfuse(
     if not mp.is_dir():
         raise NotADirectoryError(errno.ENOTDIR, "the mount point must be an existing directory", str(mp))
     read_end, write_end = os.pipe()
-    process: _Process
+    process: ChildProcess
     try:
         if spawn is None:
             spawn = threading.active_count() > 1
@@ -602,10 +567,10 @@ def mount_vdfuse(
     finally:
         os.close(write_end)
     try:
-        message = _wait_ready(read_end, process, timeout)
+        message = wait_ready(read_end, process, timeout, "vdfuse")
     finally:
         os.close(read_end)
-    if message == _READY:
+    if message == READY:
         return VDFuseMount(img, mp, readonly, process)
     process.wait()
     if message:
@@ -619,51 +584,7 @@ def mount_vdfuse(
     )
 
 
-class _Process(Protocol):
-    """What the twin needs of its child: ``subprocess.Popen`` or a forked :class:`_ForkedChild`."""
-
-    pid: int
-    returncode: Any
-
-    def poll(self) -> int | None: ...
-    def wait(self, timeout: float | None = None) -> int: ...
-    def send_signal(self, sig: int) -> None: ...
-    def kill(self) -> None: ...
-
-
-class _ForkedChild:
-    """A forked child, reaped with ``waitpid``; the subset of ``subprocess.Popen`` the twin uses."""
-
-    def __init__(self, pid: int) -> None:
-        self.pid = pid
-        self.returncode: int | None = None
-
-    def poll(self) -> int | None:
-        if self.returncode is None:
-            pid, status = os.waitpid(self.pid, os.WNOHANG)
-            if pid:
-                self.returncode = os.waitstatus_to_exitcode(status)
-        return self.returncode
-
-    def wait(self, timeout: float | None = None) -> int:
-        deadline = None if timeout is None else time.monotonic() + timeout
-        delay = 0.0005
-        while (code := self.poll()) is None:
-            if deadline is not None and time.monotonic() > deadline:
-                raise subprocess.TimeoutExpired(f"vdfuse (pid {self.pid})", timeout or 0.0)
-            time.sleep(delay)
-            delay = min(delay * 2, 0.05)
-        return code
-
-    def send_signal(self, sig: int) -> None:
-        if self.poll() is None:
-            os.kill(self.pid, sig)
-
-    def kill(self) -> None:
-        self.send_signal(signal.SIGKILL)
-
-
-def _spawn(img: Path, mp: Path, readonly: bool, format: str | None, write_end: int) -> _Process:
+def _spawn(img: Path, mp: Path, readonly: bool, format: str | None, write_end: int) -> ChildProcess:
     argv = [sys.executable, "-m", "diskhandler.vdfuse", "-f", "--ready-fd", str(write_end)]
     if readonly:
         argv.append("-r")
@@ -680,50 +601,14 @@ def _spawn(img: Path, mp: Path, readonly: bool, format: str | None, write_end: i
     )
 
 
-def _fork(img: Path, mp: Path, readonly: bool, format: str | None, write_end: int) -> _Process:
+def _fork(img: Path, mp: Path, readonly: bool, format: str | None, write_end: int) -> ChildProcess:
     _import_fusepy()  # before forking, so the child need not
-
-    pid = os.fork()
-    if pid:
-        return _ForkedChild(pid)
-    code = 1
-    try:  # the child: never returns into the caller's code
-        os.setsid()
-        devnull = os.open(os.devnull, os.O_RDWR)
-        for std in (0, 1, 2):
-            os.dup2(devnull, std)
-        # Collect the caller's pending garbage first, while the descriptors it may close are still the
-        # inherited ones; then only the ready pipe survives (no descriptor, no image lock of the caller).
-        gc.collect()
-        os.closerange(3, write_end)
-        os.closerange(write_end + 1, 1 << 20)
-        for sig in (signal.SIGTERM, signal.SIGINT, signal.SIGHUP, signal.SIGPIPE):
-            signal.signal(sig, signal.SIG_DFL)
-        code = _run_server(
+    return fork_child(
+        lambda: _run_server(
             str(img), str(mp), readonly=readonly, foreground=True, image_format=format, ready_fd=write_end
-        )
-    finally:
-        os._exit(code)
-
-
-def _wait_ready(fd: int, process: _Process, timeout: float) -> bytes:
-    deadline = time.monotonic() + timeout
-    chunks: list[bytes] = []
-    while True:
-        left = deadline - time.monotonic()
-        if left <= 0:
-            process.kill()
-            process.wait()
-            raise FilesystemError(errno.ETIMEDOUT, f"vdfuse was not ready within {timeout} s")
-        ready, _, _ = select.select([fd], [], [], left)
-        if not ready:
-            continue
-        data = os.read(fd, 65536)
-        if not data:
-            return b"".join(chunks)
-        chunks.append(data)
-        if chunks == [_READY]:
-            return _READY
+        ),
+        keep_fds=(write_end,),
+    )
 
 
 if __name__ == "__main__":
