@@ -8,18 +8,40 @@ Two kinds of FUSE servers run as child processes of the process that mounts them
 
 Both stop the same way: ``SIGTERM`` (libfuse's handler leaves its loop, unmounts, and runs the
 filesystem's ``destroy``, which flushes), a bounded wait, then ``SIGKILL`` and a lazy unmount.
+
+**Nothing is orphaned.** When the owner dies without unmounting — ``SIGTERM``, ``SIGKILL``, a crash —
+its mounts must not run on, holding the image's locks. ``prctl(PR_SET_PDEATHSIG)`` is not the tool: it
+fires when the *thread* that forked exits, not the process, and does not cross ``exec`` of a setuid
+helper. Instead the owner holds the only write end of a pipe, the :class:`Lifeline`; the kernel closes
+it however the owner ends, and the child watching the read end sees end-of-file. Every child of the
+owner (and anything it forks, see :func:`os.register_at_fork` below) is kept from inheriting that
+write end, so end-of-file means exactly "the owner is gone".
+
+Third-party drivers cannot watch a pipe, so a watcher does it for them: the owner tells the watcher
+(over the same pipe, one JSON line per message) which driver processes and mount points to *guard*.
+When the owner is gone the watcher stops each guarded driver the clean way (``SIGTERM``: unmount and
+flush), waits for it, kills and lazily unmounts one that hangs, and only then lets its own server
+finish. In a :class:`~diskhandler.DiskOperations` stack the vdfuse server is the watcher of the
+filesystem driver mounted on it — the order matters, since the driver's last writes go through the
+vdfuse server. A driver mounted on its own (:func:`~diskhandler.filesystems.mount_filesystem` without
+a vdfuse view) gets a small watcher process of its own (``python -m diskhandler._fusechild``).
 """
 
 from __future__ import annotations
 
+import contextlib
 import errno
 import gc
+import json
 import os
 import select
 import shutil
 import signal
 import subprocess
+import sys
+import threading
 import time
+import weakref
 from collections.abc import Callable
 from pathlib import Path
 from typing import Any, Protocol
@@ -29,6 +51,8 @@ from diskhandler.errors import FilesystemError
 __all__ = [
     "ChildProcess",
     "ForkedChild",
+    "Lifeline",
+    "LifelineWatcher",
     "detach",
     "is_mountpoint",
     "stop_child",
@@ -37,6 +61,8 @@ __all__ = [
 ]
 
 READY = b"R"
+# How long a guarded driver gets to flush and unmount after its owner died, before it is killed.
+DRIVER_GRACE = 20.0
 
 
 # -- mount points ---------------------------------------------------------------------------------
@@ -200,3 +226,190 @@ def stop_child(process: ChildProcess, mountpoint: Path, *, timeout: float, what:
             ) from None
     detach(mountpoint)
     return int(process.returncode)
+
+
+# -- the lifeline ---------------------------------------------------------------------------------
+
+# Write ends held by this process; a forked child closes them all at once (see _close_in_child).
+_WRITE_ENDS: weakref.WeakSet[Lifeline] = weakref.WeakSet()
+
+
+def _close_in_child() -> None:
+    for lifeline in list(_WRITE_ENDS):
+        lifeline._forget()
+
+
+os.register_at_fork(after_in_child=_close_in_child)
+
+
+class Lifeline:
+    """The owner's side: a pipe whose write end only the owner holds.
+
+    Create it before starting the child, give the child :attr:`read_fd` (then :meth:`child_started`
+    closes the owner's copy), tell it what to guard with :meth:`guard`, and :meth:`close` it once the
+    child has been stopped the normal way. Its end-of-file tells the child the owner is gone.
+    """
+
+    def __init__(self) -> None:
+        self.read_fd, self._write_fd = os.pipe2(os.O_CLOEXEC)
+        _WRITE_ENDS.add(self)
+
+    def child_started(self) -> None:
+        """Close the owner's copy of the read end (the child has its own)."""
+        if self.read_fd >= 0:
+            os.close(self.read_fd)
+            self.read_fd = -1
+
+    def guard(self, pid: int | None, mountpoint: str | os.PathLike[str]) -> None:
+        """When the owner dies, the watcher stops ``pid`` (``None``: a kernel mount) and unmounts."""
+        self._send({"guard": pid, "mountpoint": os.fspath(mountpoint)})
+
+    def release(self, pid: int | None, mountpoint: str | os.PathLike[str]) -> None:
+        """The guarded driver has been stopped normally: the watcher forgets it."""
+        self._send({"release": pid, "mountpoint": os.fspath(mountpoint)})
+
+    def _send(self, message: dict[str, Any]) -> None:
+        if self._write_fd < 0:
+            return
+        line = json.dumps(message).encode() + b"\n"
+        if len(line) > select.PIPE_BUF:  # atomic writes only; mount points are short
+            raise ValueError(f"mount point too long for the lifeline: {message['mountpoint']!r}")
+        with contextlib.suppress(BrokenPipeError):  # the child is gone: nothing left to guard
+            os.write(self._write_fd, line)
+
+    def close(self) -> None:
+        """Close both ends (a no-op when closed)."""
+        self.child_started()
+        if self._write_fd >= 0:
+            os.close(self._write_fd)
+            self._write_fd = -1
+        _WRITE_ENDS.discard(self)
+
+    def _forget(self) -> None:
+        """In a forked child: close the owner's write end without touching the owner's copy."""
+        with contextlib.suppress(OSError):
+            os.close(self._write_fd)
+        self._write_fd = -1
+        _WRITE_ENDS.discard(self)
+
+
+class _Guarded:
+    def __init__(self, pid: int | None, mountpoint: str) -> None:
+        self.pid = pid
+        self.mountpoint = mountpoint
+        self.pidfd = -1
+        if pid is not None:
+            with contextlib.suppress(OSError):  # already gone: only the mount point is left to check
+                self.pidfd = os.pidfd_open(pid)
+
+    def close(self) -> None:
+        if self.pidfd >= 0:
+            os.close(self.pidfd)
+            self.pidfd = -1
+
+    def _exited(self, timeout: float) -> bool:
+        if self.pidfd < 0:
+            return True
+        ready, _, _ = select.select([self.pidfd], [], [], timeout)
+        return bool(ready)
+
+    def _signal(self, sig: int) -> None:
+        if self.pidfd >= 0:
+            with contextlib.suppress(ProcessLookupError):
+                signal.pidfd_send_signal(self.pidfd, sig)
+
+    def stop(self, grace: float) -> None:
+        """Stop the driver the clean way (flush, unmount), kill it when it hangs, then detach its mount."""
+        if self.pid is None:  # a kernel mount: umount flushes; lazily when busy
+            subprocess.run(["umount", self.mountpoint], capture_output=True, check=False)
+        else:
+            self._signal(signal.SIGTERM)
+            if not self._exited(grace):
+                self._signal(signal.SIGKILL)
+                self._exited(5.0)
+        detach(self.mountpoint)
+        self.close()
+
+
+class LifelineWatcher:
+    """The child's side: reads guard messages from the lifeline; on end-of-file, stops what it guards.
+
+    Args:
+        fd: the lifeline's read end (owned from now on).
+        on_owner_gone: called, in the watcher's thread, once every guarded driver has been stopped.
+        grace: how long a guarded driver gets to flush and unmount before it is killed.
+    """
+
+    def __init__(self, fd: int, on_owner_gone: Callable[[], None], *, grace: float = DRIVER_GRACE) -> None:
+        self._fd = fd
+        self._on_owner_gone = on_owner_gone
+        self._grace = grace
+        self._guarded: list[_Guarded] = []
+
+    def start(self) -> threading.Thread:
+        """Watch in a daemon thread."""
+        thread = threading.Thread(target=self.run, name="lifeline", daemon=True)
+        thread.start()
+        return thread
+
+    def run(self) -> None:
+        """Watch until the owner is gone, then stop the guarded drivers and call ``on_owner_gone``."""
+        pending = b""
+        while True:
+            try:
+                data = os.read(self._fd, 4096)
+            except InterruptedError:  # pragma: no cover - PEP 475 retries; kept for clarity
+                continue
+            if not data:
+                break
+            pending += data
+            *lines, pending = pending.split(b"\n")
+            for line in lines:
+                self._handle(line)
+        os.close(self._fd)
+        for guarded in reversed(self._guarded):  # the last mounted is the first to go
+            guarded.stop(self._grace)
+        self._guarded.clear()
+        self._on_owner_gone()
+
+    def _handle(self, line: bytes) -> None:
+        try:
+            message = json.loads(line)
+            mountpoint = str(message["mountpoint"])
+        except (ValueError, KeyError, TypeError):
+            return  # only the owner writes here; a garbled line is ignored rather than fatal
+        if "guard" in message:
+            pid = message["guard"]
+            self._guarded.append(_Guarded(int(pid) if pid is not None else None, mountpoint))
+        elif "release" in message:
+            for guarded in [g for g in self._guarded if g.mountpoint == mountpoint]:
+                guarded.close()
+                self._guarded.remove(guarded)
+
+
+# -- a watcher of its own, for a driver mounted without a vdfuse view ------------------------------
+
+
+def spawn_watcher(lifeline: Lifeline) -> subprocess.Popen[bytes]:
+    """Start ``python -m diskhandler._fusechild`` watching ``lifeline`` (for drivers outside a stack)."""
+    process = subprocess.Popen(
+        [sys.executable, "-m", "diskhandler._fusechild", str(lifeline.read_fd)],
+        pass_fds=(lifeline.read_fd,),
+        stdin=subprocess.DEVNULL,
+        stdout=subprocess.DEVNULL,
+        stderr=subprocess.DEVNULL,
+        start_new_session=True,
+    )
+    lifeline.child_started()
+    return process
+
+
+def main(argv: list[str] | None = None) -> int:
+    """The watcher process: ``python -m diskhandler._fusechild FD``."""
+    args = sys.argv[1:] if argv is None else argv
+    LifelineWatcher(int(args[0]), lambda: None).run()
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

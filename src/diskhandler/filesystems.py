@@ -14,6 +14,7 @@ The filesystem type is told from the superblock magic, read through diskhandler 
 
 from __future__ import annotations
 
+import contextlib
 import errno
 import os
 import shutil
@@ -23,7 +24,7 @@ from pathlib import Path
 from types import TracebackType
 from typing import Literal, Self
 
-from diskhandler._fusechild import is_mountpoint, stop_child, wait_mounted
+from diskhandler._fusechild import Lifeline, is_mountpoint, spawn_watcher, stop_child, wait_mounted
 from diskhandler.errors import FilesystemError, MissingDependencyError
 from diskhandler.formats import DiskImage
 
@@ -114,6 +115,8 @@ class FilesystemMount:
         readonly: bool,
         process: subprocess.Popen[bytes] | None,
         log: Path | None,
+        guard: Lifeline | None = None,
+        watcher: subprocess.Popen[bytes] | None = None,
     ) -> None:
         self.device = device
         self.mountpoint = mountpoint
@@ -122,6 +125,8 @@ class FilesystemMount:
         self.readonly = readonly
         self.process = process
         self._log = log
+        self._guard = guard
+        self._watcher = watcher
 
     @property
     def pid(self) -> int | None:
@@ -155,6 +160,19 @@ class FilesystemMount:
         finally:
             if self._log is not None:
                 self._log.unlink(missing_ok=True)
+            self._unguard()
+
+    def _unguard(self) -> None:
+        """Stopped the normal way: the watcher forgets this mount (its own watcher exits)."""
+        if self._guard is None:
+            return
+        if not is_mountpoint(self.mountpoint):
+            self._guard.release(self.pid, self.mountpoint)
+        if self._watcher is not None:
+            self._guard.close()
+            with contextlib.suppress(subprocess.TimeoutExpired):
+                self._watcher.wait(10.0)
+        self._guard = None
 
     def _stderr(self) -> str:
         if self._log is None:
@@ -199,8 +217,15 @@ def mount_filesystem(
     readonly: bool = False,
     method: MountMethod = "fuse",
     timeout: float = 60.0,
+    guard: Lifeline | None = None,
 ) -> FilesystemMount:
     """Mount the ``fstype`` filesystem in the file ``device`` at ``mountpoint`` and return once live.
+
+    The mount never outlives this process: if it dies without unmounting (killed, crashed), the
+    driver is stopped the clean way (flush, unmount) within seconds. ``guard`` is the lifeline of the
+    process serving ``device`` (a vdfuse view's :attr:`~diskhandler.vdfuse.VDFuseMount.lifeline`),
+    which then watches the driver, stopping it before itself; without one a small watcher process is
+    started for this mount (see :mod:`diskhandler._fusechild`).
 
     Raises:
         MissingDependencyError: the driver is not installed (the message names the Debian package).
@@ -212,7 +237,11 @@ def mount_filesystem(
     if fstype not in _DRIVERS:
         raise ValueError(f"unknown filesystem type {fstype!r}; expected one of {', '.join(FILESYSTEM_TYPES)}")
     if method == "kernel":
-        return _kernel_mount(dev, mp, fstype, readonly)
+        fs = _kernel_mount(dev, mp, fstype, readonly)
+        if guard is not None:
+            guard.guard(None, mp)
+            fs._guard = guard
+        return fs
     if method != "fuse":
         raise ValueError(f"unknown mount method {method!r}; expected 'fuse' or 'kernel'")
     if fstype == "ext" and _ext_needs_recovery(dev):
@@ -228,15 +257,31 @@ def mount_filesystem(
 
     log_fd, log_name = tempfile.mkstemp(prefix="diskhandler-fs-", suffix=".log")
     log = Path(log_name)
+    watcher = None
+    if guard is None:
+        guard = Lifeline()
+        watcher = spawn_watcher(guard)
     try:
         process = subprocess.Popen(argv, stdin=subprocess.DEVNULL, stdout=subprocess.DEVNULL, stderr=log_fd)
     except BaseException:
         log.unlink(missing_ok=True)
+        if watcher is not None:
+            guard.close()
+            watcher.wait()
         raise
     finally:
         os.close(log_fd)
+    guard.guard(process.pid, mp)  # before the mount is live: a death while it comes up is covered too
     fs = FilesystemMount(
-        device=dev, mountpoint=mp, fstype=fstype, method="fuse", readonly=readonly, process=process, log=log
+        device=dev,
+        mountpoint=mp,
+        fstype=fstype,
+        method="fuse",
+        readonly=readonly,
+        process=process,
+        log=log,
+        guard=guard,
+        watcher=watcher,
     )
 
     def failed() -> str:
@@ -249,6 +294,7 @@ def mount_filesystem(
     finally:
         if process.poll() is not None:
             log.unlink(missing_ok=True)
+            fs._unguard()
     return fs
 
 

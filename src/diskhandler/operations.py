@@ -174,7 +174,12 @@ class DiskOperations:
             )
             device = workdir / "view" / (f"Partition{number}" if number else ENTIRE_DISK)
             self._fs = mount_filesystem(
-                device, workdir / "root", fstype, readonly=self.readonly, method=self.method
+                device,
+                workdir / "root",
+                fstype,
+                readonly=self.readonly,
+                method=self.method,
+                guard=self._view.lifeline,  # the vdfuse server stops the driver if this process dies
             )
         except BaseException:
             self._workdir = workdir

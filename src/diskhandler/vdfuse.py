@@ -31,16 +31,26 @@ from __future__ import annotations
 import errno
 import json
 import os
+import signal
 import stat
 import subprocess
 import sys
 import threading
+import time
 from collections.abc import Callable, Sequence
 from pathlib import Path
 from types import TracebackType
 from typing import Any, Self
 
-from diskhandler._fusechild import READY, ChildProcess, fork_child, stop_child, wait_ready
+from diskhandler._fusechild import (
+    READY,
+    ChildProcess,
+    Lifeline,
+    LifelineWatcher,
+    fork_child,
+    stop_child,
+    wait_ready,
+)
 from diskhandler.errors import (
     ChainError,
     DiskHandlerError,
@@ -298,6 +308,17 @@ class VDFuseOperations:
             with self._open_lock:
                 self._open[name] = max(0, self._open[name] - 1)
 
+    def wait_idle(self, timeout: float) -> bool:
+        """Wait until no file of the view is open (at most ``timeout`` seconds); whether it is idle."""
+        deadline = time.monotonic() + timeout
+        while True:
+            with self._open_lock:
+                if not any(self._open.values()):
+                    return True
+            if time.monotonic() > deadline:
+                return False
+            time.sleep(0.01)
+
     def _sync(self, path: str) -> None:
         self._file(path)
         if not self.readonly:
@@ -329,6 +350,7 @@ def _serve(
     foreground: bool,
     image_format: str | None,
     on_ready: Callable[[], None] | None,
+    lifeline_fd: int | None = None,
 ) -> None:
     import fuse  # noqa: PLC0415
 
@@ -340,6 +362,17 @@ def _serve(
         raise
     core = VDFuseOperations(disk, partitions, readonly=readonly, on_ready=on_ready)
     ops = _make_operations_class()(core)
+    if lifeline_fd is not None:
+        main_thread = threading.get_ident()
+
+        def owner_gone() -> None:
+            # The guarded filesystem driver has been stopped (its last writes came through us); once
+            # its files are closed, leave libfuse's loop the way SIGTERM always does: unmount, then
+            # ``destroy`` flushes and closes the image, releasing its locks.
+            core.wait_idle(10.0)
+            signal.pthread_kill(main_thread, signal.SIGTERM)
+
+        LifelineWatcher(lifeline_fd, owner_gone).start()
     options: dict[str, Any] = {
         "foreground": foreground,
         "nothreads": True,
@@ -427,6 +460,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     parser.add_argument("-f", "--foreground", action="store_true", help="stay in the foreground")
     parser.add_argument("--format", default=None, help="the image format (detected when omitted)")
     parser.add_argument("--ready-fd", type=int, default=None, help=argparse.SUPPRESS)
+    parser.add_argument("--lifeline-fd", type=int, default=None, help=argparse.SUPPRESS)
     args = parser.parse_args(argv)
 
     return _run_server(
@@ -436,6 +470,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         foreground=args.foreground,
         image_format=args.format,
         ready_fd=args.ready_fd,
+        lifeline_fd=args.lifeline_fd,
     )
 
 
@@ -447,6 +482,7 @@ def _run_server(
     foreground: bool,
     image_format: str | None,
     ready_fd: int | None,
+    lifeline_fd: int | None = None,
 ) -> int:
     """Serve the view until unmounted; report readiness (or the error) on ``ready_fd``."""
 
@@ -471,6 +507,7 @@ def _run_server(
             foreground=foreground,
             image_format=image_format,
             on_ready=lambda: report(READY),
+            lifeline_fd=lifeline_fd,
         )
     except (DiskHandlerError, OSError) as exc:
         report(json.dumps(_describe_error(exc)).encode())
@@ -490,13 +527,18 @@ class VDFuseMount:
         mountpoint: where ``EntireDisk`` and ``PartitionN`` are.
         readonly: whether writes are refused.
         process: the child serving the mount.
+        lifeline: the pipe whose end-of-file tells the child this process is gone (see
+            :mod:`diskhandler._fusechild`); filesystem drivers mounted on the view are guarded through it.
     """
 
-    def __init__(self, image: Path, mountpoint: Path, readonly: bool, process: ChildProcess) -> None:
+    def __init__(
+        self, image: Path, mountpoint: Path, readonly: bool, process: ChildProcess, lifeline: Lifeline
+    ) -> None:
         self.image = image
         self.mountpoint = mountpoint
         self.readonly = readonly
         self.process = process
+        self.lifeline = lifeline
 
     @property
     def files(self) -> list[str]:
@@ -508,7 +550,10 @@ class VDFuseMount:
 
         Files of the view must be closed first (a filesystem driver on top must be unmounted first).
         """
-        stop_child(self.process, self.mountpoint, timeout=timeout, what="vdfuse")
+        try:
+            stop_child(self.process, self.mountpoint, timeout=timeout, what="vdfuse")
+        finally:
+            self.lifeline.close()
 
     def __enter__(self) -> Self:
         return self
@@ -555,23 +600,30 @@ def mount_vdfuse(
         raise FileNotFoundError(errno.ENOENT, "no such disk image", str(img))
     if not mp.is_dir():
         raise NotADirectoryError(errno.ENOTDIR, "the mount point must be an existing directory", str(mp))
-    read_end, write_end = os.pipe()
+    read_end, write_end = os.pipe2(os.O_CLOEXEC)
+    lifeline = Lifeline()
     process: ChildProcess
     try:
-        if spawn is None:
-            spawn = threading.active_count() > 1
-        if spawn:
-            process = _spawn(img, mp, readonly, format, write_end)
-        else:
-            process = _fork(img, mp, readonly, format, write_end)
-    finally:
-        os.close(write_end)
-    try:
-        message = wait_ready(read_end, process, timeout, "vdfuse")
-    finally:
-        os.close(read_end)
+        try:
+            if spawn is None:
+                spawn = threading.active_count() > 1
+            if spawn:
+                process = _spawn(img, mp, readonly, format, write_end, lifeline=lifeline.read_fd)
+            else:
+                process = _fork(img, mp, readonly, format, write_end, lifeline=lifeline.read_fd)
+        finally:
+            os.close(write_end)
+            lifeline.child_started()
+        try:
+            message = wait_ready(read_end, process, timeout, "vdfuse")
+        finally:
+            os.close(read_end)
+    except BaseException:
+        lifeline.close()
+        raise
     if message == READY:
-        return VDFuseMount(img, mp, readonly, process)
+        return VDFuseMount(img, mp, readonly, process, lifeline)
+    lifeline.close()
     process.wait()
     if message:
         try:
@@ -584,8 +636,11 @@ def mount_vdfuse(
     )
 
 
-def _spawn(img: Path, mp: Path, readonly: bool, format: str | None, write_end: int) -> ChildProcess:
+def _spawn(
+    img: Path, mp: Path, readonly: bool, format: str | None, write_end: int, *, lifeline: int
+) -> ChildProcess:
     argv = [sys.executable, "-m", "diskhandler.vdfuse", "-f", "--ready-fd", str(write_end)]
+    argv += ["--lifeline-fd", str(lifeline)]
     if readonly:
         argv.append("-r")
     if format:
@@ -593,7 +648,7 @@ def _spawn(img: Path, mp: Path, readonly: bool, format: str | None, write_end: i
     argv += ["--", str(img), str(mp)]
     return subprocess.Popen(
         argv,
-        pass_fds=(write_end,),
+        pass_fds=(write_end, lifeline),
         stdin=subprocess.DEVNULL,
         stdout=subprocess.DEVNULL,
         stderr=subprocess.DEVNULL,
@@ -601,13 +656,21 @@ def _spawn(img: Path, mp: Path, readonly: bool, format: str | None, write_end: i
     )
 
 
-def _fork(img: Path, mp: Path, readonly: bool, format: str | None, write_end: int) -> ChildProcess:
+def _fork(
+    img: Path, mp: Path, readonly: bool, format: str | None, write_end: int, *, lifeline: int
+) -> ChildProcess:
     _import_fusepy()  # before forking, so the child need not
     return fork_child(
         lambda: _run_server(
-            str(img), str(mp), readonly=readonly, foreground=True, image_format=format, ready_fd=write_end
+            str(img),
+            str(mp),
+            readonly=readonly,
+            foreground=True,
+            image_format=format,
+            ready_fd=write_end,
+            lifeline_fd=lifeline,
         ),
-        keep_fds=(write_end,),
+        keep_fds=(write_end, lifeline),
     )
 
 
