@@ -13,8 +13,9 @@ APT_PACKAGES=(
   libvirt-daemon-driver-qemu libvirt-daemon libvirt-clients qemu-system-x86 qemu-utils
   # virt-xml-validate (libvirt-clients) needs xmllint
   libxml2-utils
-  # guest filesystems in user space, FUSE
-  libfuse2 fuse2fs ntfs-3g fusefat e2fsprogs dosfstools mtools
+  # guest filesystems in user space, FUSE: libfuse3 (+ fusermount3) for the vdfuse server (writeback
+  # cache, 1 MiB requests); libfuse2 is its fallback and what fuse2fs/fusefat link against
+  libfuse3-3 fuse3 libfuse2 fuse2fs ntfs-3g fusefat e2fsprogs dosfstools mtools
   # reference tools used by the tests (partition tables, image building)
   gdisk parted fdisk cpio busybox-static
 )

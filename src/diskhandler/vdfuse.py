@@ -23,7 +23,7 @@ mount is live::
     with mount_vdfuse("disk.vdi", "/mnt/disk") as m:
         data = (m.mountpoint / "Partition1").read_bytes()
 
-This is the only module that imports ``fuse`` (fusepy).
+This is the only module that imports the FUSE binding (mfusepy, over libfuse3 or libfuse2).
 """
 
 from __future__ import annotations
@@ -71,7 +71,7 @@ _PARTITION_PREFIX = "Partition"
 
 
 def check_fuse_available() -> None:
-    """Raise :class:`MissingDependencyError` unless FUSE can be used here (``/dev/fuse`` + libfuse2)."""
+    """Raise :class:`MissingDependencyError` unless FUSE can be used here (``/dev/fuse`` + libfuse)."""
     if not os.path.exists("/dev/fuse"):
         raise MissingDependencyError(
             "/dev/fuse does not exist: load the fuse kernel module (modprobe fuse) or, in a container, "
@@ -80,36 +80,44 @@ def check_fuse_available() -> None:
     if not os.access("/dev/fuse", os.R_OK | os.W_OK):
         raise MissingDependencyError("/dev/fuse is not readable and writable by this user")
     try:
-        _import_fusepy()
-    except (ImportError, OSError) as exc:
+        _import_binding()
+    except (ImportError, OSError, AttributeError) as exc:
         raise MissingDependencyError(
-            f"fusepy cannot load libfuse: {exc}; install the Debian package libfuse2 "
-            "(and the Python package fusepy)"
+            f"mfusepy cannot load libfuse: {exc}; install the Debian package libfuse3-3 "
+            "(or libfuse2) and the Python package mfusepy"
         ) from exc
 
 
-# Where Debian-like and Fedora-like systems keep libfuse2; fusepy otherwise runs ``ldconfig -p``.
-_LIBFUSE_CANDIDATES = (
-    "/usr/lib/x86_64-linux-gnu/libfuse.so.2",
-    "/usr/lib/aarch64-linux-gnu/libfuse.so.2",
-    "/lib/x86_64-linux-gnu/libfuse.so.2",
-    "/usr/lib64/libfuse.so.2",
-    "/usr/lib/libfuse.so.2",
+# Where Debian-like and Fedora-like systems keep libfuse. libfuse3 comes first: its writeback cache
+# lets the kernel gather a filesystem driver's 4 KiB writes into large requests, and its requests
+# may be as large as the kernel allows (1 MiB); libfuse2 is the fallback. mfusepy itself would pick
+# libfuse2 whenever both are installed. Setting FUSE_LIBRARY_PATH (mfusepy's own variable) chooses.
+_LIBDIRS = ("/usr/lib/x86_64-linux-gnu", "/usr/lib/aarch64-linux-gnu", "/lib/x86_64-linux-gnu", "/usr/lib64",
+            "/usr/lib")  # fmt: skip
+_LIBFUSE_CANDIDATES = tuple(f"{d}/libfuse3.so.3" for d in _LIBDIRS) + tuple(
+    f"{d}/libfuse.so.2" for d in _LIBDIRS
 )
 
 
-def _import_fusepy() -> None:
-    """Import fusepy, telling it where libfuse2 is when that is known (saves an ``ldconfig`` run)."""
+def _import_binding() -> Any:
+    """Import mfusepy, pointing it at libfuse3 when installed (else libfuse2); the module."""
     hint = None
-    if "fuse" not in sys.modules and not os.environ.get("FUSE_LIBRARY_PATH"):
+    if "mfusepy" not in sys.modules and not os.environ.get("FUSE_LIBRARY_PATH"):
         hint = next((c for c in _LIBFUSE_CANDIDATES if os.path.exists(c)), None)
         if hint is not None:
             os.environ["FUSE_LIBRARY_PATH"] = hint
     try:
-        import fuse  # noqa: F401, PLC0415
+        import mfusepy  # noqa: PLC0415  (lazy: ``--help`` and errors need no libfuse)
     finally:
         if hint is not None:
             os.environ.pop("FUSE_LIBRARY_PATH", None)
+    return mfusepy
+
+
+def libfuse_version() -> tuple[int, int]:
+    """The (major, minor) version of the libfuse the vdfuse server uses."""
+    binding = _import_binding()
+    return int(binding.fuse_version_major), int(binding.fuse_version_minor)
 
 
 def _errno_of(exc: BaseException) -> int:
@@ -125,33 +133,58 @@ def _errno_of(exc: BaseException) -> int:
     return errno.EIO
 
 
+# The view's operations (each maps to VDFuseOperations) and those that would change its fixed tree.
+_OPERATIONS = ("getattr", "readdir", "statfs", "access", "truncate", "utimens", "open", "read", "write",
+               "flush", "fsync", "release", "destroy")  # fmt: skip
+_TREE_CHANGES = ("create", "mkdir", "rmdir", "unlink", "rename", "symlink", "link", "mknod", "chmod", "chown")
+_FUSE_CAP_WRITEBACK_CACHE = 1 << 16  # libfuse3 fuse_common.h
+_MAX_REQUEST = 1 << 20  # the kernel's largest FUSE request (256 pages)
+
+
 def _make_operations_class() -> type[Any]:
-    import fuse  # noqa: PLC0415  (fusepy imported lazily: `--help` and errors need no libfuse)
+    binding = _import_binding()
 
-    class _Operations(fuse.Operations):  # type: ignore[misc]  # fusepy is untyped
-        """fusepy adapter around :class:`VDFuseOperations`; every error becomes ``FuseOSError``."""
-
-        use_ns = True
-
-        def __init__(self, core: VDFuseOperations) -> None:
-            self.core = core
-
-        def __call__(self, op: str, *args: Any) -> Any:
-            method = getattr(self.core, op, None)
-            if method is None:  # fusepy's defaults: EROFS for tree changes, no xattrs, ...
-                return super().__call__(op, *args)
+    def adapt(name: str) -> Callable[..., Any]:
+        def method(self: Any, *args: Any) -> Any:
             try:
-                return method(*args)
-            except fuse.FuseOSError:
+                return getattr(self.core, name)(*args)
+            except binding.FuseOSError:
                 raise
             except Exception as exc:
-                raise fuse.FuseOSError(_errno_of(exc)) from exc
+                raise binding.FuseOSError(_errno_of(exc)) from exc
 
-    return _Operations
+        method.__name__ = name
+        return method
+
+    def refuse(name: str) -> Callable[..., Any]:
+        def method(self: Any, path: str, *args: Any) -> Any:
+            raise binding.FuseOSError(errno.EROFS)  # the view's files are fixed: one per disk/partition
+
+        method.__name__ = name
+        return method
+
+    def init_with_config(self: Any, conn: Any, config: Any) -> None:
+        core: VDFuseOperations = self.core
+        if conn is not None and binding.fuse_version_major >= 3:
+            conn.max_write = (
+                min(_MAX_REQUEST, conn.max_write or _MAX_REQUEST) if conn.max_write else _MAX_REQUEST
+            )
+            conn.max_readahead = _MAX_REQUEST
+            if not core.readonly and conn.capable & _FUSE_CAP_WRITEBACK_CACHE:
+                conn.want |= _FUSE_CAP_WRITEBACK_CACHE
+        core.init("/")
+
+    namespace: dict[str, Any] = {name: adapt(name) for name in _OPERATIONS}
+    namespace.update({name: refuse(name) for name in _TREE_CHANGES})
+    namespace["init_with_config"] = init_with_config
+    namespace["use_ns"] = True
+    namespace["__init__"] = lambda self, core: setattr(self, "core", core)
+    namespace["__doc__"] = "mfusepy adapter around VDFuseOperations; every error becomes FuseOSError."
+    return type("_Operations", (binding.Operations,), namespace)
 
 
 class VDFuseOperations:
-    """The filesystem behind a vdfuse mount, independent of fusepy (tests call it directly).
+    """The filesystem behind a vdfuse mount, independent of the FUSE binding (tests call it directly).
 
     Args:
         disk: the open image; it is closed by :meth:`destroy`.
@@ -352,7 +385,7 @@ def _serve(
     on_ready: Callable[[], None] | None,
     lifeline_fd: int | None = None,
 ) -> None:
-    import fuse  # noqa: PLC0415
+    binding = _import_binding()
 
     disk = open_image(image, writable=not readonly, format=image_format)
     try:
@@ -378,15 +411,14 @@ def _serve(
         "nothreads": True,
         "fsname": f"vdfuse:{Path(image).name}".replace(",", "_"),
         "subtype": "vdfuse",
-        "big_writes": True,
-        "max_read": 1 << 17,
-        "max_write": 1 << 17,
         "default_permissions": True,
     }
+    if binding.fuse_version_major < 3:  # libfuse3 takes these from ``init`` (see init_with_config)
+        options.update(big_writes=True, max_read=1 << 17, max_write=1 << 17)
     if readonly:
         options["ro"] = True
     try:
-        fuse.FUSE(ops, mountpoint, **options)
+        binding.FUSE(ops, mountpoint, **options)
     except RuntimeError as exc:
         raise FilesystemError(
             errno.EIO, f"libfuse could not mount the vdfuse view: {exc}", mountpoint
@@ -659,7 +691,7 @@ def _spawn(
 def _fork(
     img: Path, mp: Path, readonly: bool, format: str | None, write_end: int, *, lifeline: int
 ) -> ChildProcess:
-    _import_fusepy()  # before forking, so the child need not
+    _import_binding()  # before forking, so the child need not
     return fork_child(
         lambda: _run_server(
             str(img),
