@@ -36,12 +36,17 @@ CASES: list[tuple[str, str, str | None, dict[str, Any]]] = [
     ("qcow2-v3", "qcow2", "qcow2", {}),
     ("qcow2-v2", "qcow2", "qcow2", {"version": 2}),
     ("qcow2-4k-clusters", "qcow2", "qcow2", {"cluster_size": 4096}),
+    ("vhdx-dynamic", "vhdx", "vhdx", {}),
+    ("vhdx-fixed", "vhdx", "vhdx", {"subformat": "fixed"}),
+    ("vhdx-1M-blocks", "vhdx", "vhdx", {"block_size": MiB}),
+    # qemu opens only 512-byte logical sectors: this one is checked against the model alone
+    ("vhdx-4k-sectors", "vhdx", None, {"block_size": 4 * MiB, "logical_sector_size": 4096}),
 ]
-CHECKABLE = {"vdi", "vmdk", "qcow2"}  # formats `qemu-img check` knows
+CHECKABLE = {"vdi", "vmdk", "qcow2", "vhdx"}  # formats `qemu-img check` knows
 SIZE = 20 * MiB
 
 case_params = [pytest.param(fmt, qfmt, opts, id=cid) for cid, fmt, qfmt, opts in CASES]
-child_formats = ["vdi", "vhd", "vmdk", "qcow2"]
+child_formats = ["vdi", "vhd", "vmdk", "qcow2", "vhdx"]
 
 
 def _new(tmp_path: Path, fmt: str, opts: dict[str, Any], size: int = SIZE, name: str = "disk") -> DiskImage:
@@ -172,7 +177,7 @@ def test_create_refuses_to_overwrite(
     assert path.read_bytes() == b"precious"
 
 
-@pytest.mark.parametrize("fmt", ["raw", "vdi", "vhd", "vmdk", "qcow2"])
+@pytest.mark.parametrize("fmt", ["raw", "vdi", "vhd", "vmdk", "qcow2", "vhdx"])
 def test_concurrent_readers_and_writers_agree_with_a_model(tmp_path: Path, fmt: str) -> None:
     """FUSE calls readinto_at/write_at from several threads: disjoint writers, readers in between."""
     import threading

@@ -42,11 +42,12 @@ _REGISTRY: dict[str, str] = {
     "vdi": "diskhandler.formats.vdi:VDIImage",
     "vmdk": "diskhandler.formats.vmdk:VMDKImage",
     "vhd": "diskhandler.formats.vhd:VHDImage",
+    "vhdx": "diskhandler.formats.vhdx:VHDXImage",
     "raw": "diskhandler.formats.raw:RawImage",
 }
 
 FORMAT_NAMES: tuple[str, ...] = tuple(_REGISTRY)
-FORMAT_ALIASES: dict[str, str] = {"vpc": "vhd", "img": "raw", "qcow": "qcow2"}
+FORMAT_ALIASES: dict[str, str] = {"vpc": "vhd", "img": "raw", "qcow": "qcow2", "avhdx": "vhdx"}
 # Used only by create_image() to pick a format for a new file when none is named.
 SUFFIXES: dict[str, str] = {
     ".qcow2": "qcow2",
@@ -54,6 +55,8 @@ SUFFIXES: dict[str, str] = {
     ".vmdk": "vmdk",
     ".vhd": "vhd",
     ".vpc": "vhd",
+    ".vhdx": "vhdx",
+    ".avhdx": "vhdx",
     ".img": "raw",
     ".raw": "raw",
     ".bin": "raw",
@@ -90,7 +93,7 @@ SIGNATURES: tuple[Signature, ...] = (
         0, b"QFI\xfb", "qcow (unknown version)", False, "this qcow version is not known to diskhandler"
     ),
     Signature(0x40, b"\x7f\x10\xda\xbe", "vdi"),  # VDICore.h VDI_IMAGE_SIGNATURE
-    Signature(0, b"vhdxfile", "VHDX", False, _CONVERT + " (`-f vhdx`)"),  # VHDX spec 2.2.1
+    Signature(0, b"vhdxfile", "vhdx"),  # [MS-VHDX] 2.2.1 file type identifier
     Signature(0, b"KDMV", "vmdk"),  # hosted sparse extent
     Signature(0, b"COWD", "vmdk"),  # ESXi vmfsSparse (the VMDK module refuses it by name)
     Signature(0, b"conectix", "vhd"),  # dynamic VHD: copy of the footer first
