@@ -181,10 +181,7 @@ def find_replay(
                     break
         if valid and seq_entries[-1].header.sequence_number > best_seq:
             best, best_seq = seq_entries, seq_entries[-1].header.sequence_number
-        if not valid:
-            tail = (tail + LOG_SECTOR) % log_length
-        else:
-            tail = head
+        tail = head if valid else (tail + LOG_SECTOR) % log_length
         if tail <= old_tail:
             break
         old_tail = tail

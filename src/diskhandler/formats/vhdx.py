@@ -519,16 +519,7 @@ class VHDXImage(BlockMappedImage):
     @override
     def _write_block(self, index: int, within: int, chunk: memoryview) -> None:
         if not self._data_guid_new:
-            # 2.2.2: a new DataWriteGuid before visible data changes; a fresh LogGuid before the log is used
-            self._header = _write_headers(
-                self._fd,
-                self._header_slot,
-                self._header,
-                data_write_guid=uuid.uuid4().bytes_le,
-                log_guid=uuid.uuid4().bytes_le,
-            )
-            self._data_guid_new = True
-            self._log_used = True
+            self._begin_changes()
         bat_index = index + index // self._chunk_ratio
         entry = self._bat[bat_index]
         state = entry & L.BAT_STATE_MASK
@@ -543,6 +534,50 @@ class VHDXImage(BlockMappedImage):
         block_at = self._allocate(bs)
         pwrite_all(self._fd, chunk, block_at + within)
         self._set_bat(bat_index, (block_at >> 20 << L.BAT_OFFSET_SHIFT) | L.PAYLOAD_FULLY_PRESENT)
+
+    def _begin_changes(self) -> None:
+        """2.2.2: a new DataWriteGuid before visible data changes, and a new log.
+
+        The log is initialised before the header names it (an entry without descriptors whose tail
+        is itself, 2.3.1.1), so a crash at any point leaves a header whose log is empty or valid."""
+        log_guid = uuid.uuid4().bytes_le
+        self._log_seq = 1
+        self._log_pos = 0
+        self._append_log_entry([], log_guid)
+        self._header = _write_headers(
+            self._fd,
+            self._header_slot,
+            self._header,
+            data_write_guid=uuid.uuid4().bytes_le,
+            log_guid=log_guid,
+        )
+        self._data_guid_new = True
+        self._log_used = True
+
+    def _append_log_entry(self, updates: list[tuple[int, bytes]], log_guid: bytes) -> None:
+        """Write one self-contained log entry (its tail is itself) at the next place in the ring, flushed."""
+        entry = build_entry(
+            updates,
+            sequence_number=self._log_seq,
+            log_guid=log_guid,
+            tail=0,
+            file_size=self._file_end,
+        )
+        if len(entry) > self._log_length:  # pragma: no cover - a few sectors never fill a 1 MiB log
+            raise ImageFormatError(self.path, "log", "a metadata update does not fit in the log")
+        if self._log_pos + len(entry) > self._log_length:
+            self._log_pos = 0
+        entry = build_entry(
+            updates,
+            sequence_number=self._log_seq,
+            log_guid=log_guid,
+            tail=self._log_pos,
+            file_size=self._file_end,
+        )
+        pwrite_all(self._fd, entry, self._log_offset + self._log_pos)
+        self._log_pos += len(entry)
+        self._log_seq += 1
+        os.fdatasync(self._fd)
 
     def _write_diff(self, index: int, bat_index: int, entry: int, within: int, chunk: memoryview) -> None:
         lss = self.logical_sector_size
@@ -625,19 +660,7 @@ class VHDXImage(BlockMappedImage):
         """2.3: write the updates to the log, flush, write them in place, flush."""
         fd = self._fd
         os.fdatasync(fd)  # the data the updates point at is stable first
-        entry = build_entry(
-            updates,
-            sequence_number=self._log_seq,
-            log_guid=self._header.log_guid,
-            tail=0,
-            file_size=self._file_end,
-        )
-        if len(entry) > self._log_length:  # pragma: no cover - a few sectors never fill a 1 MiB log
-            raise ImageFormatError(self.path, "log", "a metadata update does not fit in the log")
-        # each entry is a sequence of its own, written at the start of the log (its tail is itself)
-        pwrite_all(fd, entry, self._log_offset)
-        self._log_seq += 1
-        os.fdatasync(fd)
+        self._append_log_entry(updates, self._header.log_guid)
         for offset, data in updates:
             pwrite_all(fd, data, offset)
         os.fdatasync(fd)
@@ -673,7 +696,8 @@ class VHDXImage(BlockMappedImage):
         lss = options.pop("logical_sector_size", 512)
         if options:
             raise TypeError(
-                f"unknown VHDX options {sorted(options)}; known: subformat, block_size, log_size, logical_sector_size"
+                f"unknown VHDX options {sorted(options)};"
+                " known: subformat, block_size, log_size, logical_sector_size"
             )
         if subformat not in ("dynamic", "fixed", "differencing"):
             raise ValueError(f"VHDX subformat must be 'dynamic' or 'fixed', not {subformat!r}")
@@ -804,7 +828,8 @@ def _open_parent(child: Path, meta: _Metadata, guard: ChainGuard) -> DiskImage:
     raise ChainError(
         child,
         "parent locator",
-        f"parent with DataWriteGuid {loc.get('parent_linkage')} not found; tried: {'; '.join(tried) or 'no path'}."
+        f"parent with DataWriteGuid {loc.get('parent_linkage')} not found;"
+        f" tried: {'; '.join(tried) or 'no path'}."
         " Put the parent where relative_path says, or beside this image",
     )
 
