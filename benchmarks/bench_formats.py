@@ -1,6 +1,6 @@
 """Every format in one table: diskhandler's sequential throughput against qemu-img's, same run, same files.
 
-For raw, vdi, vhd (qemu calls it vpc), vmdk and qcow2, each in its default layout (dynamic / sparse where
+For raw, vdi, vhd (qemu calls it vpc), vmdk, qcow2 and vhdx, each in its default layout (dynamic/sparse where
 the format has a choice):
 
 * read: an image fully written by ``qemu-img convert -O <fmt>`` from one random raw file, read front to
@@ -46,6 +46,7 @@ FORMATS = (
     Format("vhd", "vpc", ("force_size=on",)),
     Format("vmdk", "vmdk"),
     Format("qcow2", "qcow2"),
+    Format("vhdx", "vhdx"),
 )
 
 
