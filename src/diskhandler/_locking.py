@@ -119,7 +119,9 @@ def _in_use_error(path: Path, byte_list: list[int]) -> ImageInUseError:
 def check_not_in_use(path: str | os.PathLike[str]) -> None:
     """Raise :class:`ImageInUseError` when another process writes ``path`` (or forbids writing it)."""
     p = Path(path)
-    fd = os.open(p, os.O_RDONLY | os.O_CLOEXEC)
+    from diskhandler.formats._files import open_image_file  # noqa: PLC0415  (formats imports us)
+
+    fd = open_image_file(p)
     try:
         found = _conflicting_bytes(fd)
     finally:

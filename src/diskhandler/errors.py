@@ -9,11 +9,19 @@ builtin exception it *is*, so ``except OSError`` or ``except ValueError`` in a c
     │   │                                      (encryption, an unknown incompatible feature bit, ...)
     │   └── ChainError                         a snapshot chain is broken: missing, cyclic or
     │                                          mismatched parent
+    │       └── ParentPolicyError              a parent, backing file or extent lies where the
+    │                                          ``parents=`` policy of open_image forbids
     ├── PartitionTableError (ValueError)       a partition table is damaged or cannot be written
     ├── ReadOnlyImageError (io.UnsupportedOperation)
     │                                          a write to an image opened read-only (or forced read-only,
     │                                          e.g. a VHD with a stale checksum)
     ├── ImageInUseError (OSError)              another process (a running VM, another writer) holds the image
+    ├── ImageFileError (OSError)               a file of an image (the image, a parent, a backing file, an
+    │   │                                      extent) cannot be used as one
+    │   ├── SpecialFileError                   it is a directory, FIFO, device, socket, or a file of /proc
+    │   │                                      or /sys
+    │   └── ImagePathError                     its name is no usable path: NUL byte, too long, not
+    │                                          encodable, a symbolic-link loop
     ├── SnapshotNotFoundError (LookupError)    no internal snapshot of that name; ``names`` lists those there
     ├── MissingDependencyError (ImportError)   an optional module or host tool is needed; says what to install
     ├── GuestPathError (PermissionError)       a guest path escapes the guest's root
@@ -34,13 +42,17 @@ __all__ = [
     "DiskHandlerError",
     "FilesystemError",
     "GuestPathError",
+    "ImageFileError",
     "ImageFormatError",
     "ImageInUseError",
+    "ImagePathError",
     "ImageWarning",
     "MissingDependencyError",
+    "ParentPolicyError",
     "PartitionTableError",
     "ReadOnlyImageError",
     "SnapshotNotFoundError",
+    "SpecialFileError",
     "UnsupportedImageError",
 ]
 
@@ -72,6 +84,25 @@ class UnsupportedImageError(ImageFormatError):
 
 class ChainError(ImageFormatError):
     """A snapshot chain is broken: a parent is missing, does not match, or the chain loops."""
+
+
+class ParentPolicyError(ChainError):
+    """A parent, backing file or extent the image names lies where ``open_image(parents=...)`` forbids."""
+
+
+class ImageFileError(DiskHandlerError, OSError):
+    """A file of an image (the image itself, a parent, a backing file, an extent) cannot be used.
+
+    Built like an ``OSError``: ``errno``, ``strerror`` (what is wrong) and ``filename``.
+    """
+
+
+class SpecialFileError(ImageFileError):
+    """The file is a directory, FIFO, device or socket, or lives in ``/proc`` or ``/sys``."""
+
+
+class ImagePathError(ImageFileError):
+    """The file's name is no usable path: a NUL byte, too long, not encodable, or a symlink loop."""
 
 
 class PartitionTableError(DiskHandlerError, ValueError):

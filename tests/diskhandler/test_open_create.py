@@ -6,7 +6,7 @@ from pathlib import Path
 
 import pytest
 
-from diskhandler import ChainError, create_image, detect_format, open_image
+from diskhandler import ChainError, SpecialFileError, create_image, detect_format, open_image
 from diskhandler.formats.chain import MAX_CHAIN_DEPTH, ChainGuard
 from tests.diskhandler.imagetools import qemu_img
 
@@ -31,8 +31,10 @@ def test_missing_file(tmp_path: Path) -> None:
 
 
 def test_directory_is_not_an_image(tmp_path: Path) -> None:
-    with pytest.raises(IsADirectoryError):
+    with pytest.raises(SpecialFileError, match="is a directory") as excinfo:
         open_image(tmp_path)
+    assert isinstance(excinfo.value, OSError)
+    assert excinfo.value.filename == str(tmp_path)
 
 
 def test_unknown_format_name(tmp_path: Path) -> None:

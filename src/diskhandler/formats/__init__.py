@@ -9,6 +9,8 @@ import os
 from pathlib import Path
 from typing import Any
 
+import attrs
+
 from diskhandler._locking import check_not_in_use, lock_for_writing
 from diskhandler.formats._detect import (
     FORMAT_NAMES,
@@ -17,10 +19,11 @@ from diskhandler.formats._detect import (
     detect_format,
     format_class,
 )
+from diskhandler.formats._files import ParentPolicy, normalize_policy
 from diskhandler.formats._stream import DiskImage
 from diskhandler.formats.chain import ChainGuard
 
-__all__ = ["FORMAT_NAMES", "DiskImage", "create_image", "detect_format", "open_image"]
+__all__ = ["FORMAT_NAMES", "DiskImage", "ParentPolicy", "create_image", "detect_format", "open_image"]
 
 
 def open_image(
@@ -28,6 +31,7 @@ def open_image(
     *,
     writable: bool = False,
     format: str | None = None,
+    parents: ParentPolicy = "any",
     _guard: ChainGuard | None = None,
 ) -> DiskImage:
     """Open the disk image at ``path`` and its whole snapshot chain.
@@ -35,23 +39,30 @@ def open_image(
     The format is detected from the file's magic numbers unless ``format`` names it. Parents are found
     the way each format records them and are always opened read-only: only the leaf is written.
 
+    ``parents`` says where the other files the image names (parents, backing files, VMDK extents) may
+    be: ``"any"`` (default; where the image says, as qemu does), ``"same-dir"`` (the folder of
+    ``path`` or below, symbolic links resolved), ``"none"`` (only a self-contained image opens) or a
+    folder given as a ``pathlib.Path``. Use ``"same-dir"`` or ``"none"`` for images you did not make.
+
     Raises:
         FileNotFoundError: ``path`` does not exist.
+        SpecialFileError: ``path`` (or a file it names) is a directory, FIFO, device, socket or a file
+            of /proc or /sys.
+        ImagePathError: a path has a NUL byte, cannot be encoded or is too long.
         ImageFormatError: the file is damaged (the error names the file and the field).
         ChainError: a parent is missing, does not match, or the chain loops.
+        ParentPolicyError: a parent, backing file or extent is where ``parents`` forbids.
         UnsupportedImageError: the image uses a feature diskhandler does not implement.
         ImageInUseError: ``writable=True`` and another process holds the image.
     """
+    policy = normalize_policy(parents)
     p = Path(path)
-    if not p.exists():
-        raise FileNotFoundError(2, "no such disk image", str(p))
-    if p.is_dir():
-        raise IsADirectoryError(21, "a disk image must be a file, not a directory", str(p))
-    guard = (_guard or ChainGuard()).enter(p)
+    guard = attrs.evolve(_guard or ChainGuard(), policy=policy).enter(p)
     name = canonical_format(format) if format else detect_format(p)
     if writable:
         check_not_in_use(p)  # before any parser runs: a running VM's image is never touched
     image = format_class(name).open(p, writable=writable, guard=guard)
+    image._parents = policy  # reopening a part later (a qcow2 snapshot's backing file) keeps the policy
     if writable and image._fd >= 0:
         try:
             lock_for_writing(image.path, image._fd)

@@ -30,6 +30,7 @@ from typing import TYPE_CHECKING, Self
 
 from typing_extensions import override
 
+from diskhandler.formats._files import open_image_file
 from diskhandler.formats._stream import DiskImage, preadinto_exact, zero_fill
 
 if TYPE_CHECKING:
@@ -103,7 +104,7 @@ class BlockMappedImage(DiskImage):
     @classmethod
     @override
     def open(cls, path: Path, *, writable: bool, guard: ChainGuard) -> Self:
-        fd = os.open(path, (os.O_RDWR if writable else os.O_RDONLY) | os.O_CLOEXEC)
+        fd = open_image_file(path, writable=writable)
         with closing_on_error(fd):
             return cls._from_fd(path, fd, writable=writable, guard=guard)
 

@@ -20,6 +20,7 @@ from typing import TYPE_CHECKING
 import attrs
 
 from diskhandler.errors import UnsupportedImageError
+from diskhandler.formats._files import open_image_file
 
 if TYPE_CHECKING:
     from diskhandler.formats._stream import DiskImage
@@ -166,7 +167,7 @@ def detect_format(path: Path) -> str:
         UnsupportedImageError: the file is in a format diskhandler knows but does not read; the error
             names it and says what to do.
     """
-    fd = os.open(path, os.O_RDONLY | os.O_CLOEXEC)
+    fd = open_image_file(path)
     try:
         size = os.fstat(fd).st_size
         head = os.pread(fd, HEAD_SIZE, 0)

@@ -29,6 +29,7 @@ from typing_extensions import Buffer, override
 from diskhandler.errors import ImageFormatError, ReadOnlyImageError
 
 if TYPE_CHECKING:
+    from diskhandler.formats._files import PolicyName
     from diskhandler.formats.chain import ChainGuard
 
 __all__ = ["DiskImage", "pread_exact", "preadinto_exact", "pwrite_all", "zero_fill"]
@@ -95,6 +96,7 @@ class DiskImage(io.RawIOBase):
     """
 
     format: ClassVar[str] = "?"
+    _parents: PolicyName | Path = "any"  # the normalized parents= policy it was opened with
 
     def __init__(
         self,

@@ -22,6 +22,7 @@ from uuid import UUID
 import attrs
 
 from diskhandler.errors import ImageFormatError, ImageWarning
+from diskhandler.formats._files import read_small_file
 
 __all__ = [
     "VBoxMedium",
@@ -75,11 +76,9 @@ def _parse_uuid(text: str | None, vbox: Path, what: str) -> UUID:
 
 
 def _load(vbox: Path) -> ET.Element:
-    size = vbox.stat().st_size
-    if size > MAX_VBOX_FILE:
-        raise ImageFormatError(vbox, None, f"{size} bytes is too large for a VirtualBox machine file")
+    data = read_small_file(vbox, limit=MAX_VBOX_FILE, role="VirtualBox machine file")
     try:
-        root = ET.fromstring(vbox.read_bytes())
+        root = ET.fromstring(data)
     except (ET.ParseError, LookupError, ValueError) as exc:  # also unknown or multi-byte encodings
         raise ImageFormatError(vbox, None, f"not a readable VirtualBox machine file: {exc}") from exc
     if _local(root.tag) != "VirtualBox":

@@ -220,7 +220,7 @@ class QCOW2Image(BlockMappedImage):
                     path, "backing format", f"backing file format {header.backing_format!r} is not supported"
                 )
         parent_path = Path(name) if os.path.isabs(name) else path.parent / name
-        return guard.open_parent(path, parent_path, format=fmt)
+        return guard.open_parent(path, parent_path, format=fmt, role="backing file")
 
     def _prepare_writing(self, file_size: int) -> None:
         header = self.header
@@ -413,7 +413,9 @@ class QCOW2Image(BlockMappedImage):
             l1 = _native_u64(
                 pread_exact(fd, snap.l1_table_offset, snap.l1_size * 8, self.path, f"{field} L1")
             )
-            parent = self._open_backing(self.path, self.header, ChainGuard().enter(self.path))
+            parent = self._open_backing(
+                self.path, self.header, ChainGuard(policy=self._parents).enter(self.path)
+            )
         except BaseException:
             os.close(fd)
             raise

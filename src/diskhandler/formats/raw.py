@@ -9,6 +9,7 @@ from typing import Any, ClassVar, Self
 from typing_extensions import override
 
 from diskhandler.errors import ImageFormatError
+from diskhandler.formats._files import open_image_file
 from diskhandler.formats._stream import DiskImage, pwrite_all, zero_fill
 from diskhandler.formats.chain import ChainGuard
 
@@ -27,7 +28,7 @@ class RawImage(DiskImage):
 
     @classmethod
     def open(cls, path: Path, *, writable: bool, guard: ChainGuard) -> Self:
-        fd = os.open(path, (os.O_RDWR if writable else os.O_RDONLY) | os.O_CLOEXEC)
+        fd = open_image_file(path, writable=writable)
         return cls(path, fd, size=os.fstat(fd).st_size, writable=writable)
 
     @classmethod

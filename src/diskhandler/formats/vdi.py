@@ -32,6 +32,7 @@ from typing_extensions import override
 from diskhandler.errors import ChainError, ImageFormatError, ImageWarning, UnsupportedImageError
 from diskhandler.formats import _vbox
 from diskhandler.formats._blockmap import DATA, PARENT, ZERO, BlockMappedImage, closing_on_error
+from diskhandler.formats._files import open_image_file
 from diskhandler.formats._layout import Layout, binary_layout, ffield
 from diskhandler.formats._stream import DiskImage, pread_exact, pwrite_all
 from diskhandler.formats.chain import ChainGuard
@@ -698,9 +699,12 @@ def _same_file(a: Path, b: Path) -> bool:
 def _peek_uuids(candidate: Path, unreadable: list[str]) -> tuple[bytes, bytes] | None:
     """``(uuidCreate, uuidModify)`` of a file if it is a VDI, else ``None`` (and why, in ``unreadable``)."""
     try:
-        with candidate.open("rb") as f:
-            head = f.read(PRE_HEADER_SIZE + MAX_HEADER_SIZE)
-            size = os.fstat(f.fileno()).st_size
+        fd = open_image_file(candidate, role="candidate parent")
+        try:
+            head = os.pread(fd, PRE_HEADER_SIZE + MAX_HEADER_SIZE, 0)
+            size = os.fstat(fd).st_size
+        finally:
+            os.close(fd)
         h = parse_header(head, candidate, size)
     except (OSError, ImageFormatError) as exc:
         unreadable.append(str(exc))

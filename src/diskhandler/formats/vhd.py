@@ -52,6 +52,7 @@ from diskhandler.errors import (
     UnsupportedImageError,
 )
 from diskhandler.formats._blockmap import DATA, PARENT, ZERO, BlockMappedImage, closing_on_error
+from diskhandler.formats._files import open_image_file
 from diskhandler.formats._layout import Layout, binary_layout, ffield
 from diskhandler.formats._stream import DiskImage, preadinto_exact, pwrite_all
 from diskhandler.formats.chain import ChainGuard
@@ -806,7 +807,7 @@ def _peek_unique_id(path: Path, unreadable: list[str]) -> bytes | None:
     """The unique id in ``path``'s footer, or ``None`` (and why, in ``unreadable``) when it is not a
     readable VHD."""
     try:
-        fd = os.open(path, os.O_RDONLY | os.O_CLOEXEC)
+        fd = open_image_file(path, role="candidate parent")
     except OSError as exc:
         unreadable.append(str(exc))
         return None
@@ -867,7 +868,7 @@ def _basename(text: str) -> str:
 
 
 def _open_parent(child: Path, header: VHDDynamicHeader, guard: ChainGuard) -> DiskImage:
-    fd = os.open(child, os.O_RDONLY | os.O_CLOEXEC)
+    fd = open_image_file(child)
     try:
         candidates = _candidates(child, header, fd)
     finally:
@@ -876,7 +877,7 @@ def _open_parent(child: Path, header: VHDDynamicHeader, guard: ChainGuard) -> Di
     mismatched: list[str] = []
     unreadable: list[str] = []  # a damaged parent must not be reported as a missing one
     for candidate in candidates:
-        if not candidate.is_file():
+        if not os.path.lexists(candidate):
             continue
         found = _peek_unique_id(candidate, unreadable)
         if found == wanted:

@@ -38,7 +38,6 @@ import bisect
 import errno
 import os
 import secrets
-import stat
 import sys
 import warnings
 import zlib
@@ -56,6 +55,7 @@ from diskhandler.errors import (
     UnsupportedImageError,
 )
 from diskhandler.formats._blockmap import DATA, PARENT, ZERO, walk
+from diskhandler.formats._files import open_image_file
 from diskhandler.formats._layout import Layout, binary_layout, ffield
 from diskhandler.formats._stream import DiskImage, pread_exact, preadinto_exact, pwrite_all, zero_fill
 from diskhandler.formats._vmdk_descriptor import (
@@ -695,7 +695,7 @@ class VMDKImage(DiskImage):
     @classmethod
     @override
     def open(cls, path: Path, *, writable: bool, guard: ChainGuard) -> Self:
-        fd = os.open(path, (os.O_RDWR if writable else os.O_RDONLY) | os.O_CLOEXEC)
+        fd = open_image_file(path, writable=writable)
         owned: list[int] = []
         parent: DiskImage | None = None
         try:
@@ -708,7 +708,7 @@ class VMDKImage(DiskImage):
                 descriptor, descriptor_area = _embedded_descriptor(fd, path, sparse)
             else:
                 descriptor = _read_descriptor_file(fd, path)
-                extents = _open_extents(path, descriptor, writable=writable, owned=owned)
+                extents = _open_extents(path, descriptor, guard, writable=writable, owned=owned)
             size = sum(e.length for e in extents)
             cid = descriptor.cid(path) if descriptor is not None and descriptor.get("CID") else 0
             parent_cid = descriptor.cid(path, "parentCID") if descriptor is not None else NO_PARENT_CID
@@ -914,7 +914,9 @@ def _read_descriptor_file(fd: int, path: Path) -> Descriptor:
     return descriptor
 
 
-def _open_extents(path: Path, descriptor: Descriptor, *, writable: bool, owned: list[int]) -> list[_Extent]:
+def _open_extents(
+    path: Path, descriptor: Descriptor, guard: ChainGuard, *, writable: bool, owned: list[int]
+) -> list[_Extent]:
     extents: list[_Extent] = []
     vstart = 0
     for number, line in enumerate(descriptor.extents, 1):
@@ -940,13 +942,11 @@ def _open_extents(path: Path, descriptor: Descriptor, *, writable: bool, owned: 
         if not line.filename:
             raise ImageFormatError(path, field, f"a {line.type} extent needs a file name")
         file = Path(line.filename) if os.path.isabs(line.filename) else path.parent / line.filename
+        guard.check_location(path, file, field)
         try:
-            mode = os.stat(file).st_mode
+            fd = open_image_file(file, writable=writable, role=f"{field} of {path}")
         except FileNotFoundError:
             raise ImageFormatError(path, field, f"extent file {file} does not exist") from None
-        if not stat.S_ISREG(mode):
-            raise UnsupportedImageError(path, field, f"extent {file} is not a regular file (a device?)")
-        fd = os.open(file, (os.O_RDWR if writable else os.O_RDONLY) | os.O_CLOEXEC)
         owned.append(fd)
         extent: _Extent
         if line.type == "FLAT":
