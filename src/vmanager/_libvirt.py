@@ -506,6 +506,13 @@ class Connection:
                 return self.domains(active_only=active_only)
             raise self._err(exc, "list domains") from exc
 
+    def domain_names(self) -> list[str]:
+        """The names of every domain on this connection, defined or running, sorted."""
+        try:
+            return sorted(d.name() for d in self.raw.listAllDomains(0))
+        except libvirt.libvirtError as exc:
+            raise translate(exc, uri=self.uri, operation="list domains") from exc
+
     def capabilities(self) -> str:
         try:
             return str(self.raw.getCapabilities())
