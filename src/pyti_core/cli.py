@@ -6,6 +6,9 @@
     pyti run --job job.toml                         the same from a job file
     pyti image build                                build (or find) the default system image
     pyti image prepare disk.qcow2                   put the agent and its boot hook into your own image
+    pyti farm run a==1 b==2 --ledger farm.sqlite    many jobs on a Dask cluster, results in a durable ledger
+    pyti farm worker tcp://HOST:8786 --vms 2        a VM host for a Dask scheduler
+    pyti farm status --ledger farm.sqlite           jobs by state, running jobs and their workers
 
 Exit codes: 0 every task passed (or the command succeeded); 1 a task failed, errored or timed out;
 2 usage error (bad option, job file or recipe); 3 pyti could not do its work (download, VM, disk image)
@@ -19,6 +22,8 @@ from __future__ import annotations
 import argparse
 import os
 import re
+import shutil
+import signal
 import sys
 import threading
 import time
@@ -31,6 +36,9 @@ import attrs
 from pyti_core.errors import ConfigError, PytiError, TaskError, vmanager_errors
 
 if TYPE_CHECKING:
+    from distributed.security import Security
+
+    from pyti_core.ledger import LedgerRow
     from pyti_core.manager import RunResult
 
 __all__ = [
@@ -300,8 +308,243 @@ def _cmd_image_prepare(args: argparse.Namespace, out: TextIO, err: TextIO) -> in
     return EXIT_OK
 
 
+# -- pyti farm ------------------------------------------------------------------------------------------
+
+
+def _pythons(text: str) -> list[str]:
+    """``3.9,3.13`` -> ``["3.9", "3.13"]``."""
+    items = [t.strip() for t in text.split(",") if t.strip()]
+    for item in items:
+        parts = item.split(".")
+        if len(parts) != 2 or not all(p.isdigit() for p in parts):
+            raise argparse.ArgumentTypeError(f"not a Python version: {item!r} (expected e.g. 3.12)")
+    if not items:
+        raise argparse.ArgumentTypeError("give at least one Python version, e.g. 3.12")
+    return items
+
+
+def _farm_security(args: argparse.Namespace) -> Security | None:
+    from pyti_core.farm import security_from_files  # noqa: PLC0415
+
+    given = [args.tls_ca_file, args.tls_cert, args.tls_key]
+    if not any(given):
+        return None
+    if args.tls_ca_file is None or args.tls_cert is None:
+        raise _UsageError("TLS needs --tls-ca-file and --tls-cert (and --tls-key unless the cert holds it)")
+    return security_from_files(args.tls_ca_file, args.tls_cert, args.tls_key)
+
+
+def _cmd_farm_run(args: argparse.Namespace, out: TextIO, err: TextIO) -> int:
+    from pyti_core.farm import run_many  # noqa: PLC0415
+    from pyti_core.ledger import Ledger  # noqa: PLC0415
+
+    specs = [_spec(s) for s in args.spec]
+    display = ProgressDisplay(err, live=args.live)
+    try:
+        with run_many(
+            specs,
+            ledger=args.ledger,
+            scheduler=args.scheduler,
+            security=_farm_security(args),
+            pythons=args.python,
+            recipe=args.recipe,
+            timeout=args.timeout or DEFAULT_TIMEOUT,
+            max_vms=args.max_vms,
+            work_dir=args.work_dir,
+            cache_dir=args.cache_dir,
+            uri=args.uri,
+            find_links=args.find_links,
+            no_index=args.no_index,
+            index_url=args.index_url,
+            retry_failed=args.retry_failed,
+            allowed_failures=args.allowed_failures,
+            progress=display.job,
+        ) as farm:
+            for _ in farm:
+                pass
+            keys = [job.key for job in farm.jobs]
+    finally:
+        display.close()
+    with Ledger(args.ledger, create=False) as ledger:
+        rows = [row for row in (ledger.get(k) for k in keys) if row is not None]
+    for row in rows:
+        verdict = "passed" if row.ok else ("failed" if row.state == "done" else row.state.upper())
+        name = row.distribution or row.spec
+        out.write(f"{verdict:7} {name} [{row.environment}]  ({row.attempts} attempt(s))\n")
+        bad = [r for r in row.records if not r.ok]
+        for r in bad[:3]:
+            out.write(f"          {r.task} {r.status}: {_why(r.stderr or r.stdout)}\n")
+        if row.state == "failed":
+            out.write(f"          {_why(row.reason or '')}\n")
+    passed = sum(1 for r in rows if r.ok)
+    out.write(f"{passed} of {len(rows)} job(s) passed; ledger {args.ledger}\n")
+    if args.report is not None:
+        for path in _write_farm_reports(rows, args.report):
+            out.write(f"report written to {path}\n")
+    return EXIT_OK if rows and passed == len(rows) else EXIT_FAILED
+
+
+def _write_farm_reports(rows: Sequence[LedgerRow], folder: Path) -> list[Path]:
+    """One JSON report per job (spec x environment) in ``folder``; a job without records (failed) gets
+    one ``error`` record saying why.
+    """
+    folder.mkdir(parents=True, exist_ok=True)
+    written = []
+    used: set[str] = set()
+    for row in rows:
+        if row.state not in ("done", "failed"):
+            continue
+        result = row.to_result()
+        stem = re.sub(r"[^A-Za-z0-9._-]+", "-", f"{result.distribution.replace('==', '-')}-{row.environment}")
+        stem = stem.strip("-.") or "job"
+        if stem in used:
+            stem = f"{stem}-{row.key[:8]}"
+        used.add(stem)
+        path = folder / f"{stem}.json"
+        tmp = path.with_name(path.name + ".tmp")
+        tmp.write_text(result.report.to_json() + "\n", encoding="utf-8")
+        os.replace(tmp, path)
+        written.append(path)
+    return written
+
+
+def _cmd_farm_report(args: argparse.Namespace, out: TextIO, err: TextIO) -> int:
+    from pyti_core.ledger import Ledger  # noqa: PLC0415
+
+    with Ledger(args.ledger, create=False) as ledger:
+        rows = ledger.rows()
+    paths = _write_farm_reports(rows, args.report)
+    for path in paths:
+        out.write(f"report written to {path}\n")
+    unfinished = len(rows) - len(paths)
+    if unfinished:
+        err.write(f"pyti: {unfinished} job(s) not finished yet have no report; rerun `pyti farm run`\n")
+    return EXIT_OK
+
+
+def _cmd_farm_status(args: argparse.Namespace, out: TextIO, err: TextIO) -> int:
+    from pyti_core.ledger import Ledger  # noqa: PLC0415
+
+    with Ledger(args.ledger, create=False) as ledger:
+        counts = ledger.counts()
+        rows = ledger.rows()
+    total = sum(counts.values())
+    summary = ", ".join(f"{state} {n}" for state, n in counts.items())
+    out.write(f"{args.ledger}: {total} job(s): {summary}\n")
+    for state in ("running", "failed", "pending", "done"):
+        these = [r for r in rows if r.state == state]
+        if not these:
+            continue
+        out.write(f"{state}:\n")
+        for r in these:
+            name = f"{r.distribution or r.spec} [{r.environment}]"
+            if state == "running":
+                since = time.strftime("%H:%M:%S", time.localtime(r.started_at or r.submitted_at))
+                out.write(f"  {name}  on {r.worker} since {since} (attempt {r.attempts})\n")
+            elif state == "failed":
+                out.write(f"  {name}  after {r.attempts} attempt(s): {_why(r.reason or '')}\n")
+            elif state == "done":
+                verdict = "passed" if r.ok else "failed"
+                out.write(f"  {name}  {verdict} on {r.worker} ({r.attempts} attempt(s))\n")
+            else:
+                out.write(f"  {name}  waiting ({r.attempts} attempt(s) so far)\n")
+    return EXIT_OK
+
+
+def _cmd_farm_worker(args: argparse.Namespace, out: TextIO, err: TextIO) -> int:
+    import asyncio  # noqa: PLC0415
+
+    from pyti_core.farm import FarmWorkerPlugin, serve_worker  # noqa: PLC0415
+
+    if args.uri is None and shutil.which("qemu-system-x86_64") is None:
+        raise PytiError("no qemu-system-x86_64 on this host: install QEMU (or give --uri) to run VMs here")
+    security = _farm_security(args)
+    plugin = FarmWorkerPlugin(work_dir=args.work_dir, cache_dir=args.cache_dir, uri=args.uri)
+
+    def ready(address: str) -> None:
+        out.write(
+            f"pyti farm worker: {address} joined {args.scheduler} with {args.vms} VM slot(s); "
+            "stop with Ctrl-C\n"
+        )
+        out.flush()
+
+    async def serve() -> None:
+        stop = asyncio.Event()
+        loop = asyncio.get_running_loop()
+        for sig in (signal.SIGINT, signal.SIGTERM):
+            loop.add_signal_handler(sig, stop.set)
+        await serve_worker(
+            args.scheduler,
+            vms=args.vms,
+            host=args.host,
+            name=args.name,
+            security=security,
+            plugin=plugin,
+            nanny=not args.no_nanny,
+            stop=stop,
+            ready=ready,
+        )
+
+    asyncio.run(serve())
+    out.write("pyti farm worker: stopped\n")
+    return EXIT_OK
+
+
+def _add_tls_arguments(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--tls-ca-file", type=Path, help="TLS: the CA that signed every farm certificate")
+    p.add_argument("--tls-cert", type=Path, help="TLS: this party's certificate (PEM)")
+    p.add_argument("--tls-key", type=Path, help="TLS: its private key (PEM), if not in --tls-cert")
+
+
+def _add_farm_parser(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:
+    farm = sub.add_parser("farm", help="many jobs on many VM hosts (Dask distributed), with a durable ledger")
+    fsub = farm.add_subparsers(dest="farm_command", required=True, metavar="ACTION")
+    r = fsub.add_parser("run", help="run SPEC x --python jobs on a Dask cluster; results go to the ledger")
+    r.add_argument("spec", nargs="+", help="attrs==23.2.0, or a wheel, an sdist or a project folder")
+    r.add_argument("--ledger", type=Path, required=True, help="the SQLite ledger (created; rerun resumes)")
+    r.add_argument("--python", type=_pythons, help="environments: Python versions, e.g. 3.11,3.12")
+    r.add_argument("--report", type=Path, help="write one JSON report per job into this folder")
+    r.add_argument("--scheduler", help="a Dask scheduler, tcp://HOST:8786 (default: a local cluster)")
+    r.add_argument("--max-vms", type=_count, help="local cluster: VMs at once (default: cores, memory)")
+    r.add_argument("--recipe", default="default", help="default, unittest or install-only")
+    r.add_argument("--timeout", type=_positive_float, help=f"seconds per job (default {DEFAULT_TIMEOUT:g})")
+    r.add_argument("--retry-failed", action="store_true", help="run jobs the ledger has as failed again")
+    r.add_argument(
+        "--allowed-failures",
+        type=int,
+        help="local cluster: worker deaths a job may cause before it fails (Dask's default: 3)",
+    )
+    r.add_argument("--uri", help="hypervisor URI on the workers (default: theirs)")
+    r.add_argument("--cache-dir", type=Path, help="local cluster: pyti's cache (guest build, pip cache)")
+    r.add_argument("--work-dir", type=Path, help="local cluster: the workers' slots")
+    r.add_argument("--find-links", type=Path, action="append", default=[], help="extra folder of wheels")
+    r.add_argument("--no-index", action="store_true", help="resolve from --find-links folders only")
+    r.add_argument("--index-url", help="another package index")
+    _add_tls_arguments(r)
+    live = r.add_mutually_exclusive_group()
+    live.add_argument("--live", dest="live", action="store_true", default=None, help="one live status line")
+    live.add_argument("--plain", dest="live", action="store_false", help="plain progress lines")
+
+    w = fsub.add_parser("worker", help="run VMs for a Dask scheduler: a worker with --vms VM slots")
+    w.add_argument("scheduler", help="the scheduler's address, tcp://HOST:8786 (tls://... with TLS)")
+    w.add_argument("--vms", type=_count, default=1, help="VMs this host runs at once (default 1)")
+    w.add_argument("--host", default="127.0.0.1", help="address to listen on (default 127.0.0.1)")
+    w.add_argument("--name", help="the worker's name (default: Dask's)")
+    w.add_argument("--work-dir", type=Path, help="slots: libvirt roots and job folders")
+    w.add_argument("--cache-dir", type=Path, help="pyti's cache (guest build, pip cache)")
+    w.add_argument("--uri", help="hypervisor URI (default: libvirt's QEMU driver in the worker process)")
+    w.add_argument("--no-nanny", action="store_true", help="do not restart the worker process if it dies")
+    _add_tls_arguments(w)
+
+    st = fsub.add_parser("status", help="jobs by state, running jobs and their workers, failures")
+    st.add_argument("--ledger", type=Path, required=True, help="the ledger")
+    rp = fsub.add_parser("report", help="write one JSON report per finished job")
+    rp.add_argument("--ledger", type=Path, required=True, help="the ledger")
+    rp.add_argument("--report", type=Path, required=True, help="the folder for the reports")
+
+
 def build_parser() -> argparse.ArgumentParser:
-    """The ``pyti`` argument parser (sub-commands ``run``, ``image``)."""
+    """The ``pyti`` argument parser (sub-commands ``run``, ``image``, ``farm``)."""
     parser = argparse.ArgumentParser(
         prog="pyti",
         description="Test Python distributions inside clean, network-less virtual machines.",
@@ -352,6 +595,7 @@ def build_parser() -> argparse.ArgumentParser:
     )
     pr.add_argument("--no-python-check", action="store_true", help="do not require python3 in the image")
 
+    _add_farm_parser(sub)
     return parser
 
 
@@ -394,6 +638,7 @@ def main(
         return EXIT_OK if exc.code in (0, None) else EXIT_USAGE
     commands: dict[str, Callable[[], int]] = {
         "run": lambda: _cmd_run(args, out, err),
+        "farm": lambda: _FARM_COMMANDS[args.farm_command](args, out, err),
         "image": lambda: (_cmd_image_build if args.image_command == "build" else _cmd_image_prepare)(
             args, out, err
         ),
@@ -418,6 +663,13 @@ def main(
         err.write("pyti: interrupted\n")
         return EXIT_INTERRUPTED
 
+
+_FARM_COMMANDS: Final[dict[str, Callable[[argparse.Namespace, TextIO, TextIO], int]]] = {
+    "run": _cmd_farm_run,
+    "worker": _cmd_farm_worker,
+    "status": _cmd_farm_status,
+    "report": _cmd_farm_report,
+}
 
 if __name__ == "__main__":  # pragma: no cover
     sys.exit(main())

@@ -14,6 +14,11 @@ exception it *is*, so ``except ValueError`` or ``except OSError`` in a caller ke
     │                                   a job was submitted to a TaskManager after close()
     ├── PackageError (OSError)          pip could not resolve, download or build what the guest needs
     │   └── UnsafeArchiveError          an sdist holds a path that would land outside its folder
+    ├── FarmError                       the farm (Dask) could not do its work
+    │   ├── SchedulerLostError (ConnectionError)
+    │   │                               the Dask scheduler could not be reached, or went away mid-run
+    │   └── LedgerError                 the ledger file is not a pyti ledger, damaged, or missing
+    │       └── LedgerInUseError        another submitter holds the ledger's lock
     └── GuestRunError                   a run's VM or IO disk failed where no record can say it (.serial_log)
         └── GuestBootError (TimeoutError)
                                         the guest did not report ready within its boot timeout
@@ -27,13 +32,17 @@ from pathlib import Path
 __all__ = [
     "ConfigError",
     "CpioEntryError",
+    "FarmError",
     "GuestBootError",
     "GuestImageError",
     "GuestRunError",
     "ImagePrepareError",
+    "LedgerError",
+    "LedgerInUseError",
     "PackageError",
     "PytiError",
     "RawDataError",
+    "SchedulerLostError",
     "TaskError",
     "TaskManagerClosedError",
     "UnsafeArchiveError",
@@ -98,6 +107,38 @@ class PackageError(PytiError, OSError):
 
 class UnsafeArchiveError(PackageError):
     """An archive (sdist) contains a member that is absolute, climbs out with ``..``, or is too large."""
+
+
+class FarmError(PytiError):
+    """The farm could not do its work (see :mod:`pyti_core.farm`)."""
+
+
+class SchedulerLostError(FarmError, ConnectionError):
+    """The Dask scheduler at ``address`` could not be reached or went away while jobs were running.
+
+    Nothing is lost: every result that arrived is in the ledger, and running the same command again
+    resumes the rest.
+    """
+
+    def __init__(self, address: str, message: str) -> None:
+        self.address = address
+        self.message = message
+        super().__init__(message)
+
+    def __str__(self) -> str:  # ConnectionError (an OSError) would show the args tuple
+        return self.message
+
+
+class LedgerError(FarmError):
+    """The ledger at ``path`` cannot be used: not a pyti ledger, damaged, missing, or closed."""
+
+    def __init__(self, path: str | Path, message: str) -> None:
+        self.path = Path(path)
+        super().__init__(f"{self.path}: {message}")
+
+
+class LedgerInUseError(LedgerError):
+    """Another process is submitting jobs with this ledger (it holds ``<ledger>.lock``)."""
 
 
 class GuestImageError(PytiError):
