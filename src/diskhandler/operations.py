@@ -28,15 +28,17 @@ from __future__ import annotations
 import atexit
 import contextlib
 import errno
+import html
 import os
 import posixpath
+import re
 import shutil
 import stat
 import weakref
-from collections.abc import Callable, Iterable, Mapping
+from collections.abc import Callable, Iterable, Iterator, Mapping
 from pathlib import Path
 from types import TracebackType
-from typing import TYPE_CHECKING, Any, Self
+from typing import IO, TYPE_CHECKING, Any, Self
 
 from diskhandler import _locking
 from diskhandler.errors import FilesystemError, GuestPathError
@@ -111,6 +113,7 @@ class DiskOperations:
         self._view: VDFuseMount | None = None
         self._fs: FilesystemMount | None = None
         self._root: str | None = None
+        self._owner = os.getpid()
 
     # -- construction from a VM ---------------------------------------------------------------------
 
@@ -189,6 +192,7 @@ class DiskOperations:
         self.partition = number
         self.filesystem = fstype
         self._root = os.fspath(workdir / "root")
+        self._owner = os.getpid()
         _MOUNTED.add(self)
 
     def close_connection(self) -> None:
@@ -200,6 +204,11 @@ class DiskOperations:
     def _teardown(self) -> None:
         self._root = None
         _MOUNTED.discard(self)
+        if self._owner != os.getpid():
+            # A forked copy of the owner (a finalizer or garbage collection run in the child): the
+            # mount and its processes belong to the owner, which alone stops them.
+            self._fs = self._view = self._workdir = None
+            return
         errors: list[BaseException] = []
         for step in (self._fs, self._view):
             if step is None:
@@ -387,6 +396,329 @@ class DiskOperations:
         if self.readonly:
             raise FilesystemError(errno.EROFS, "mounted read-only", str(self.image))
 
+    # -- what fsspec users expect, on guest paths ----------------------------------------------------
+
+    def isdir(self, path: str) -> bool:
+        """Whether ``path`` is a directory in the guest (symlinks followed inside the guest)."""
+        try:
+            return stat.S_ISDIR(self.stat(path).st_mode)
+        except (FileNotFoundError, NotADirectoryError):
+            return False
+
+    def isfile(self, path: str) -> bool:
+        """Whether ``path`` is a regular file in the guest (symlinks followed inside the guest)."""
+        try:
+            return stat.S_ISREG(self.stat(path).st_mode)
+        except (FileNotFoundError, NotADirectoryError):
+            return False
+
+    def islink(self, path: str) -> bool:
+        """Whether ``path`` itself is a symlink in the guest."""
+        try:
+            return stat.S_ISLNK(self.stat(path, follow_symlinks=False).st_mode)
+        except (FileNotFoundError, NotADirectoryError):
+            return False
+
+    def walk(
+        self, path: str = "/", *, maxdepth: int | None = None, topdown: bool = True
+    ) -> Iterator[tuple[str, list[str], list[str]]]:
+        """``(directory, sub-directory names, other names)`` for ``path`` and below, like :func:`os.walk`.
+
+        Guest paths are absolute; symlinks are listed among the other names and never followed, so
+        a walk stays in the tree it started in. ``maxdepth=1`` lists ``path`` only.
+        """
+        if maxdepth is not None and maxdepth < 1:
+            raise ValueError("maxdepth must be at least 1")
+        top = posixpath.normpath("/" + path.lstrip("/"))
+        yield from self._walk(top, self._resolve(top), 1, maxdepth, topdown)
+
+    def _walk(
+        self, guest: str, host: str, depth: int, maxdepth: int | None, topdown: bool
+    ) -> Iterator[tuple[str, list[str], list[str]]]:
+        dirs: list[str] = []
+        files: list[str] = []
+        try:
+            with os.scandir(host) as it:
+                for entry in it:
+                    (dirs if entry.is_dir(follow_symlinks=False) else files).append(entry.name)
+        except FileNotFoundError:
+            raise FileNotFoundError(errno.ENOENT, "no such directory in the guest", guest) from None
+        except NotADirectoryError:
+            raise NotADirectoryError(errno.ENOTDIR, "not a directory in the guest", guest) from None
+        dirs.sort()
+        files.sort()
+        if topdown:
+            yield guest, dirs, files
+        if maxdepth is None or depth < maxdepth:
+            for name in list(dirs):
+                yield from self._walk(
+                    posixpath.join(guest, name), os.path.join(host, name), depth + 1, maxdepth, topdown
+                )
+        if not topdown:
+            yield guest, dirs, files
+
+    def find(self, path: str = "/", *, maxdepth: int | None = None, withdirs: bool = False) -> list[str]:
+        """Every file (and directory, with ``withdirs=True``) below ``path``, as sorted guest paths.
+
+        A file ``path`` gives ``[path]``; a missing one ``[]``.
+        """
+        top = posixpath.normpath("/" + path.lstrip("/"))
+        if not self.exists(top):
+            return []
+        if not self.isdir(top):
+            return [top]
+        found: list[str] = [top] if withdirs and top != "/" else []
+        for directory, dirs, files in self.walk(top, maxdepth=maxdepth):
+            found += [posixpath.join(directory, f) for f in files]
+            if withdirs:
+                found += [posixpath.join(directory, d) for d in dirs]
+        return sorted(found)
+
+    def glob(self, pattern: str) -> list[str]:
+        """Guest paths matching ``pattern``: ``*``, ``?``, ``[...]`` within a name, ``**`` across folders."""
+        parts = [p for p in pattern.split("/") if p]
+        fixed: list[str] = []
+        for part in parts:
+            if _has_magic(part):
+                break
+            fixed.append(part)
+        root = "/" + "/".join(fixed)
+        rest = parts[len(fixed) :]
+        if not rest:
+            return [root] if self.exists(root) else []
+        if not self.isdir(root):
+            return []
+        regex = _glob_regex(parts)
+        depth = None if "**" in rest else len(rest)
+        return [p for p in self.find(root, maxdepth=depth, withdirs=True) if regex.fullmatch(p)]
+
+    def open(
+        self,
+        path: str,
+        mode: str = "rb",
+        *,
+        encoding: str | None = None,
+        errors: str | None = None,
+        newline: str | None = None,
+    ) -> IO[Any]:
+        """Open a regular guest file: ``"rb"``, ``"wb"``, ``"ab"``, ``"xb"`` (and their text forms).
+
+        The path is resolved inside the guest like every other; a file opened for writing is created
+        with mode 0644 when new. Device nodes, FIFOs and sockets are refused.
+        """
+        kind = mode.replace("b", "").replace("t", "")
+        create = os.O_WRONLY | os.O_CREAT
+        flags = {
+            "r": os.O_RDONLY,
+            "w": create | os.O_TRUNC,
+            "a": create | os.O_APPEND,
+            "x": create | os.O_EXCL,
+        }
+        if kind not in flags or ("b" in mode and "t" in mode) or len(mode) != len(set(mode)):
+            raise ValueError(f"unsupported mode {mode!r}: use r, w, a or x, binary or text")
+        if kind != "r":
+            self._check_writable()
+        host = self._resolve(path)
+        if os.path.lexists(host) and not stat.S_ISREG(os.lstat(host).st_mode):
+            if stat.S_ISDIR(os.lstat(host).st_mode):
+                raise IsADirectoryError(errno.EISDIR, "a directory in the guest", path)
+            raise FilesystemError(errno.EINVAL, "not a regular file in the guest", path)
+        try:
+            fd = os.open(host, flags[kind] | os.O_NOFOLLOW | os.O_NONBLOCK | os.O_CLOEXEC, 0o644)
+        except OSError as exc:
+            if isinstance(exc, FileNotFoundError):
+                raise FileNotFoundError(errno.ENOENT, "no such file in the guest", path) from None
+            if isinstance(exc, FileExistsError):
+                raise FileExistsError(errno.EEXIST, "already exists in the guest", path) from None
+            raise _guest_error(exc, path) from exc
+        try:
+            if not stat.S_ISREG(os.fstat(fd).st_mode):  # swapped under us: never read a device
+                raise FilesystemError(errno.EINVAL, "not a regular file in the guest", path)
+            os.set_blocking(fd, True)
+        except BaseException:
+            os.close(fd)
+            raise
+        if "b" in mode:
+            return os.fdopen(fd, kind + "b")
+        return os.fdopen(fd, kind, encoding=encoding or "utf-8", errors=errors, newline=newline)
+
+    def read_bytes(self, path: str, start: int | None = None, end: int | None = None) -> bytes:
+        """The bytes of a guest file (``[start:end]`` when given, as in slicing)."""
+        f: IO[bytes]
+        with self.open(path, "rb") as f:
+            if start is None and end is None:
+                return f.read()
+            size = os.fstat(f.fileno()).st_size
+            first, last, _ = slice(start, end).indices(size)
+            f.seek(first)
+            return f.read(max(0, last - first))
+
+    def write_bytes(self, path: str, data: bytes, *, mode: int | None = None) -> None:
+        """Replace (or create) a guest file with ``data``; ``mode`` sets its permission bits."""
+        with self.open(path, "wb") as f:
+            try:
+                f.write(data)
+                f.flush()
+                if mode is not None and self._has_permissions:
+                    os.fchmod(f.fileno(), mode)
+            except OSError as exc:
+                raise _guest_error(exc, path) from exc
+
+    def read_text(self, path: str, encoding: str = "utf-8", errors: str | None = None) -> str:
+        """The text of a guest file."""
+        return self.read_bytes(path).decode(encoding, errors or "strict")
+
+    def write_text(self, path: str, text: str, encoding: str = "utf-8", errors: str | None = None) -> None:
+        """Replace (or create) a guest file with ``text``."""
+        self.write_bytes(path, text.encode(encoding, errors or "strict"))
+
+    def put(
+        self,
+        src: str | os.PathLike[str],
+        dst: str,
+        *,
+        recursive: bool = False,
+        owner: tuple[int, int] | None = None,
+        mode: int | None = None,
+        callback: ProgressCallback = no_progress,
+    ) -> None:
+        """fsspec's ``put``: :meth:`put_file` for a file, :meth:`upload` of a tree with ``recursive=True``."""
+        if os.path.isdir(src) and not recursive:
+            raise IsADirectoryError(errno.EISDIR, "a directory: pass recursive=True", os.fspath(src))
+        self.upload(src, dst, owner=owner, mode=mode, callback=callback)
+
+    def get(
+        self,
+        src: str,
+        dst: str | os.PathLike[str],
+        *,
+        recursive: bool = False,
+        callback: ProgressCallback = no_progress,
+    ) -> None:
+        """fsspec's ``get``: :meth:`get_file` for a file, :meth:`download` of a tree (``recursive=True``)."""
+        if self.isdir(src) and not recursive:
+            raise IsADirectoryError(errno.EISDIR, "a directory in the guest: pass recursive=True", src)
+        self.download(src, dst, callback=callback)
+
+    def rename(self, src: str, dst: str) -> None:
+        """Rename a guest file, directory or symlink (the link itself); a file ``dst`` is replaced."""
+        self._check_writable()
+        old = self._resolve(src, follow_last=False)
+        new = self._resolve(dst, follow_last=False)
+        if self._mount_root() in (old, new):
+            raise GuestPathError(errno.EPERM, "refusing to rename the guest filesystem's root", src)
+        try:
+            os.rename(old, new)
+        except FileNotFoundError:
+            raise FileNotFoundError(errno.ENOENT, "no such file in the guest", src) from None
+        except OSError as exc:
+            raise _guest_error(exc, dst) from exc
+
+    mv = rename
+
+    def chmod(self, path: str, mode: int, *, follow_symlinks: bool = True) -> None:
+        """Set the permission bits of a guest path (the link itself has none to set)."""
+        self._check_writable()
+        self._check_permissions(path)
+        host = self._resolve(path, follow_last=follow_symlinks)
+        if stat.S_ISLNK(self._lstat(host, path).st_mode):
+            return  # Linux keeps no mode on a symlink
+        try:
+            os.chmod(host, mode, follow_symlinks=False)
+        except OSError as exc:
+            raise _guest_error(exc, path) from exc
+
+    def chown(self, path: str, uid: int, gid: int, *, follow_symlinks: bool = True) -> None:
+        """Set the owner of a guest path (``-1`` leaves one of them unchanged)."""
+        self._check_writable()
+        self._check_permissions(path)
+        host = self._resolve(path, follow_last=follow_symlinks)
+        self._lstat(host, path)
+        try:
+            os.chown(host, uid, gid, follow_symlinks=False)
+        except OSError as exc:
+            raise _guest_error(exc, path) from exc
+
+    def symlink(self, target: str, link: str, *, owner: tuple[int, int] | None = None) -> None:
+        """Create the guest symlink ``link`` -> ``target`` (guest text, resolved inside the guest)."""
+        self._check_writable()
+        if not self._has_permissions:
+            raise FilesystemError(errno.EPERM, "FAT has no symlinks", link)
+        if "\0" in target:
+            raise ValueError(f"symlink target {target!r} contains a NUL byte")
+        host = self._resolve(link, follow_last=False)
+        try:
+            os.symlink(target, host)
+        except FileExistsError:
+            raise FileExistsError(errno.EEXIST, "already exists in the guest", link) from None
+        except OSError as exc:
+            raise _guest_error(exc, link) from exc
+        if owner is not None:
+            os.chown(host, owner[0], owner[1], follow_symlinks=False)
+
+    def readlink(self, path: str) -> str:
+        """The text of a guest symlink, as stored (never resolved on the host)."""
+        host = self._resolve(path, follow_last=False)
+        if not stat.S_ISLNK(self._lstat(host, path).st_mode):
+            raise FilesystemError(errno.EINVAL, "not a symlink in the guest", path)
+        return os.readlink(host)
+
+    def _lstat(self, host: str, path: str) -> os.stat_result:
+        try:
+            return os.lstat(host)
+        except FileNotFoundError:
+            raise FileNotFoundError(errno.ENOENT, "no such file in the guest", path) from None
+
+    def _check_permissions(self, path: str) -> None:
+        if not self._has_permissions:
+            raise FilesystemError(errno.EPERM, "FAT keeps no owners or permission bits", path)
+
+    def _repr_html_(self) -> str:
+        """A table for Jupyter: the image, the mounted filesystem and a listing of its root."""
+        esc = html.escape
+        rows = [("image", str(self.image))]
+        if not self.mounted:
+            rows.append(("state", "not mounted"))
+        else:
+            volume = f"partition {self.partition}" if self.partition else "whole disk"
+            access = "read-only" if self.readonly else "read-write"
+            rows += [("filesystem", f"{self.filesystem} on {volume} ({access}, {self.method})")]
+            with contextlib.suppress(OSError):
+                st = os.statvfs(self._mount_root())
+                total, free = st.f_blocks * st.f_frsize, st.f_bavail * st.f_frsize
+                rows.append(("space", f"{_human(total - free)} used of {_human(total)}"))
+        head = "".join(
+            f"<tr><th style='text-align:left'>{esc(k)}</th><td>{esc(v)}</td></tr>" for k, v in rows
+        )
+        out = [f"<div><b>DiskOperations</b><table>{head}</table>"]
+        if self.mounted:
+            out.append(self._listing_html("/", limit=50))
+        out.append("</div>")
+        return "".join(out)
+
+    def _listing_html(self, path: str, *, limit: int) -> str:
+        esc = html.escape
+        root = self._resolve(path)
+        try:
+            with os.scandir(root) as it:
+                entries = sorted(it, key=lambda e: e.name)
+        except OSError as exc:
+            return f"<p>listing failed: {esc(str(exc))}</p>"
+        lines = []
+        for entry in entries[:limit]:
+            st = entry.stat(follow_symlinks=False)
+            name = entry.name + ("/" if stat.S_ISDIR(st.st_mode) else "")
+            if stat.S_ISLNK(st.st_mode):
+                with contextlib.suppress(OSError):
+                    name += " -> " + os.readlink(entry.path)
+            size = "" if stat.S_ISDIR(st.st_mode) else _human(st.st_size)
+            lines.append(
+                f"<tr><td><code>{stat.filemode(st.st_mode)}</code></td><td>{st.st_uid}:{st.st_gid}</td>"
+                f"<td style='text-align:right'>{esc(size)}</td><td><code>{esc(name)}</code></td></tr>"
+            )
+        more = f"<tr><td colspan='4'>… {len(entries) - limit} more</td></tr>" if len(entries) > limit else ""
+        return f"<table><caption>{esc(path)}</caption>{''.join(lines)}{more}</table>"
+
     # -- the two transfer primitives ----------------------------------------------------------------
 
     def put_file(
@@ -572,6 +904,53 @@ class _Progress:
             self.callback(self.done, self.total)
 
         return report
+
+
+def _has_magic(part: str) -> bool:
+    return any(c in part for c in "*?[")
+
+
+def _glob_regex(parts: list[str]) -> re.Pattern[str]:
+    """The regular expression of a glob over absolute guest paths (``**`` spans folders)."""
+    out = ""
+    for i, part in enumerate(parts):
+        last = i == len(parts) - 1
+        if part == "**":
+            out += "/.+" if last else "(?:/[^/]+)*"
+            continue
+        out += "/" + _glob_part(part)
+    return re.compile(out or "/")
+
+
+def _glob_part(part: str) -> str:
+    """One path component's pattern: ``*`` and ``?`` never cross a ``/``; ``[...]`` classes kept."""
+    out = []
+    i = 0
+    while i < len(part):
+        c = part[i]
+        if c == "*":
+            out.append("[^/]*")
+        elif c == "?":
+            out.append("[^/]")
+        elif c == "[" and (end := part.find("]", i + 2)) != -1:
+            body = part[i + 1 : end]
+            if body.startswith("!"):
+                body = "^" + body[1:]
+            out.append("[" + body.replace("\\", "\\\\") + "]")
+            i = end
+        else:
+            out.append(re.escape(c))
+        i += 1
+    return "".join(out)
+
+
+def _human(size: int) -> str:
+    value = float(size)
+    for unit in ("B", "KiB", "MiB", "GiB", "TiB"):
+        if value < 1024 or unit == "TiB":
+            return f"{value:.0f} {unit}" if unit == "B" else f"{value:.1f} {unit}"
+        value /= 1024
+    return f"{size} B"  # pragma: no cover - the loop always returns
 
 
 def _walk_host(top: Path) -> Iterable[tuple[Path, str, int]]:
