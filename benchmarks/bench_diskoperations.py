@@ -5,10 +5,12 @@
    start-up and imports included, with bytecode caches as after an install; best of N, so the first
    run's compilation is not counted) and, separately, inside an already running one; libguestfs runs
    ``guestfish -a disk.vdi -m /dev/sda1 upload ... : download ...`` with ``LIBGUESTFS_BACKEND=direct``
-   and ``LIBGUESTFS_BACKEND_SETTINGS=force_tcg`` (this machine's KVM cannot run guests). Goal: >= 100x.
+   and ``LIBGUESTFS_BACKEND_SETTINGS=force_tcg`` (this machine's KVM cannot run guests); skipped, with a
+   note, when guestfish is not installed. Goal: >= 150x.
 2. 200 MiB: upload a 200 MiB random file (mount, copy, unmount), then download it (mount, copy,
    unmount), against ``qemu-storage-daemon`` exporting the partition of the same VDI through its FUSE
-   export with ``fuse2fs -o fakeroot`` on top and the same Python copy loop. Goal: faster.
+   export with ``fuse2fs -o fakeroot`` on top and the same Python copy loop. Goal: diskhandler's time
+   <= 0.7x the reference's.
 3. diskhandler's peak memory during the 200 MiB transfer: the sum of VmRSS over the whole process tree
    (the Python process, the vdfuse server, fuse2fs), sampled every 5 ms; PSS too (RSS counts the pages a
    forked vdfuse server shares with its parent twice). Goal: RSS <= 100 MiB.
@@ -31,6 +33,7 @@ from collections.abc import Callable
 from pathlib import Path
 
 from diskhandler import DiskOperations
+from diskhandler.vdfuse import libfuse_version
 
 MiB = 1 << 20
 DISK_SIZE = 1024 * MiB
@@ -288,6 +291,7 @@ def main() -> None:
         small.write_bytes(os.urandom(4096))
         expected = (d / "files" / "root" / "b.txt").read_bytes()
 
+        print("vdfuse server on libfuse {}.{}".format(*libfuse_version()))
         print("== 4 KiB in and 4 KiB out of a 1 GiB ext4 VDI, from nothing to closed")
         fresh = best_of(args.repeat, lambda: diskhandler_fresh(SMALL_SCRIPT, ours, small, d / "out1"))
         assert (d / "out1").read_bytes() == expected
@@ -304,7 +308,7 @@ def main() -> None:
             assert (d / "out3").read_bytes() == expected
             print(f"libguestfs (guestfish, TCG)       : {gf:8.3f} s")
             print(
-                f"speed-up: {gf / fresh:.0f}x (fresh process), {gf / warm:.0f}x (inside python); goal >= 100x"
+                f"speed-up: {gf / fresh:.0f}x (fresh process), {gf / warm:.0f}x (inside python); goal >= 150x"
             )
 
         print(f"\n== {args.big_mib} MiB upload (mount, copy, unmount) then download, same VDI")
@@ -331,7 +335,7 @@ def main() -> None:
         assert sha(back) == digest
         print(f"diskhandler (vdfuse + fuse2fs)            : {t_ours:8.3f} s")
         print(f"qemu-storage-daemon FUSE export + fuse2fs : {t_qsd:8.3f} s")
-        print(f"ratio: {t_qsd / t_ours:.2f}x (> 1 means diskhandler is faster; goal: faster)")
+        print(f"ratio: {t_ours / t_qsd:.2f}x of the reference's time (goal <= 0.7x)")
         rss = max(m.peak_rss for m in peaks) / 1024
         pss = max(m.peak_pss for m in peaks) / 1024
         print(f"\n== peak memory of diskhandler's process tree during the {args.big_mib} MiB transfer")
