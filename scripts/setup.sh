@@ -18,6 +18,8 @@ APT_PACKAGES=(
   libfuse3-3 fuse3 libfuse2 fuse2fs ntfs-3g fusefat e2fsprogs dosfstools mtools
   # reference tools used by the tests (partition tables, image building)
   gdisk parted fdisk cpio busybox-static
+  # the LVM tests build volume groups with the real lvm2 tools on loop devices (no activation needed)
+  lvm2
 )
 
 SUDO=()

@@ -80,8 +80,9 @@ class DiskOperations:
             VirtualBox ``.vbox`` machine file (its first disk's current image is used; see :meth:`for_vm`).
         readonly: mount read-only; works even while a VM is running on the image.
         format: the image format, detected when omitted.
-        partition: the partition number to mount; by default the largest partition with a filesystem
-            diskhandler can open (the whole disk for a partition-less disk).
+        partition: the partition number to mount, or an LVM logical volume as ``"VG/LV"``; by default
+            the largest partition or logical volume with a filesystem diskhandler can open (the whole
+            disk for a disk without either).
         method: ``"fuse"`` (userspace drivers, the default) or ``"kernel"`` (a loop mount, root only).
 
     Nothing happens until :meth:`mount` (or entering a ``with`` block); :meth:`close_connection`
@@ -94,7 +95,7 @@ class DiskOperations:
         *,
         readonly: bool = False,
         format: str | None = None,
-        partition: int | None = None,
+        partition: int | str | None = None,
         method: MountMethod = "fuse",
     ) -> None:
         path = Path(image)
@@ -107,7 +108,7 @@ class DiskOperations:
         self.format = format
         self.method: MountMethod = method
         self._partition_wanted = partition
-        self.partition: int | None = None
+        self.partition: int | str | None = None
         self.filesystem: str | None = None
         self._workdir: Path | None = None
         self._view: VDFuseMount | None = None
@@ -143,7 +144,7 @@ class DiskOperations:
         """Whether the guest filesystem is mounted."""
         return self._root is not None
 
-    def mount(self, partition: int | None = None) -> None:
+    def mount(self, partition: int | str | None = None) -> None:
         """Mount the guest filesystem (a no-op when already mounted).
 
         Raises:
@@ -165,7 +166,7 @@ class DiskOperations:
         if not self.readonly:
             _locking.check_not_in_use(self.image)
         with open_image(self.image, format=self.format) as disk:
-            number, fstype = _choose_volume(disk, partition)
+            number, view_name, fstype = _choose_volume(disk, partition)
         import tempfile  # noqa: PLC0415  (lazy: keeps ``import diskhandler`` fast)
 
         workdir = Path(tempfile.mkdtemp(prefix="diskhandler-"))
@@ -175,7 +176,7 @@ class DiskOperations:
             self._view = mount_vdfuse(
                 self.image, workdir / "view", readonly=self.readonly, format=self.format
             )
-            device = workdir / "view" / (f"Partition{number}" if number else ENTIRE_DISK)
+            device = workdir / "view" / (view_name or ENTIRE_DISK)
             self._fs = mount_filesystem(
                 device,
                 workdir / "root",
@@ -1001,15 +1002,18 @@ def _guest_error(exc: OSError, path: str) -> OSError:
     return type(exc)(exc.errno, exc.strerror, path)
 
 
-def _choose_volume(disk: DiskImage, wanted: int | None) -> tuple[int | None, str]:
-    """(partition number or None for the whole disk, filesystem type) to mount."""
-    from diskhandler.partitions import list_partitions  # noqa: PLC0415
+def _choose_volume(disk: DiskImage, wanted: int | str | None) -> tuple[int | str | None, str | None, str]:
+    """(partition number, ``"VG/LV"`` or None for the whole disk; its vdfuse file name; filesystem type)."""
+    from diskhandler.partitions import LogicalVolume, list_partitions  # noqa: PLC0415
 
     partitions = list_partitions(disk)
     try:
         if wanted is not None:
+            key = str(wanted)
             for part in partitions:
-                if part.number == wanted:
+                if part.key == key:
+                    if isinstance(part, LogicalVolume):
+                        part.check_usable()  # a layout diskhandler cannot read says so by name
                     fstype = detect_filesystem(part)
                     if fstype is None:
                         raise FilesystemError(
@@ -1018,20 +1022,23 @@ def _choose_volume(disk: DiskImage, wanted: int | None) -> tuple[int | None, str
                             "(ext2/3/4, NTFS or FAT)",
                             str(disk.path),
                         )
-                    return wanted, fstype
-            numbers = ", ".join(str(p.number) for p in partitions) or "none"
+                    return wanted, part.view_name, fstype
+            keys = ", ".join(p.key for p in partitions) or "none"
             raise FilesystemError(
-                errno.ENOENT, f"no partition {wanted} on this disk (partitions: {numbers})", str(disk.path)
+                errno.ENOENT, f"no partition {wanted} on this disk (partitions: {keys})", str(disk.path)
             )
-        best: tuple[int, int | None, str] | None = None
+        best: tuple[int, int | str | None, str | None, str] | None = None
         for part in partitions:
+            if isinstance(part, LogicalVolume) and not part.supported:
+                continue
             fstype = detect_filesystem(part)
             if fstype is not None and (best is None or part.size > best[0]):
-                best = (part.size, part.number, fstype)
+                number = part.key if isinstance(part, LogicalVolume) else part.number
+                best = (part.size, number, part.view_name, fstype)
         if best is None and not partitions:
             fstype = detect_filesystem(disk)
             if fstype is not None:
-                best = (disk.size, None, fstype)
+                best = (disk.size, None, None, fstype)
         if best is None:
             seen = f"{len(partitions)} partition(s)" if partitions else "no partition table"
             raise FilesystemError(
@@ -1039,7 +1046,7 @@ def _choose_volume(disk: DiskImage, wanted: int | None) -> tuple[int | None, str
                 f"no filesystem diskhandler can open (ext2/3/4, NTFS, FAT) on this disk ({seen})",
                 str(disk.path),
             )
-        return best[1], best[2]
+        return best[1], best[2], best[3]
     finally:
         for part in partitions:
             part.close()

@@ -29,13 +29,15 @@ from typing import ClassVar
 import attrs
 from typing_extensions import override
 
-from diskhandler.errors import ImageWarning, PartitionTableError, ReadOnlyImageError
+from diskhandler.errors import ImageFormatError, ImageWarning, PartitionTableError, ReadOnlyImageError
 from diskhandler.formats._layout import Layout, binary_layout, ffield
 from diskhandler.formats._stream import DiskImage
+from diskhandler.lvm import LogicalVolume, list_logical_volumes
 
 __all__ = [
     "GPT_TYPES",
     "MBR_TYPES",
+    "LogicalVolume",
     "Partition",
     "PartitionSpec",
     "create_partition_table",
@@ -238,6 +240,16 @@ class Partition(DiskImage):
         return self.start + self.size
 
     @property
+    def key(self) -> str:
+        """How to ask for it: ``"1"``, ``"5"``, ... (a logical volume's key is ``"VG/LV"``)."""
+        return str(self.number)
+
+    @property
+    def view_name(self) -> str:
+        """Its file name in a vdfuse view: ``PartitionN``."""
+        return f"Partition{self.number}"
+
+    @property
     def is_extended(self) -> bool:
         """Whether this is an MBR extended container (it holds the logical partitions, not data)."""
         return self.type_name == "extended"
@@ -338,8 +350,12 @@ def _looks_like_boot_sector(sector: bytes) -> bool:
     return sector[0x36:0x39] == b"FAT" or sector[0x52:0x57] == b"FAT32"
 
 
-def list_partitions(disk: DiskImage) -> list[Partition]:
-    """The partitions of ``disk``, in the order of their numbers; ``[]`` when it has no table.
+def list_partitions(disk: DiskImage, *, lvm: bool = True) -> list[Partition | LogicalVolume]:
+    """The partitions of ``disk`` in the order of their numbers, then its LVM logical volumes.
+
+    Logical volumes (``VG/LV``, see :mod:`diskhandler.lvm`) are those of the volume groups whose
+    physical volumes are on a partition of ``disk`` or on the whole disk; ``lvm=False`` leaves them
+    out. ``[]`` when the disk has neither.
 
     GPT wins over MBR when the MBR holds a protective (0xEE) entry, hybrid MBRs included. GPT is looked
     for with 512- and 4096-byte logical sectors. An MBR extended container is listed too (its
@@ -350,8 +366,21 @@ def list_partitions(disk: DiskImage) -> list[Partition]:
             loops or leaves its container, …); the message names the structure.
 
     Warns:
-        ImageWarning: recoverable damage (the backup GPT was used, an entry was cut at the disk's end).
+        ImageWarning: recoverable damage (the backup GPT was used, an entry was cut at the disk's end),
+            or damaged LVM metadata (its volumes are left out; the partitions are still listed).
     """
+    parts = _list_table(disk)
+    if not lvm:
+        return list(parts)
+    try:
+        volumes = list_logical_volumes(disk, parts)
+    except ImageFormatError as exc:
+        _warn(disk, f"LVM volumes left out: {exc}")
+        volumes = []
+    return [*parts, *volumes]
+
+
+def _list_table(disk: DiskImage) -> list[Partition]:
     sector0 = _read(disk, 0, SECTOR)
     if len(sector0) < SECTOR:
         return []
@@ -659,18 +688,27 @@ def _gpt_partitions(disk: DiskImage, header: GptHeader, array: bytes, ss: int) -
 
 
 def describe(disk: DiskImage) -> str:
-    """A human-readable table of the partitions of ``disk`` (one line each)."""
+    """A human-readable table of the partitions and logical volumes of ``disk`` (one line each)."""
     parts = list_partitions(disk)
-    if not parts:
-        return f"{disk.path}: no partition table ({disk.size} bytes)"
-    lines = [f"{disk.path}: {parts[0].scheme.upper()}, {disk.size} bytes"]
-    lines.extend(
-        f"  {p.number:>3}  {p.start:>14}  {p.size:>14}  {p.type_name}"
-        + (f" [{p.name}]" if p.name else "")
-        + (" *" if p.bootable else "")
-        for p in parts
-    )
-    return "\n".join(lines)
+    try:
+        if not parts:
+            return f"{disk.path}: no partition table ({disk.size} bytes)"
+        scheme = next((p.scheme for p in parts if isinstance(p, Partition)), "lvm")
+        lines = [f"{disk.path}: {scheme.upper()}, {disk.size} bytes"]
+        for p in parts:
+            if isinstance(p, Partition):
+                lines.append(
+                    f"  {p.number:>3}  {p.start:>14}  {p.size:>14}  {p.type_name}"
+                    + (f" [{p.name}]" if p.name else "")
+                    + (" *" if p.bootable else "")
+                )
+            else:
+                note = f" ({p.reason})" if p.reason else ""
+                lines.append(f"  {p.name}  {p.size:>14}  LVM {p.layout}{note}")
+        return "\n".join(lines)
+    finally:
+        for p in parts:
+            p.close()
 
 
 # -- writing --------------------------------------------------------------------------------------------
@@ -828,7 +866,7 @@ def create_partition_table(
         # The layout helpers describe the request; say which disk it was for.
         raise PartitionTableError(f"{disk.path}: cannot write the {scheme} table: {exc}") from None
     disk.flush()
-    return list_partitions(disk)
+    return _list_table(disk)
 
 
 def _clear_gpt(disk: DiskImage) -> None:

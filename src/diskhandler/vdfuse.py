@@ -206,13 +206,19 @@ class VDFuseOperations:
         self._on_ready = on_ready
         self.files: dict[str, DiskImage] = {ENTIRE_DISK: disk}
         for index, part in enumerate(partitions, start=1):
-            number = getattr(part, "number", index)
-            self.files[f"{_PARTITION_PREFIX}{number}"] = part
-        # "/name" -> (the disk, first byte, size): reads and writes go straight to the disk
+            # PartitionN, or VG-LV for an LVM logical volume (the partitions module names them)
+            name = getattr(part, "view_name", None) or f"{_PARTITION_PREFIX}{getattr(part, 'number', index)}"
+            self.files[name] = part
+        # "/name" -> (the image read, first byte, size): partitions go straight to the disk; a logical
+        # volume maps its extents itself
         self._ranges: dict[str, tuple[DiskImage, int, int]] = {}
         for name, image in self.files.items():
-            start = getattr(image, "start", 0) if image is not disk else 0
-            self._ranges["/" + name] = (disk, start, image.size)
+            if image is disk:
+                self._ranges["/" + name] = (disk, 0, image.size)
+            elif hasattr(image, "extent_map"):
+                self._ranges["/" + name] = (image, 0, image.size)
+            else:
+                self._ranges["/" + name] = (disk, getattr(image, "start", 0), image.size)
         self._open: dict[str, int] = dict.fromkeys(self.files, 0)
         self._open_lock = threading.Lock()
         st = os.stat(disk.path)
@@ -368,7 +374,9 @@ def _partitions_of(disk: DiskImage) -> list[DiskImage]:
         raise MissingDependencyError(f"diskhandler.partitions is unavailable: {exc}") from exc
     parts: list[DiskImage] = []
     for part in list_partitions(disk):
-        if part.is_extended:  # the container of the logical partitions: they are shown, it is not
+        # the container of the logical partitions is not shown (they are), nor an LVM volume of a
+        # layout diskhandler cannot read
+        if part.is_extended or not getattr(part, "supported", True):
             part.close()
         else:
             parts.append(part)
