@@ -27,7 +27,8 @@ builtin exception it *is*, so ``except OSError`` or ``except ValueError`` in a c
     ├── GuestPathError (PermissionError)       a guest path escapes the guest's root
     └── FilesystemError (OSError)              the guest filesystem cannot be reached or is full
 
-Warnings go through :class:`ImageWarning` (a ``UserWarning``), e.g. a stale VHD checksum.
+Warnings go through :class:`ImageWarning` (a ``UserWarning``), e.g. a stale VHD checksum, and
+:class:`GuestLinkWarning` (a ``UserWarning``): a download skipped guest links or special files.
 """
 
 from __future__ import annotations
@@ -41,6 +42,7 @@ __all__ = [
     "ChainError",
     "DiskHandlerError",
     "FilesystemError",
+    "GuestLinkWarning",
     "GuestPathError",
     "ImageFileError",
     "ImageFormatError",
@@ -143,6 +145,18 @@ class FilesystemError(DiskHandlerError, OSError):
 
 class ImageWarning(UserWarning):
     """Something about an image is suspicious but readable (stale checksum, size mismatch)."""
+
+
+class GuestLinkWarning(UserWarning):
+    """A download skipped guest entries the host copy must not hold: links leading out of the
+    destination, absolute or dangling links, device nodes, FIFOs, sockets.
+
+    ``skipped`` maps each skipped guest path to the reason; the message shows the first ten.
+    """
+
+    def __init__(self, message: str, skipped: dict[str, str] | None = None) -> None:
+        super().__init__(message)
+        self.skipped = dict(skipped or {})
 
 
 class SnapshotNotFoundError(DiskHandlerError, LookupError):

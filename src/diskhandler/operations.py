@@ -34,6 +34,7 @@ import posixpath
 import re
 import shutil
 import stat
+import warnings
 import weakref
 from collections.abc import Callable, Iterable, Iterator, Mapping
 from pathlib import Path
@@ -41,7 +42,7 @@ from types import TracebackType
 from typing import IO, TYPE_CHECKING, Any, Self
 
 from diskhandler import _locking
-from diskhandler.errors import FilesystemError, GuestPathError
+from diskhandler.errors import FilesystemError, GuestLinkWarning, GuestPathError
 from diskhandler.filesystems import FilesystemMount, MountMethod, detect_filesystem, mount_filesystem
 from diskhandler.formats import DiskImage, open_image
 
@@ -779,7 +780,12 @@ class DiskOperations:
     def get_file(
         self, src: str, dst: str | os.PathLike[str], *, callback: ProgressCallback = no_progress
     ) -> None:
-        """Copy one regular guest file to the host path ``dst`` (into it, when ``dst`` is a directory)."""
+        """Copy one regular guest file to the host path ``dst`` (into it, when ``dst`` is a directory).
+
+        A symbolic link ``src`` is followed inside the guest (chroot semantics). When ``dst`` is a
+        directory, the file name comes from the guest: a link already there under that name is
+        replaced, never written through.
+        """
         host = self._resolve(src)
         try:
             st = os.lstat(host)
@@ -789,12 +795,14 @@ class DiskOperations:
             kind = "a directory" if stat.S_ISDIR(st.st_mode) else "not a regular file"
             raise FilesystemError(errno.EISDIR if kind == "a directory" else errno.EINVAL, f"{kind}", src)
         out = Path(dst)
-        if out.is_dir():
-            out = out / posixpath.basename(host)
         fd = os.open(host, os.O_RDONLY | os.O_NOFOLLOW | os.O_NONBLOCK | os.O_CLOEXEC)
         try:
             if not stat.S_ISREG(os.fstat(fd).st_mode):
                 raise FilesystemError(errno.EINVAL, "not a regular file", src)
+            if out.is_dir():
+                with _HostTree(out) as tree:
+                    tree.write_file(posixpath.basename(host), fd, st.st_size, callback)
+                return
             with out.open("wb") as fout:
                 try:
                     _copy_fd(fd, fout.fileno(), st.st_size, callback)
@@ -853,9 +861,14 @@ class DiskOperations:
     ) -> None:
         """Copy a guest file or directory tree to the host.
 
-        For a directory, ``dst`` is created and filled with its regular files and sub-directories.
-        Symlinks inside the tree are recreated only when relative and pointing inside the copied tree;
-        others, and device nodes, FIFOs and sockets, are skipped, so the copy never refers to a host file.
+        For a directory, ``dst`` is created and filled with its sub-directories and regular files.
+        A symbolic link of the tree is recreated on the host only when it is relative and, with every
+        other entry of the copy in place, leads to an existing entry without ever leaving ``dst``
+        (see :doc:`security`); every other link (absolute, climbing out, dangling, looping) and every
+        device node, FIFO and socket is skipped, and one :class:`GuestLinkWarning` lists what was
+        skipped. Nothing is ever written through a symbolic link below ``dst``: an existing link where
+        a file goes is replaced, one where a directory goes is an error. ``get_file`` reads through a
+        link inside the guest instead, when its content is what you want.
         """
         host = self._resolve(src)
         try:
@@ -865,25 +878,46 @@ class DiskOperations:
         if not stat.S_ISDIR(st.st_mode):
             self.get_file(src, dst, callback=callback)
             return
-        out = Path(dst)
-        entries = list(_walk_host(Path(host)))
+        entries, skipped = _walk_guest(Path(host))
         total = sum(size for _rel, kind, size in entries if kind == "file")
         progress = _Progress(callback, total)
+        out = Path(dst)
         out.mkdir(parents=True, exist_ok=True)
-        for rel, kind, _size in entries:
-            guest = posixpath.join(src, rel.as_posix())
-            target = out / rel
-            if kind == "dir":
-                target.mkdir(exist_ok=True)
-            elif kind == "link":
-                link = os.readlink(os.path.join(host, rel))
-                inside = posixpath.normpath(posixpath.join(posixpath.dirname(rel.as_posix()), link))
-                if not link.startswith("/") and inside != ".." and not inside.startswith("../"):
-                    if target.is_symlink():
-                        target.unlink()
-                    os.symlink(link, target)
-            elif kind == "file":
-                self.get_file(guest, target, callback=progress.child())
+        with _HostTree(out) as tree:
+            links = {rel: os.readlink(os.path.join(host, rel)) for rel, kind, _ in entries if kind == "link"}
+            kept, refused = tree.plan_links(entries, links)
+            skipped.extend(refused)
+            for rel, kind, _size in entries:
+                if kind == "dir":
+                    tree.mkdir(rel)
+                elif kind == "file":
+                    self._get_into(os.path.join(host, rel), src, rel, tree, progress.child())
+                elif kind == "link" and rel in kept:
+                    tree.symlink(links[rel], rel)
+        if skipped:
+            shown = "; ".join(f"{posixpath.join(src, rel)} ({why})" for rel, why in skipped[:10])
+            more = f" and {len(skipped) - 10} more" if len(skipped) > 10 else ""
+            warnings.warn(
+                GuestLinkWarning(
+                    f"download of {src} to {out}: skipped {len(skipped)} entries the host copy must not"
+                    f" hold: {shown}{more}",
+                    {posixpath.join(src, rel): why for rel, why in skipped},
+                ),
+                stacklevel=2,
+            )
+
+    def _get_into(
+        self, guest_host: str, src: str, rel: str, tree: _HostTree, callback: ProgressCallback
+    ) -> None:
+        """Copy the guest file at host path ``guest_host`` to ``rel`` below ``tree``, never through links."""
+        fd = os.open(guest_host, os.O_RDONLY | os.O_NOFOLLOW | os.O_NONBLOCK | os.O_CLOEXEC)
+        try:
+            st = os.fstat(fd)
+            if not stat.S_ISREG(st.st_mode):
+                raise FilesystemError(errno.EINVAL, "not a regular file", posixpath.join(src, rel))
+            tree.write_file(rel, fd, st.st_size, callback)
+        finally:
+            os.close(fd)
 
 
 # -- helpers --------------------------------------------------------------------------------------
@@ -952,6 +986,228 @@ def _human(size: int) -> str:
             return f"{value:.0f} {unit}" if unit == "B" else f"{value:.1f} {unit}"
         value /= 1024
     return f"{size} B"  # pragma: no cover - the loop always returns
+
+
+def _walk_guest(top: Path) -> tuple[list[tuple[str, str, int]], list[tuple[str, str]]]:
+    """The entries of a guest tree, parents first, as ``(relative path, kind, size)``, and the skipped.
+
+    ``kind`` is ``"dir"``, ``"file"`` or ``"link"``; device nodes, FIFOs and sockets are skipped, and so
+    is a directory seen twice (a corrupt filesystem can link a directory into itself: the walk must
+    end). Symbolic links are reported, never followed.
+    """
+    entries: list[tuple[str, str, int]] = []
+    skipped: list[tuple[str, str]] = []
+    top_st = os.lstat(top)
+    seen = {(top_st.st_dev, top_st.st_ino)}
+    stack = [""]
+    while stack:
+        rel = stack.pop()
+        try:
+            with os.scandir(os.path.join(top, rel) if rel else top) as it:
+                items = sorted(it, key=lambda e: e.name)
+        except OSError as exc:
+            if not rel:
+                raise FilesystemError(
+                    exc.errno or errno.EIO, f"the guest directory cannot be listed: {exc.strerror}", str(top)
+                ) from exc
+            # EIO: an entry the kernel refuses (a name with "/", from a crafted filesystem); ENAMETOOLONG
+            skipped.append((rel, f"cannot be listed: {exc.strerror}"))
+            continue
+        for entry in items:
+            sub = posixpath.join(rel, entry.name) if rel else entry.name
+            try:
+                st = entry.stat(follow_symlinks=False)
+            except OSError as exc:
+                skipped.append((sub, f"cannot be examined: {exc.strerror}"))
+                continue
+            if stat.S_ISLNK(st.st_mode):
+                entries.append((sub, "link", 0))
+            elif stat.S_ISDIR(st.st_mode):
+                if (st.st_dev, st.st_ino) in seen:
+                    skipped.append((sub, "a directory already copied: the filesystem loops"))
+                    continue
+                seen.add((st.st_dev, st.st_ino))
+                entries.append((sub, "dir", 0))
+                stack.append(sub)
+            elif stat.S_ISREG(st.st_mode):
+                entries.append((sub, "file", st.st_size))
+            else:
+                skipped.append((sub, "not a regular file, directory or link"))
+    return entries, skipped
+
+
+class _HostTree:
+    """A download destination on the host, written only through directory descriptors.
+
+    Every directory below the root is opened with ``O_NOFOLLOW`` relative to its parent, and every
+    file and link is created relative to its directory's descriptor, so a symbolic link below the
+    root — one the copy made, or one already there — is never followed while writing.
+    """
+
+    def __init__(self, root: Path) -> None:
+        self.root = root
+        self._root_fd = -1
+
+    def __enter__(self) -> _HostTree:
+        self._root_fd = os.open(self.root, os.O_RDONLY | os.O_DIRECTORY | os.O_CLOEXEC)
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        os.close(self._root_fd)
+
+    # -- writing, never through a link ------------------------------------------------------------
+
+    @contextlib.contextmanager
+    def _parent(self, rel: str) -> Iterator[tuple[int, str]]:
+        """``(descriptor of the directory holding rel, rel's last name)``."""
+        *dirs, name = rel.split("/")
+        fds: list[int] = []
+        fd = self._root_fd
+        try:
+            for i, part in enumerate(dirs):
+                try:
+                    fd = os.open(part, os.O_RDONLY | os.O_DIRECTORY | os.O_NOFOLLOW | os.O_CLOEXEC, dir_fd=fd)
+                except OSError as exc:
+                    if exc.errno in (errno.ELOOP, errno.ENOTDIR):
+                        where = self.root / "/".join(dirs[: i + 1])
+                        raise FilesystemError(
+                            errno.ELOOP,
+                            "is not a directory but a symbolic link or a file; a download never writes"
+                            " through a link: remove it or choose another destination",
+                            str(where),
+                        ) from None
+                    raise
+                fds.append(fd)
+            yield fd, name
+        finally:
+            for opened in fds:
+                os.close(opened)
+
+    def mkdir(self, rel: str) -> None:
+        with self._parent(rel) as (fd, name):
+            try:
+                os.mkdir(name, 0o777, dir_fd=fd)
+            except FileExistsError:
+                if not stat.S_ISDIR(os.lstat(name, dir_fd=fd).st_mode):
+                    raise FilesystemError(
+                        errno.EEXIST,
+                        "exists and is not a directory (a symbolic link or a file); a download never"
+                        " writes through a link: remove it or choose another destination",
+                        str(self.root / rel),
+                    ) from None
+
+    def write_file(self, rel: str, src_fd: int, size: int, callback: ProgressCallback) -> None:
+        flags = os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_NOFOLLOW | os.O_CLOEXEC
+        with self._parent(rel) as (fd, name):
+            try:
+                out = os.open(name, flags, 0o666, dir_fd=fd)
+            except FileExistsError:
+                if stat.S_ISDIR(os.lstat(name, dir_fd=fd).st_mode):
+                    raise IsADirectoryError(
+                        errno.EISDIR, "is a directory on the host", str(self.root / rel)
+                    ) from None
+                os.unlink(name, dir_fd=fd)  # a file or a link: replaced, never written through
+                out = os.open(name, flags, 0o666, dir_fd=fd)
+            try:
+                _copy_fd(src_fd, out, size, callback)
+            except BaseException:
+                os.close(out)
+                with contextlib.suppress(OSError):
+                    os.unlink(name, dir_fd=fd)
+                raise
+            os.close(out)
+
+    def symlink(self, target: str, rel: str) -> None:
+        with self._parent(rel) as (fd, name):
+            try:
+                os.symlink(target, name, dir_fd=fd)
+            except FileExistsError:
+                if os.readlink(name, dir_fd=fd) != target:  # planned only where nothing else is
+                    raise
+
+    # -- which links may be made ------------------------------------------------------------------
+
+    def _lookup(
+        self, parts: tuple[str, ...], planned: Mapping[tuple[str, ...], tuple[str, str]]
+    ) -> tuple[str, str] | None:
+        """``(kind, link text)`` of ``parts`` below the root once the copy is done, or None if absent."""
+        found = planned.get(parts)
+        if found is not None:
+            return found
+        try:
+            st = os.lstat(os.path.join(self.root, *parts))  # every earlier part is a real directory
+        except (FileNotFoundError, NotADirectoryError):
+            return None
+        if stat.S_ISLNK(st.st_mode):
+            return ("link", os.readlink(os.path.join(self.root, *parts)))
+        return ("dir" if stat.S_ISDIR(st.st_mode) else "file", "")
+
+    def _escapes(
+        self, rel: str, target: str, planned: Mapping[tuple[str, ...], tuple[str, str]]
+    ) -> str | None:
+        """Why the link ``rel -> target`` must not be made, or None when it stays inside."""
+        if target.startswith("/"):
+            return "absolute link"
+        resolved = list(rel.split("/")[:-1])
+        pending = [c for c in reversed(target.split("/")) if c not in ("", ".")]
+        hops = 0
+        while pending:
+            name = pending.pop()
+            if name == "..":
+                if not resolved:
+                    return f"link to {target!r} leaves the destination"
+                resolved.pop()
+                continue
+            found = self._lookup((*resolved, name), planned)
+            if found is None:
+                return f"link to {target!r} leads nowhere"
+            kind, text = found
+            if kind == "link":
+                hops += 1
+                if hops > MAX_SYMLINK_HOPS:
+                    return f"link to {target!r} loops"
+                if text.startswith("/"):
+                    return f"link to {target!r} goes through an absolute link"
+                pending.extend(c for c in reversed(text.split("/")) if c not in ("", "."))
+                continue
+            if pending and kind != "dir":
+                return f"link to {target!r} leads through a file"
+            resolved.append(name)
+        return None
+
+    def plan_links(
+        self, entries: list[tuple[str, str, int]], links: dict[str, str]
+    ) -> tuple[set[str], list[tuple[str, str]]]:
+        """The links that may be made, and the refused ones with the reason.
+
+        A link is kept when it resolves, with every other kept link and every entry of the copy in
+        place (and what the destination already holds), to an existing entry without leaving the
+        root. Refusing one link can break another that went through it, so this repeats until nothing
+        changes. A link is not made where the destination already holds something else.
+        """
+        planned: dict[tuple[str, ...], tuple[str, str]] = {}
+        for rel, kind, _size in entries:
+            if kind in ("dir", "file"):
+                planned[tuple(rel.split("/"))] = (kind, "")
+        refused: list[tuple[str, str]] = []
+        candidates: dict[str, str] = {}
+        for rel, target in links.items():
+            existing = self._lookup(tuple(rel.split("/")), {})
+            if existing is not None and existing != ("link", target):
+                refused.append((rel, "something else exists there on the host"))
+                continue
+            candidates[rel] = target
+            planned[tuple(rel.split("/"))] = ("link", target)
+        while True:  # judge every link against the same plan, then drop the failures together
+            failed = {
+                rel: why for rel, target in candidates.items() if (why := self._escapes(rel, target, planned))
+            }
+            if not failed:
+                return set(candidates), refused
+            for rel, why in failed.items():
+                del candidates[rel]
+                del planned[tuple(rel.split("/"))]
+                refused.append((rel, why))
 
 
 def _walk_host(top: Path) -> Iterable[tuple[Path, str, int]]:

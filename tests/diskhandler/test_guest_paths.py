@@ -15,7 +15,7 @@ from pathlib import Path
 
 import pytest
 
-from diskhandler.errors import FilesystemError, GuestPathError
+from diskhandler.errors import FilesystemError, GuestLinkWarning, GuestPathError
 from diskhandler.operations import MAX_SYMLINK_HOPS, DiskOperations
 from tests.diskhandler.imagetools import run
 from tests.diskhandler.test_operations import Disk, build_disk, debugfs_dump
@@ -137,8 +137,13 @@ def test_device_nodes_are_never_opened(hostile: Hostile, tmp_path: Path) -> None
 
 def test_tree_download_never_links_to_the_host(hostile: Hostile, tmp_path: Path) -> None:
     out = tmp_path / "copy"
-    with DiskOperations(hostile.disk.path, readonly=True) as d:
+    with DiskOperations(hostile.disk.path, readonly=True) as d, pytest.warns(GuestLinkWarning) as caught:
         d.download("/root", out)
+    skipped = caught[0].message.skipped  # type: ignore[union-attr]
+    assert "absolute" in skipped["/root/evil"]
+    assert "leaves the destination" in skipped["/root/climb"]
+    assert "loops" in skipped["/root/loop-a"]
+    assert "loops" in skipped["/root/loop-b"]
     for path in out.rglob("*"):
         if path.is_symlink():
             target = os.readlink(path)

@@ -1,0 +1,268 @@
+"""A hostile guest filesystem never makes pyti read or write a host file.
+
+The guest is built with the real tools an attacker has: ``mke2fs -d`` from a crafted tree (symbolic
+links chained through ``.`` and ``..``, absolute links to the host's canary, loops, FIFOs, a socket, a
+character device, names with newlines, invalid UTF-8 and 255 bytes), then ``debugfs`` for what a tree
+cannot hold (a block device, a directory hard-linked into itself), then ``qemu-img convert`` to qcow2.
+A canary folder on the host must stay exactly as it was, whatever is downloaded or uploaded.
+"""
+
+from __future__ import annotations
+
+import os
+import socket
+import stat
+import subprocess
+import warnings
+from collections.abc import Iterator
+from pathlib import Path
+
+import pytest
+
+from diskhandler import DiskOperations, FilesystemError, GuestLinkWarning
+from tests.diskhandler.imagetools import run
+
+pytestmark = [
+    pytest.mark.fuse,
+    pytest.mark.skipif(not os.path.exists("/dev/fuse"), reason="needs /dev/fuse"),
+]
+
+MiB = 1 << 20
+CANARY = b"host canary: never read, never written\n"
+ODD_NAMES = ["new\nline", os.fsdecode(b"bad-\xff\xfe-utf8"), "x" * 255, "-rf", "back\\slash", "..."]
+
+
+class Host:
+    """The host side of the attack: a canary folder whose every byte and name must survive."""
+
+    def __init__(self, folder: Path) -> None:
+        self.folder = folder
+        folder.mkdir()
+        (folder / "canary.txt").write_bytes(CANARY)
+        (folder / "sub").mkdir()
+        self.before = self.snapshot()
+
+    def snapshot(self) -> dict[str, tuple[int, int, bytes]]:
+        found = {}
+        for path in sorted(self.folder.parent.rglob("*")):
+            if self.folder not in path.parents and path != self.folder:
+                continue
+            st = path.lstat()
+            data = path.read_bytes() if stat.S_ISREG(st.st_mode) else b""
+            found[str(path)] = (st.st_mode, st.st_mtime_ns, data)
+        return found
+
+    def assert_untouched(self) -> None:
+        assert self.snapshot() == self.before
+        siblings = sorted(p.name for p in self.folder.parent.iterdir())
+        assert "pwned" not in siblings
+        assert "pwned.txt" not in siblings
+
+
+def _guest_tree(root: Path, host: Host) -> None:
+    """The crafted tree ``mke2fs -d`` copies into the guest filesystem."""
+    climb = "../" * 12
+    canary = host.folder / "canary.txt"
+    (root / "tree").mkdir(parents=True)
+    t = root / "tree"
+    (t / "file.txt").write_bytes(b"a guest file\n")
+    (t / "dir").mkdir()
+    (t / "dir" / "inner.txt").write_bytes(b"inner\n")
+    # The chain from the issue: a link to ".", then one through it to "..".
+    (t / "a").symlink_to(".")
+    (t / "b").symlink_to("a/..")
+    (t / "c").symlink_to("b/" + host.folder.name)  # would reach the host canary folder through b
+    (t / "d").symlink_to("dir/../a/a/a/../..")
+    (t / "e").symlink_to("dir/..")  # inside: tree itself
+    (t / "ok-file").symlink_to("dir/inner.txt")  # inside
+    (t / "ok-dir").symlink_to("dir")  # inside
+    (t / "ok-via").symlink_to("ok-dir/inner.txt")  # inside, through another kept link
+    (t / "abs").symlink_to(canary)  # absolute, to the real canary
+    (t / "abs-dir").symlink_to(host.folder)
+    (t / "root").symlink_to("/")
+    (t / "climb").symlink_to(climb + str(canary).lstrip("/"))
+    (t / "up").symlink_to("..")
+    (t / "loop-1").symlink_to("loop-2")
+    (t / "loop-2").symlink_to("loop-1")
+    (t / "self").symlink_to("self")
+    (t / "dangling").symlink_to("missing/../../..")
+    (t / "via-abs").symlink_to("abs-dir/canary.txt")  # relative, through an absolute link
+    (t / "dir" / "up2").symlink_to("../..")
+    (t / "dir" / "up1").symlink_to("..")  # inside: tree itself
+    os.mkfifo(t / "fifo")
+    os.mknod(t / "null", stat.S_IFCHR | 0o666, os.makedev(1, 3))
+    sock = socket.socket(socket.AF_UNIX)
+    sock.bind(str(t / "sock"))
+    sock.close()
+    (t / "odd").mkdir()
+    for name in ODD_NAMES:
+        (t / "odd" / name).write_bytes(name.encode("utf-8", "surrogateescape"))
+    (t / "loopdir").mkdir()
+    (t / "broken").mkdir()
+    # For uploads: guest directories that are links.
+    (root / "up-root").symlink_to("/")
+    (root / "up-climb").symlink_to(climb)
+    (root / "up-host").symlink_to(host.folder)
+    (root / "up-tree").symlink_to("tree/b")
+    (root / "etc").mkdir()
+    (root / "etc" / "passwd").write_bytes(b"guest passwd\n")
+
+
+def _build(tmp: Path, host: Host) -> Path:
+    tree = tmp / "guest-tree"
+    _guest_tree(tree, host)
+    fs = tmp / "fs.raw"
+    with fs.open("wb") as f:
+        f.truncate(48 * MiB)
+    run("mke2fs", "-q", "-F", "-t", "ext4", "-E", "root_owner=0:0", "-d", tree, fs)
+    # debugfs takes the name of mknod and write literally: "/etc/passwd" becomes one name with slashes,
+    # which the kernel refuses to list (EIO) - a directory nobody can read.
+    commands = tmp / "debugfs.cmds"
+    commands.write_text(
+        "cd /tree\nmknod blk b 8 0\nln /tree/loopdir /tree/loopdir/again\n"
+        f"cd /tree/broken\nmknod {host.folder}/canary.txt p\nwrite {tree}/etc/passwd {host.folder}/x\n"
+    )
+    run("debugfs", "-w", "-f", commands, fs)
+    image = tmp / "hostile.qcow2"
+    run("qemu-img", "convert", "-f", "raw", "-O", "qcow2", fs, image)
+    fs.unlink()
+    return image
+
+
+@pytest.fixture(scope="module")
+def hostile(tmp_path_factory: pytest.TempPathFactory) -> Iterator[tuple[Path, Host]]:
+    tmp = tmp_path_factory.mktemp("hostile")
+    host = Host(tmp / "host-secrets")
+    yield _build(tmp, host), host
+    host.assert_untouched()
+
+
+def _all_links_stay_inside(out: Path) -> None:
+    real_out = out.resolve()
+    for path in out.rglob("*"):
+        if path.is_symlink():
+            assert not os.readlink(path).startswith("/"), path
+            assert os.path.exists(path), f"{path} dangles"
+            assert Path(os.path.realpath(path)).is_relative_to(real_out), path
+
+
+def test_tree_download_keeps_only_links_that_stay_inside(hostile: tuple[Path, Host], tmp_path: Path) -> None:
+    image, host = hostile
+    out = tmp_path / "copy"
+    with DiskOperations(image, readonly=True) as d, pytest.warns(GuestLinkWarning) as caught:
+        d.download("/tree", out)
+    host.assert_untouched()
+    _all_links_stay_inside(out)
+    kept = sorted(p.name for p in out.iterdir() if p.is_symlink())
+    assert kept == ["a", "e", "ok-dir", "ok-file", "ok-via"]
+    assert sorted(p.name for p in (out / "dir").iterdir()) == ["inner.txt", "up1"]
+    assert (out / "ok-via").read_bytes() == b"inner\n"
+    assert (out / "file.txt").read_bytes() == b"a guest file\n"
+    # special files are not copied; the directory loop is copied once
+    for name in ("fifo", "null", "sock", "blk", "b", "c", "d", "abs", "climb", "root", "up", "self"):
+        assert not os.path.lexists(out / name), name
+    assert (out / "loopdir").is_dir()
+    assert not os.path.lexists(out / "loopdir" / "again")
+    warning = caught[0].message
+    assert isinstance(warning, GuestLinkWarning)
+    assert "leaves the destination" in warning.skipped["/tree/b"]
+    assert "absolute" in warning.skipped["/tree/abs"]
+    assert "loops" in warning.skipped["/tree/self"]
+    assert "nowhere" in warning.skipped["/tree/dangling"]
+    assert "filesystem loops" in warning.skipped["/tree/loopdir/again"]
+    for name in ("fifo", "null", "sock", "blk"):
+        assert "not a regular file" in warning.skipped[f"/tree/{name}"]
+    assert "cannot be listed" in warning.skipped["/tree/broken"]
+    names = "blk fifo null sock broken loopdir/again b c d abs abs-dir root climb up loop-1 loop-2 self"
+    names += " dangling via-abs dir/up2"
+    assert sorted(warning.skipped) == sorted(f"/tree/{n}" for n in names.split())
+    assert "skipped 20 entries" in str(warning)
+    assert "/tree/abs" in str(warning)
+    assert (out / "broken").is_dir()
+
+
+def test_odd_names_are_copied_byte_for_byte(hostile: tuple[Path, Host], tmp_path: Path) -> None:
+    image, _host = hostile
+    out = tmp_path / "odd"
+    with DiskOperations(image, readonly=True) as d:
+        assert sorted(d.listdir("/tree/odd")) == sorted(ODD_NAMES)
+        d.download("/tree/odd", out)
+        d.get_file("/tree/odd/new\nline", tmp_path / "single")
+    for name in ODD_NAMES:
+        assert (out / name).read_bytes() == name.encode("utf-8", "surrogateescape")
+    assert (tmp_path / "single").read_bytes() == b"new\nline"
+
+
+def test_downloads_into_a_used_destination_never_follow_its_links(
+    hostile: tuple[Path, Host], tmp_path: Path
+) -> None:
+    """What one download left (a link to "."), the next cannot use to climb out."""
+    image, host = hostile
+    out = tmp_path / "copy"
+    with DiskOperations(image, readonly=True) as d:
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore", GuestLinkWarning)
+            d.download("/tree", out)
+            d.download("/tree", out)  # again, over itself: same result, nothing followed
+        _all_links_stay_inside(out)
+        # A file downloaded to a path through a kept link lands inside the copy.
+        d.download("/tree/file.txt", out / "a" / "again.txt")
+        assert (out / "again.txt").read_bytes() == b"a guest file\n"
+        # A tree whose directory has the name of a kept link is not written through it.
+        (tmp_path / "other").mkdir()
+        (tmp_path / "other" / "dir").symlink_to(host.folder)  # the user's own link, say
+        with pytest.raises(FilesystemError, match="never writes through a link"):
+            d.download("/tree", tmp_path / "other")
+    host.assert_untouched()
+    _all_links_stay_inside(out)
+
+
+def test_single_special_files_are_refused_at_once(hostile: tuple[Path, Host], tmp_path: Path) -> None:
+    image, host = hostile
+    with DiskOperations(image, readonly=True) as d:
+        for name in ("fifo", "null", "sock", "blk"):
+            with pytest.raises(FilesystemError, match="regular"):
+                d.get_file(f"/tree/{name}", tmp_path / name)
+            assert not os.path.lexists(tmp_path / name)
+        with pytest.raises(FileNotFoundError):  # absolute link re-rooted into the guest
+            d.get_file("/tree/abs", tmp_path / "abs")
+        with pytest.raises(FileNotFoundError):
+            d.get_file("/tree/climb", tmp_path / "climb")
+        d.get_file("/tree/b/tree/file.txt", tmp_path / "through-b")  # "a/.." is the guest's /
+        # Into a folder: the guest names the file; a link there by that name is replaced, not followed.
+        (tmp_path / "into").mkdir()
+        (tmp_path / "into" / "file.txt").symlink_to(host.folder / "canary.txt")
+        d.get_file("/tree/file.txt", tmp_path / "into")
+    assert (tmp_path / "through-b").read_bytes() == b"a guest file\n"
+    assert not (tmp_path / "into" / "file.txt").is_symlink()
+    assert (tmp_path / "into" / "file.txt").read_bytes() == b"a guest file\n"
+    host.assert_untouched()
+
+
+def test_uploads_through_guest_links_stay_in_the_guest(tmp_path: Path) -> None:
+    host = Host(tmp_path / "host-secrets")
+    image = _build(tmp_path, host)
+    payload = tmp_path / "payload"
+    (payload / "deep").mkdir(parents=True)
+    (payload / "pwned.txt").write_bytes(b"payload\n")
+    (payload / "deep" / "pwned.txt").write_bytes(b"deep payload\n")
+    with DiskOperations(image) as d:
+        d.upload(payload, "/up-climb/pwned")  # ../../.. from / is /
+        d.upload(payload / "pwned.txt", "/up-root/etc/passwd")  # the guest's /etc/passwd
+        d.upload(payload, "/up-tree/via-b")  # tree/b -> a/.. is the guest's /
+        with pytest.raises(FileNotFoundError):  # the host folder's path does not exist in the guest
+            d.upload(payload, "/up-host/pwned")
+        d.put_file(payload / "pwned.txt", "/tree/dir/up2/dropped.txt")  # ../.. from /tree/dir
+        listing = d.listdir("/")
+    assert {"pwned", "via-b", "dropped.txt"} <= set(listing)
+    fs = tmp_path / "check.raw"
+    run("qemu-img", "convert", "-f", "qcow2", "-O", "raw", image, fs)
+    # e2fsck finds the debugfs-made directory loop (exit 4), and nothing it did not know before.
+    checked = subprocess.run(["e2fsck", "-fn", str(fs)], capture_output=True, text=True, check=False)
+    assert checked.returncode in (0, 4), checked.stdout
+    dumped = tmp_path / "dumped"
+    run("debugfs", "-R", f"dump /pwned/deep/pwned.txt {dumped}", fs)
+    assert dumped.read_bytes() == b"deep payload\n"
+    run("debugfs", "-R", f"dump /etc/passwd {dumped}", fs)
+    assert dumped.read_bytes() == b"payload\n"
+    host.assert_untouched()
