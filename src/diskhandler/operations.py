@@ -42,7 +42,7 @@ from types import TracebackType
 from typing import IO, TYPE_CHECKING, Any, Self
 
 from diskhandler import _locking
-from diskhandler.errors import FilesystemError, GuestLinkWarning, GuestPathError
+from diskhandler.errors import FilesystemError, GuestLinkWarning, GuestPathError, ImageWarning
 from diskhandler.filesystems import FilesystemMount, MountMethod, detect_filesystem, mount_filesystem
 from diskhandler.formats import DiskImage, open_image
 
@@ -332,6 +332,10 @@ class DiskOperations:
             return sorted(os.listdir(host))
         except FileNotFoundError:
             raise FileNotFoundError(errno.ENOENT, "no such directory in the guest", path) from None
+        except NotADirectoryError:
+            raise NotADirectoryError(errno.ENOTDIR, "not a directory in the guest", path) from None
+        except OSError as exc:
+            raise _unlistable(exc, path) from exc
 
     # -- changes ------------------------------------------------------------------------------------
 
@@ -432,21 +436,46 @@ class DiskOperations:
         if maxdepth is not None and maxdepth < 1:
             raise ValueError("maxdepth must be at least 1")
         top = posixpath.normpath("/" + path.lstrip("/"))
-        yield from self._walk(top, self._resolve(top), 1, maxdepth, topdown)
+        host = self._resolve(top)
+        seen: set[tuple[int, int]] = set()
+        with contextlib.suppress(OSError):
+            st = os.lstat(host)
+            seen.add((st.st_dev, st.st_ino))
+        yield from self._walk(top, host, 1, maxdepth, topdown, seen)
 
-    def _walk(
-        self, guest: str, host: str, depth: int, maxdepth: int | None, topdown: bool
+    def _walk(  # noqa: PLR0917  (private, recursive)
+        self,
+        guest: str,
+        host: str,
+        depth: int,
+        maxdepth: int | None,
+        topdown: bool,
+        seen: set[tuple[int, int]],
     ) -> Iterator[tuple[str, list[str], list[str]]]:
         dirs: list[str] = []
         files: list[str] = []
         try:
             with os.scandir(host) as it:
                 for entry in it:
-                    (dirs if entry.is_dir(follow_symlinks=False) else files).append(entry.name)
+                    if entry.is_dir(follow_symlinks=False):
+                        # A crafted filesystem can link a directory into itself: each is walked once.
+                        st = entry.stat(follow_symlinks=False)
+                        if (st.st_dev, st.st_ino) in seen:
+                            continue
+                        seen.add((st.st_dev, st.st_ino))
+                        dirs.append(entry.name)
+                    else:
+                        files.append(entry.name)
         except FileNotFoundError:
             raise FileNotFoundError(errno.ENOENT, "no such directory in the guest", guest) from None
         except NotADirectoryError:
             raise NotADirectoryError(errno.ENOTDIR, "not a directory in the guest", guest) from None
+        except OSError as exc:
+            if depth == 1:
+                raise _unlistable(exc, guest) from exc
+            # as os.walk, a sub-directory that cannot be listed does not end the walk; it is said
+            warnings.warn(ImageWarning(f"{_unlistable(exc, guest)}; walked past it"), stacklevel=3)
+            return
         dirs.sort()
         files.sort()
         if topdown:
@@ -454,7 +483,7 @@ class DiskOperations:
         if maxdepth is None or depth < maxdepth:
             for name in list(dirs):
                 yield from self._walk(
-                    posixpath.join(guest, name), os.path.join(host, name), depth + 1, maxdepth, topdown
+                    posixpath.join(guest, name), os.path.join(host, name), depth + 1, maxdepth, topdown, seen
                 )
         if not topdown:
             yield guest, dirs, files
@@ -1246,6 +1275,15 @@ def _copy_fd(src: int, dst: int, total: int, callback: ProgressCallback) -> None
             view = view[n:]
         done += len(chunk)
         callback(done, max(total, done))
+
+
+def _unlistable(exc: OSError, path: str) -> FilesystemError:
+    """A guest directory the kernel will not list: EIO for a crafted entry name holding ``/``."""
+    return FilesystemError(
+        exc.errno or errno.EIO,
+        f"the guest directory cannot be listed ({exc.strerror}): the filesystem is damaged or crafted",
+        path,
+    )
 
 
 def _guest_error(exc: OSError, path: str) -> OSError:

@@ -19,7 +19,7 @@ from pathlib import Path
 
 import pytest
 
-from diskhandler import DiskOperations, FilesystemError, GuestLinkWarning
+from diskhandler import DiskOperations, FilesystemError, GuestLinkWarning, ImageWarning
 from tests.diskhandler.imagetools import run
 
 pytestmark = [
@@ -266,3 +266,16 @@ def test_uploads_through_guest_links_stay_in_the_guest(tmp_path: Path) -> None:
     run("debugfs", "-R", f"dump /etc/passwd {dumped}", fs)
     assert dumped.read_bytes() == b"payload\n"
     host.assert_untouched()
+
+
+def test_walk_and_find_end_on_a_directory_linked_into_itself(hostile: tuple[Path, Host]) -> None:
+    image, _host = hostile
+    with DiskOperations(image, readonly=True) as d:
+        walked = [top for top, _dirs, _files in d.walk("/tree/loopdir")]
+        with pytest.warns(ImageWarning, match="/tree/broken"):
+            found = d.find("/tree", withdirs=True)
+        with pytest.raises(FilesystemError, match="cannot be listed"):
+            d.listdir("/tree/broken")
+    assert walked == ["/tree/loopdir"]
+    assert "/tree/loopdir" in found
+    assert "/tree/loopdir/again" not in found
