@@ -201,6 +201,10 @@ def test_volumes_are_listed_beside_the_partitions(
         assert not volumes["vg0/nothing"].supported
         with pytest.raises(UnsupportedImageError, match="'zero' segments"):
             volumes["vg0/nothing"].read_at(0, 512)
+        view = disk._repr_html_()  # Jupyter: the partitions and the volumes, with their layouts
+        assert "<td>vg0/root</td><td>LVM linear</td>" in view
+        assert "<td>2</td><td>GPT Linux LVM</td>" in view
+        assert "LVM zero — its &#x27;zero&#x27; segments are not supported" in view
         text = describe(disk)
         assert "vg0/root" in text
         assert "LVM zero" in text

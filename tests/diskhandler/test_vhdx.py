@@ -421,3 +421,15 @@ def test_fuzz_structures(
         _open_fuzzed(path)
     finally:
         path.unlink()
+
+
+def test_jupyter_view_shows_format_size_and_chain(tmp_path: Path) -> None:
+    base = tmp_path / "base.vhdx"
+    create_image(base, 8 * MiB).close()
+    child = tmp_path / "child.avhdx"
+    create_image(child, parent=base, format="vhdx").close()
+    with open_image(child) as image:
+        view = image._repr_html_()
+    assert "vhdx, 8.0 MiB (8388608 bytes), read-only" in view
+    assert view.index("child.avhdx") < view.index("base.vhdx")  # leaf first
+    assert "no partition table, no LVM volumes" in view

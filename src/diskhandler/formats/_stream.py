@@ -17,6 +17,7 @@ Ownership: a :class:`DiskImage` owns the file descriptors it opened and the pare
 from __future__ import annotations
 
 import errno
+import html
 import io
 import os
 import threading
@@ -332,6 +333,24 @@ class DiskImage(io.RawIOBase):
         if self.closed:
             raise ValueError(f"I/O operation on closed image {self.path}")
 
+    def _repr_html_(self) -> str:
+        """For Jupyter: format, size, the chain and the partitions and LVM volumes of the disk."""
+        mode = "writable" if self.writable() else "read-only"
+        head = (
+            f"<b>DiskImage</b> <code>{html.escape(str(self.path))}</code> — {html.escape(self.format)},"
+            f" {_human(self.size)} ({self.size} bytes), {mode}"
+        )
+        if self.closed:
+            return f"<div>{head}, closed</div>"
+        chain = ""
+        if self.parent is not None:
+            items = "".join(
+                f"<li><code>{html.escape(str(image.path))}</code> ({html.escape(image.format)})</li>"
+                for image in self.iter_chain()
+            )
+            chain = f"<div>snapshot chain, leaf first:<ol>{items}</ol></div>"
+        return f"<div>{head}{chain}{_partition_table_html(self)}</div>"
+
     @override
     def __repr__(self) -> str:
         mode = "rw" if self._writable else "ro"
@@ -340,3 +359,48 @@ class DiskImage(io.RawIOBase):
         return (
             f"<{type(self).__name__} {str(self.path)!r} {self.format} {self.size} bytes {mode}{extra}{state}>"
         )
+
+
+def _human(size: int) -> str:
+    value = float(size)
+    for unit in ("bytes", "KiB", "MiB", "GiB", "TiB"):
+        if value < 1024 or unit == "TiB":
+            return f"{value:.0f} {unit}" if unit == "bytes" else f"{value:.1f} {unit}"
+        value /= 1024
+    return f"{size} bytes"  # pragma: no cover
+
+
+def _partition_table_html(disk: DiskImage) -> str:
+    """The partitions and logical volumes of ``disk`` as an HTML table (errors shown, never raised)."""
+    import warnings  # noqa: PLC0415
+
+    from diskhandler.errors import DiskHandlerError  # noqa: PLC0415
+    from diskhandler.partitions import Partition, list_partitions  # noqa: PLC0415  (partitions imports us)
+
+    try:
+        with warnings.catch_warnings(record=True):
+            parts = list_partitions(disk)
+    except (DiskHandlerError, OSError) as exc:
+        return f"<div>partitions: {html.escape(str(exc))}</div>"
+    if not parts:
+        return "<div><i>no partition table, no LVM volumes</i></div>"
+    rows = []
+    for p in parts:
+        if isinstance(p, Partition):
+            kind = f"{p.scheme.upper()} {html.escape(p.type_name)}" + (
+                f" [{html.escape(p.name)}]" if p.name else ""
+            )
+            where = str(p.start)
+        else:
+            note = f" — {html.escape(p.reason)}" if p.reason else ""
+            kind = f"LVM {html.escape(p.layout)}{note}"
+            where = "extents"
+        rows.append(
+            f"<tr><td>{html.escape(p.key)}</td><td>{kind}</td><td>{where}</td><td>{_human(p.size)}</td></tr>"
+        )
+        p.close()
+    return (
+        "<table><tr><th>partition</th><th>type</th><th>start</th><th>size</th></tr>"
+        + "".join(rows)
+        + "</table>"
+    )
