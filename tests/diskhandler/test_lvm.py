@@ -175,6 +175,30 @@ def lvm_disk(tmp_path_factory: pytest.TempPathFactory) -> tuple[Path, dict[str, 
         _lvm(devs, "lvcreate", "-q", "-an", "-Zn", "-i2", "-I64k", "-L", "8M", "-n", "fast", "vg0")
         _lvm(devs, "lvcreate", "-q", "-an", "--type", "zero", "-L", "4M", "-n", "nothing", "vg0")
         extents = {lv: _extents(devs, starts, "vg0", lv) for lv in ("root", "data")}
+        # the striped volume: where its stripes are, as lvs reports them
+        line = _lvm(
+            devs,
+            "lvs",
+            "--noheadings",
+            "--units",
+            "b",
+            "--nosuffix",
+            "-o",
+            "seg_pe_ranges,stripe_size",
+            "vg0/fast",
+        )
+        *ranges, stripe_size = line.split()
+        extent = int(
+            _lvm(devs, "vgs", "--noheadings", "--units", "b", "--nosuffix", "-o", "vg_extent_size", "vg0")
+        )
+        pe_start = int(
+            _lvm(devs, "pvs", "--noheadings", "--units", "b", "--nosuffix", "-o", "pe_start", devs[0])
+        )
+        stripe_starts = []
+        for r in ranges:
+            dev, span = r.rsplit(":", 1)
+            stripe_starts.append(starts[dev] + pe_start + int(span.split("-")[0]) * extent)
+        extents["fast"] = [(int(stripe_size), len(stripe_starts), s) for s in stripe_starts]
     tree = tmp / "tree"
     (tree / "etc").mkdir(parents=True)
     (tree / "etc" / "hostname").write_text("lvm-guest\n")
@@ -210,6 +234,28 @@ def test_volumes_are_listed_beside_the_partitions(
         assert "LVM zero" in text
         for p in found:
             p.close()
+
+
+@needs_lvm
+def test_striped_volume_reads_in_stripe_order(
+    lvm_disk: tuple[Path, dict[str, list[tuple[int, int, int]]]], tmp_path: Path
+) -> None:
+    """dm-stripe's layout: chunk i of the volume is chunk i // n of stripe i % n."""
+    raw, extents = lvm_disk
+    work = tmp_path / "disk.img"
+    shutil.copyfile(raw, work)
+    stripe_size, count, _ = extents["fast"][0]
+    starts = [start for _, _, start in extents["fast"]]
+    size = 8 * MiB
+    expect = random.Random(9).randbytes(size)
+    with work.open("r+b") as f:
+        for chunk in range(size // stripe_size):
+            f.seek(starts[chunk % count] + (chunk // count) * stripe_size)
+            f.write(expect[chunk * stripe_size : (chunk + 1) * stripe_size])
+    with open_image(work) as disk:
+        (fast,) = [p for p in list_partitions(disk) if p.key == "vg0/fast"]
+        assert fast.read_at(0, size) == expect
+        assert fast.read_at(stripe_size - 10, 30) == expect[stripe_size - 10 : stripe_size + 20]
 
 
 @needs_lvm
