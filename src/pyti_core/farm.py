@@ -38,6 +38,7 @@ This is the one module of pyti that imports Dask (``pip install 'pyti[farm]'``).
 from __future__ import annotations
 
 import asyncio
+import concurrent.futures
 import contextlib
 import fcntl
 import hashlib
@@ -46,6 +47,7 @@ import logging
 import os
 import shutil
 import signal
+import tempfile
 import threading
 import time
 import traceback
@@ -65,7 +67,6 @@ from distributed.security import Security
 
 from pyti_core.errors import (
     FarmError,
-    GuestBootError,
     GuestRunError,
     PytiError,
     RawDataError,
@@ -270,7 +271,7 @@ class _Runtime:
         if self.plugin.uri is None:
             # the worker's own embedded QEMU driver lives in its slot, so the next worker in this slot
             # finds what a dead one left (libvirt reads the state of its running guests back)
-            os.environ["PYTI_LIBVIRT_ROOT"] = str(self.slot_dir / "libvirt")
+            os.environ["PYTI_LIBVIRT_ROOT"] = str(self.libvirt_root())
         self.sweep()
 
     def _take_slot(self) -> None:
@@ -290,6 +291,19 @@ class _Runtime:
             self.slot.mkdir(exist_ok=True)
             return
         raise FarmError(f"{root}: no free worker slot (1024 workers already use this work folder)")
+
+    def libvirt_root(self) -> Path:
+        """The slot's libvirt root: a short path (QEMU's monitor sockets live under it, and a socket
+        path is at most 107 bytes) derived from the slot's, with a ``libvirt`` link in the slot to it.
+        """
+        digest = hashlib.sha256(str(self.slot_dir.resolve()).encode()).hexdigest()[:16]
+        root = Path(tempfile.gettempdir()) / f"pyti-farm-{digest}"
+        root.mkdir(mode=0o700, exist_ok=True)
+        link = self.slot_dir / "libvirt"
+        if not link.is_symlink():
+            with contextlib.suppress(OSError):
+                link.symlink_to(root)
+        return root
 
     @property
     def slot_dir(self) -> Path:
@@ -475,23 +489,23 @@ def run_job(job: FarmJob) -> dict[str, Any]:
     started = datetime.now(UTC)
     t0 = time.monotonic()
     phases: dict[str, float] = {}
+    found: dict[str, str] = {"distribution": job.spec}  # name==version once downloaded
     try:
-        result = _run_in_vm(job, runtime, folder, name, dask_key, phases, progress)
-    except GuestBootError as exc:
-        result = _failure(job.spec, "error", str(exc), started, t0, phases, exc.serial_log)
-    except GuestRunError as exc:
-        result = _failure(job.spec, "error", str(exc), started, t0, phases, exc.serial_log)
+        result = _run_in_vm(job, runtime, folder, name, dask_key, phases, found, progress)
+    except GuestRunError as exc:  # GuestBootError too: the serial log says why
+        result = _failure(found["distribution"], "error", str(exc), started, t0, phases, exc.serial_log)
     except (PytiError, OSError) as exc:
-        result = _failure(job.spec, "error", f"pyti could not run {job.spec}: {exc}", started, t0, phases)
+        why = f"pyti could not run {job.spec}: {exc}"
+        result = _failure(found["distribution"], "error", why, started, t0, phases)
     except Exception as exc:  # a job never ends without a result
-        text = "".join(traceback.format_exception(exc))
-        result = _failure(job.spec, "error", f"pyti could not run {job.spec}:\n{text}", started, t0, phases)
+        why = f"pyti could not run {job.spec}:\n{''.join(traceback.format_exception(exc))}"
+        result = _failure(found["distribution"], "error", why, started, t0, phases)
     finally:
         runtime.running.pop(dask_key, None)
         shutil.rmtree(folder, ignore_errors=True)
     if dask_key in runtime.cancelled:
         runtime.cancelled.discard(dask_key)
-        result = _failure(job.spec, "error", "cancelled", started, t0, phases, result.serial_log)
+        result = _failure(result.distribution, "error", "cancelled", started, t0, phases, result.serial_log)
     return {
         "distribution": result.distribution,
         "records": "\n".join(json.dumps(r.to_jsonrpc()) for r in result.report.records),
@@ -509,6 +523,7 @@ def _run_in_vm(  # noqa: PLR0917 (private helper called once)
     name: str,
     dask_key: str,
     phases: dict[str, float],
+    found: dict[str, str],
     progress: Callable[[str, str], None],
 ) -> RunResult:
     """Fetch the distribution for the guest, then :func:`~pyti_core.manager.run_prepared` it."""
@@ -537,6 +552,7 @@ def _run_in_vm(  # noqa: PLR0917 (private helper called once)
         pip_wheel=bundled_pip_wheel(),
     )
     phases["download"] = time.monotonic() - t
+    found["distribution"] = f"{distribution.name}=={distribution.version}"
     if dask_key in runtime.cancelled:
         raise FarmError("cancelled before its VM started")
     connection: Any = runtime.connect() if job.uri is None else job.uri
@@ -692,6 +708,31 @@ class FarmRun(Iterator[RunResult]):
         self.close()
 
 
+def _probe_scheduler(address: str, security: Security | None, timeout: str | float) -> None:
+    """Connect to the scheduler once (TLS handshake and Dask's own included) before a client is made,
+    so an unreachable or refusing scheduler is one clear :class:`SchedulerLostError`.
+    """
+    from distributed.comm.core import connect  # noqa: PLC0415
+
+    if address.startswith("tls://") and security is None:
+        raise SchedulerLostError(
+            address,
+            f"cannot reach the Dask scheduler at {address}: it speaks TLS; give the farm's CA and your "
+            "certificate (--tls-ca-file, --tls-cert, --tls-key; security=security_from_files(...))",
+        )
+    args = (security or Security()).get_connection_args("client")
+
+    async def probe() -> None:
+        comm = await connect(address, timeout=timeout, **args)
+        await comm.close()
+
+    try:
+        with concurrent.futures.ThreadPoolExecutor(1) as pool:  # also from a running event loop (Jupyter)
+            pool.submit(asyncio.run, probe()).result()
+    except (OSError, TimeoutError, ValueError) as exc:
+        raise SchedulerLostError(address, f"cannot reach the Dask scheduler at {address}: {exc}") from exc
+
+
 def _libvirt_log_to_file() -> None:
     """libvirt's own warnings (one per VM started as root) go to ``<user cache>/pyti/libvirt.log`` in
     the worker processes about to be started, not over the user's terminal; a value set is kept.
@@ -784,9 +825,10 @@ class _Batch:
             yield self.client
             return
         if self.scheduler is not None:
+            # Dask's connect timeout (distributed.comm.timeouts.connect, 30 s by default)
+            timeout = dask.config.get("distributed.comm.timeouts.connect")
+            _probe_scheduler(self.scheduler, self.security, timeout)
             try:
-                # Dask's connect timeout (distributed.comm.timeouts.connect, 30 s by default)
-                timeout = dask.config.get("distributed.comm.timeouts.connect")
                 client = Client(self.scheduler, security=self.security, timeout=timeout, set_as_default=False)
             except (OSError, TimeoutError) as exc:
                 raise SchedulerLostError(
@@ -978,8 +1020,13 @@ async def serve_worker(
     )
     try:
         await server
-    except (OSError, TimeoutError) as exc:
-        raise SchedulerLostError(scheduler, f"cannot join the Dask scheduler at {scheduler}: {exc}") from exc
+    except (OSError, TimeoutError, RuntimeError) as exc:  # RuntimeError: "Nanny failed to start"
+        cause = exc
+        while cause.__cause__ is not None and isinstance(cause, RuntimeError):
+            cause = cause.__cause__  # type: ignore[assignment]
+        raise SchedulerLostError(
+            scheduler, f"cannot join the Dask scheduler at {scheduler}: {type(cause).__name__}: {cause}"
+        ) from exc
     try:
         if ready is not None:
             ready(str(server.worker_address if nanny else server.address))

@@ -11,8 +11,11 @@ from __future__ import annotations
 
 import json
 import os
+import re
 import signal
 import sqlite3
+import subprocess
+import time
 from collections.abc import Iterator
 from datetime import UTC, datetime
 from pathlib import Path
@@ -21,14 +24,16 @@ import pytest
 
 pytest.importorskip("distributed")
 
+from distributed.security import Security
+
 from pyti_core.errors import LedgerError, LedgerInUseError, SchedulerLostError
-from pyti_core.farm import FarmJob, FarmProgress, make_jobs, run_many
+from pyti_core.farm import FarmJob, FarmProgress, make_jobs, run_many, security_from_files
 from pyti_core.ledger import Ledger
 from pyti_core.manager import GuestSystem, RunResult
 from pyti_core.rawdata import RawDataRecord
 from pyti_core.tasks import Recipe, Task
-from tests.pyti_core.farmtools import Cluster, cluster_in, pyti
-from tests.pyti_core.test_task_manager import make_wheel
+from tests.pyti_core.farmtools import BIN, Cluster, cluster_in, make_ca_and_certs, pyti
+from tests.pyti_core.test_task_manager import HAVE_QEMU, make_wheel
 
 HOOKS = {"PYTI_FARM_TEST_HOOKS": "1"}
 
@@ -338,3 +343,169 @@ def test_the_scheduler_going_away_is_a_clear_error_and_the_rerun_resumes(
         rows = book.rows()
     assert [r.state for r in rows] == ["done", "done"]
     assert sorted(r.attempts for r in rows) == [1, 2]
+
+
+# -- real guests ----------------------------------------------------------------------------------------
+
+
+def _qemu_running(vm: str) -> bool:
+    found = subprocess.run(["pgrep", "-f", f"guest={vm}"], capture_output=True, check=False)
+    return found.returncode == 0
+
+
+@pytest.mark.farm
+@pytest.mark.qemu
+def test_a_worker_killed_mid_job_every_job_done_exactly_once_and_a_rerun_does_nothing(
+    tmp_path: Path, wheels: Path, cluster: Cluster
+) -> None:
+    if not HAVE_QEMU:
+        pytest.skip("needs qemu-system-x86_64 and /dev/fuse")
+    GuestSystem.default()  # built (or found) once, before the workers look for it
+    cluster.scheduler()
+    workers = {}
+    for name in ("w1", "w2"):
+        proc, address = cluster.worker(name, "--work-dir", str(tmp_path / name))
+        workers[address] = (name, proc)
+    ledger = tmp_path / "farm.sqlite"
+    argv = [
+        "farm", "run", *map(str, sorted(wheels.glob("*.whl"))), "--ledger", str(ledger),
+        "--scheduler", cluster.address, "--recipe", "install-only", "--timeout", "400",
+        "--find-links", str(wheels), "--no-index", "--plain", "--report", str(tmp_path / "reports"),
+    ]  # fmt: skip
+    submitter = cluster.start("submitter", [str(BIN / "pyti"), *argv])
+    # the first job whose guest runs its tasks: kill its worker's whole process group (the host is lost)
+    tasks = submitter.wait_for(r"tasks: (\S+) \[default\]: running the tasks", timeout=300)
+    label = tasks.group(1)
+    started = re.findall(rf"started: {re.escape(label)} \[default\]: on worker (\S+)", submitter.text())
+    booted = re.findall(rf"boot: {re.escape(label)} \[default\]: starting VM (\S+)", submitter.text())
+    victim_name, victim = workers[started[-1]]
+    victim.kill_group(signal.SIGKILL)
+    t_kill = time.monotonic()
+    assert submitter.popen.wait(timeout=600) == 0, submitter.text()[-5000:]
+    out = submitter.text()
+    assert "3 of 3 job(s) passed" in out
+    with Ledger(ledger) as book:
+        rows = {Path(r.spec).name: r for r in book.rows()}
+    assert len(rows) == 3
+    assert all(r.state == "done" and r.ok for r in rows.values())
+    assert rows[Path(label).name].attempts == 2  # it ran again, on the other worker
+    assert rows[Path(label).name].worker != started[-1]
+    assert sorted(r.attempts for r in rows.values()) == [1, 1, 2]
+    assert len(list((tmp_path / "reports").glob("*.json"))) == 3
+    # what the killed worker left (its guest, if QEMU outlived it) goes when a worker takes its slot
+    survived = _qemu_running(booted[-1])
+    again_proc, _ = cluster.worker("w1-again", "--work-dir", str(tmp_path / victim_name))
+    assert not _qemu_running(booted[-1])
+    if survived:
+        assert f"destroying {booted[-1]}, left by a job that did not finish" in again_proc.text()
+    assert not any((tmp_path / victim_name).glob("slot-*/jobs/*"))
+    # the same command again does no work
+    t0 = time.monotonic()
+    again = pyti(*argv)
+    assert again.returncode == 0, again.stderr
+    assert "started:" not in again.stderr
+    assert "done already" in again.stderr
+    assert "3 of 3 job(s) passed" in again.stdout
+    with Ledger(ledger) as book:
+        assert sorted(r.attempts for r in book.rows()) == [1, 1, 2]
+    rerun = time.monotonic() - t0
+    print(f"QEMU outlived its worker: {survived}; kill -> done in {t0 - t_kill:.1f} s; rerun {rerun:.1f} s")
+
+
+@pytest.mark.farm
+def test_tls_with_mutual_authentication_and_strangers_refused(
+    tmp_path: Path, wheels: Path, cluster: Cluster
+) -> None:
+    import dask
+
+    certs = make_ca_and_certs(tmp_path / "tls", ["scheduler", "worker", "client"])
+    stranger = make_ca_and_certs(tmp_path / "stranger", ["client"])  # another CA signed this one
+    ca = str(certs["ca"][0])
+
+    def tls(name: str, pki: dict[str, tuple[Path, Path]] = certs) -> list[str]:
+        return [
+            "--tls-ca-file",
+            str(pki["ca"][0]),
+            "--tls-cert",
+            str(pki[name][0]),
+            "--tls-key",
+            str(pki[name][1]),
+        ]
+
+    cluster.scheduler(
+        *tls("scheduler"), protocol="tls", env={"DASK_DISTRIBUTED__COMM__REQUIRE_ENCRYPTION": "1"}
+    )
+    assert cluster.address.startswith("tls://127.0.0.1:")
+    _, worker = cluster.worker(
+        "w1", "--uri", "test:///default", "--work-dir", str(tmp_path / "w1"), *tls("worker")
+    )
+    assert worker.startswith("tls://127.0.0.1:")
+    guest = fake_guest(tmp_path / "guest", boot_timeout=1)
+    wheel = wheels / "farma-1.0-py3-none-any.whl"
+
+    def farm(security: Security | None, address: str = cluster.address) -> list[RunResult]:
+        return list(
+            run_many([wheel], ledger=tmp_path / "farm.sqlite", scheduler=address, security=security,
+                     guest=guest, recipe="install-only", find_links=[wheels], no_index=True)
+        )  # fmt: skip
+
+    with dask.config.set({"distributed.comm.timeouts.connect": "3s"}):
+        # no certificate, a certificate of another CA, plain TCP: all refused before any job is sent
+        for security in (None, security_from_files(stranger["ca"][0], *stranger["client"])):
+            with pytest.raises(SchedulerLostError, match="cannot reach the Dask scheduler"):
+                farm(security)
+        client_of_stranger = security_from_files(ca, *stranger["client"])  # trusts us, we do not trust it
+        with pytest.raises(SchedulerLostError, match="cannot reach the Dask scheduler"):
+            farm(client_of_stranger)
+        with pytest.raises(SchedulerLostError, match="cannot reach the Dask scheduler"):
+            farm(None, cluster.address.replace("tls://", "tcp://"))
+    with Ledger(tmp_path / "farm.sqlite") as book:
+        assert [r.attempts for r in book.rows()] == [0]
+    # a worker with a stranger's certificate cannot join
+    rogue = cluster.start(
+        "rogue",
+        [str(BIN / "pyti"), "farm", "worker", cluster.address, "--uri", "test:///default",
+         "--work-dir", str(tmp_path / "rogue"), *tls("client", stranger)],
+        {"DASK_DISTRIBUTED__COMM__TIMEOUTS__CONNECT": "3s"},
+    )  # fmt: skip
+    assert rogue.popen.wait(timeout=120) == 3
+    assert "pyti: error: cannot join the Dask scheduler" in rogue.text()
+    # the farm's own parties get through, over TLS
+    (result,) = farm(security_from_files(ca, *certs["client"]))
+    assert "PYTI-GUEST-READY" in result.report.records[0].stderr  # it ran on the worker (no real guest)
+    with Ledger(tmp_path / "farm.sqlite") as book:
+        (row,) = book.rows()
+    assert (row.state, row.attempts, row.worker) == ("done", 1, worker)
+
+
+@pytest.mark.farm
+@pytest.mark.qemu
+def test_the_notebook_in_docs_runs(tmp_path: Path, wheels: Path) -> None:
+    """docs/farm.ipynb, executed as a user would (a Jupyter kernel), on a local wheel and a real guest."""
+    if not HAVE_QEMU:
+        pytest.skip("needs qemu-system-x86_64 and /dev/fuse")
+    nbformat = pytest.importorskip("nbformat")
+    nbclient = pytest.importorskip("nbclient")
+    GuestSystem.default()
+    notebook = nbformat.read(Path(__file__).parents[2] / "docs" / "farm.ipynb", as_version=4)
+    (parameters,) = [c for c in notebook.cells if "parameters" in c.metadata.get("tags", ())]
+    wheel = wheels / "farma-1.0-py3-none-any.whl"
+    parameters.source = (
+        f"specs = [{str(wheel)!r}]\nrecipe = 'install-only'\nledger = 'farm-demo.sqlite'\n"
+        f"run_options = {{'max_vms': 1, 'find_links': [{str(wheels)!r}], 'no_index': True, "
+        f"'work_dir': {str(tmp_path / 'work')!r}}}\n"
+    )
+    client = nbclient.NotebookClient(
+        notebook, timeout=600, kernel_name="python3", resources={"metadata": {"path": str(tmp_path)}}
+    )
+    client.execute()
+    text = "\n".join(
+        str(output.get("text", ""))
+        for cell in notebook.cells
+        if cell.cell_type == "code"
+        for output in cell.outputs
+    )
+    assert "farma==1.0: passed" in text
+    assert "1 result(s) from the ledger" in text
+    assert "{'pending': 0, 'running': 0, 'done': 1, 'failed': 0}" in text
+    assert (tmp_path / "farm-demo.sqlite").is_file()
