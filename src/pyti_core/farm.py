@@ -555,14 +555,15 @@ def _run_in_vm(  # noqa: PLR0917 (private helper called once)
     found["distribution"] = f"{distribution.name}=={distribution.version}"
     if dask_key in runtime.cancelled:
         raise FarmError("cancelled before its VM started")
-    connection: Any = runtime.connect() if job.uri is None else job.uri
     result = run_prepared(
         distribution,
         job.recipe,
         guest=guest,
         timeout=job.timeout,
         work_dir=folder / "run",
-        uri=connection,  # one connection for every VM of this worker process
+        uri=job.uri,
+        # one connection for every VM of this worker process (libvirt's embedded driver is one per process)
+        connection=runtime.connect() if job.uri is None else None,
         progress=progress,
         name=name,
     )

@@ -508,10 +508,7 @@ class Connection:
 
     def domain_names(self) -> list[str]:
         """The names of every domain on this connection, defined or running, sorted."""
-        try:
-            return sorted(d.name() for d in self.raw.listAllDomains(0))
-        except libvirt.libvirtError as exc:
-            raise translate(exc, uri=self.uri, operation="list domains") from exc
+        return sorted(d.name for d in self.domains())
 
     def capabilities(self) -> str:
         try:
