@@ -50,12 +50,14 @@ from __future__ import annotations
 
 import contextlib
 import datetime
+import logging
 import os
 import re
 import shutil
 import tempfile
 import time
 import uuid
+import warnings
 from collections.abc import Callable, Iterable, Mapping, Sequence
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, Final, Literal
@@ -72,6 +74,8 @@ from pyti_core.tasks import GuestLayout, Recipe, get_recipe, stage_io_folder
 
 if TYPE_CHECKING:
     from vmanager import Connection, VirtualMachine
+
+_log = logging.getLogger(__name__)
 
 __all__ = [
     "PHASES",
@@ -561,12 +565,23 @@ def _read_tail(path: Path, limit: int = _SERIAL_KEEP) -> str:
 
 
 def _download_results(io_disk: Path, layout: GuestLayout, dest: Path) -> None:
-    from diskhandler import DiskOperations  # noqa: PLC0415
+    from diskhandler import DiskOperations, GuestLinkWarning  # noqa: PLC0415
 
     with DiskOperations(io_disk, readonly=True) as ops:
         guest_results = "/" + layout.results
         if ops.exists(guest_results):
-            ops.download(guest_results, dest)
+            # Links and special files the guest left are skipped by the download: the guest's doing,
+            # logged, not the caller's warning to handle (their records are then simply missing).
+            with warnings.catch_warnings(record=True) as caught:
+                warnings.simplefilter("always", GuestLinkWarning)
+                ops.download(guest_results, dest)
+            for warning in caught:
+                if issubclass(warning.category, GuestLinkWarning):
+                    _log.warning("%s", warning.message)
+                else:
+                    warnings.warn_explicit(
+                        warning.message, warning.category, warning.filename, warning.lineno
+                    )
         else:
             dest.mkdir(parents=True)
 
@@ -624,10 +639,10 @@ def _collect_records(
     by_id = {str(t["id"]): t for t in tasks}
     got: dict[str, RawDataRecord] = {}
     rejected: dict[str, str] = {}
-    unattributed: list[str] = []
+    unattributed = _Rejections()
     for number, line in _read_lines(path):
         if line is None:
-            unattributed.append(f"line {number + 1}: longer than the {MAX_RECORD_BYTES}-byte record limit")
+            unattributed.add(f"line {number + 1}: longer than the {MAX_RECORD_BYTES}-byte record limit")
             continue
         if not line.strip():
             continue
@@ -638,24 +653,24 @@ def _collect_records(
             if task_id in by_id and task_id not in got:
                 rejected.setdefault(task_id, str(exc))
             else:
-                unattributed.append(f"line {number + 1}: {exc}")
+                unattributed.add(f"line {number + 1}: {exc}")
             continue
         if record.task_id not in by_id:
-            unattributed.append(f"line {number + 1}: task id {record.task_id!r} is not in the job")
-        elif record.task_id in got or record.task_id in rejected:
-            unattributed.append(f"line {number + 1}: a second record for task {record.task_id!r}")
+            unattributed.add(f"line {number + 1}: task id {record.task_id!r} is not in the job")
+        elif record.task_id in got:
+            unattributed.add(f"line {number + 1}: a second record for task {record.task_id!r}")
         elif record.task != by_id[record.task_id].get("name"):
             rejected[record.task_id] = (
                 f"record {number}: task {record.task_id!r} is named {by_id[record.task_id].get('name')!r} "
                 f"in the job, not {record.task!r}"
             )
         else:
-            got[record.task_id] = record
+            got[record.task_id] = record  # a valid record stands, even after a rejected line claiming it
     now = datetime.datetime.now(datetime.UTC)
     out: list[RawDataRecord] = []
     first_missing = True
     previous_end = ready_at
-    extra = "; other rejected lines: " + "; ".join(unattributed[:5]) if unattributed else ""
+    extra = unattributed.summary()
     for task in tasks:
         task_id = str(task["id"])
         task_name = str(task.get("name", task_id))
@@ -701,6 +716,26 @@ def _collect_records(
             )
         )
     return out
+
+
+@attrs.define
+class _Rejections:
+    """Rejected lines no task can be blamed for: the first few kept for the message, the rest counted,
+    so a flood of junk lines does not grow memory."""
+
+    first: list[str] = attrs.field(factory=list)
+    count: int = 0
+
+    def add(self, reason: str) -> None:
+        self.count += 1
+        if len(self.first) < 5:
+            self.first.append(reason)
+
+    def summary(self) -> str:
+        if not self.count:
+            return ""
+        more = f"; and {self.count - len(self.first)} more" if self.count > len(self.first) else ""
+        return "; other rejected lines: " + "; ".join(self.first) + more
 
 
 _TASK_ID: Final = re.compile(rb'"task_id"\s*:\s*"([^"\\]{1,64})"')

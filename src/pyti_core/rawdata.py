@@ -10,8 +10,12 @@ object without an ``id``, JSON-RPC 2.0 specification section 4.1) whose method i
         "tests": {"passed": 1, "failed": 1, "errors": 0, "skipped": 0}}}
 
 Records come from a guest that runs untrusted code, so the host validates every one at the edge
-(:func:`parse_record`) and never trusts its size, types or encoding. The schema is documented for
-users in ``docs/rawdata.md``.
+(:func:`parse_record`) and never trusts its size, types or encoding. Every JSON text from a guest —
+a record, a line of the live channel — is decoded by :func:`load_guest_json`, the one edge: it caps
+the size, the nesting depth and the digits of an integer, refuses ``NaN``/``Infinity`` and lone
+surrogates, and turns every failure into a :class:`~pyti_core.errors.RawDataError` with its reason
+(never a ``RecursionError``, an ``OverflowError`` or Python's own integer-digit ``ValueError``). The
+schema is documented for users in ``docs/rawdata.md``.
 """
 
 from __future__ import annotations
@@ -19,7 +23,7 @@ from __future__ import annotations
 import json
 import math
 from collections.abc import Iterable, Mapping
-from datetime import UTC, datetime
+from datetime import UTC, datetime, timedelta
 from typing import Any, ClassVar, Final, Literal, cast, get_args
 
 import attrs
@@ -27,18 +31,26 @@ import attrs
 from pyti_core.errors import RawDataError
 
 __all__ = [
+    "MAX_DURATION_S",
+    "MAX_JSON_DEPTH",
     "MAX_RECORD_BYTES",
     "METHOD",
     "RawDataRecord",
     "Report",
     "Status",
     "TestCounts",
+    "load_guest_json",
     "parse_record",
     "parse_records",
 ]
 
 METHOD: Final = "rawdata.report"
 MAX_RECORD_BYTES: Final = 4 << 20  # stdout/stderr are capped in the guest well below this
+MAX_JSON_DEPTH: Final = 32  # a record nests 3 deep; a channel frame a few more
+MAX_DURATION_S: Final = 10 * 366 * 86400.0  # ten years: no task runs longer; 1e300 s is a lie
+_MAX_INT_DIGITS: Final = 20  # 2**64 has 20 digits; no field needs more
+_MAX_NAME_CHARS: Final = 1024  # task ids and names
+_INT32: Final = 1 << 31
 Status = Literal["passed", "failed", "error", "timeout"]
 _STATUSES: Final = frozenset(get_args(Status))
 
@@ -139,47 +151,76 @@ class RawDataRecord:
             return value
 
         def number(name: str) -> float:
-            value = float(get(name, (int, float)))
-            if not math.isfinite(value) or value < 0:
-                raise RawDataError(f"params.{name} must be a finite number >= 0, got {value}", record=record)
+            value = float(get(name, (int, float)))  # load_guest_json keeps ints within 20 digits
+            if not math.isfinite(value) or not 0 <= value <= MAX_DURATION_S:
+                raise RawDataError(
+                    f"params.{name} must be a finite number >= 0 and at most {MAX_DURATION_S:g} s,"
+                    f" got {value:g}",
+                    record=record,
+                )
+            return value
+
+        def name(field: str) -> str:
+            value: str = get(field, str)
+            if not value or len(value) > _MAX_NAME_CHARS:
+                raise RawDataError(
+                    f"params.{field} must be 1 to {_MAX_NAME_CHARS} characters, got {len(value)}",
+                    record=record,
+                )
             return value
 
         status = get("status", str)
         if status not in _STATUSES:
             raise RawDataError(
-                f"params.status must be one of {sorted(_STATUSES)}, got {status!r}", record=record
+                f"params.status must be one of {sorted(_STATUSES)}, got {_short(repr(status), 40)}",
+                record=record,
             )
         started_raw = get("started_at", str)
         try:
             started = datetime.fromisoformat(started_raw)
         except ValueError as exc:
             raise RawDataError(
-                f"params.started_at is not an ISO 8601 time: {started_raw!r}", record=record
+                f"params.started_at is not an ISO 8601 time: {_short(repr(started_raw), 60)}", record=record
             ) from exc
         if started.tzinfo is None:
             raise RawDataError("params.started_at must carry a time zone (UTC, 'Z')", record=record)
+        duration = number("duration_s")
+        try:
+            started = started.astimezone(UTC)
+            started + timedelta(seconds=duration)  # the end must be a time too
+        except OverflowError:
+            raise RawDataError(
+                f"params.started_at {started_raw!r} plus params.duration_s {duration:g} is not a time"
+                " between the years 1 and 9999",
+                record=record,
+            ) from None
         max_rss = get("max_rss_kb", int)
-        if max_rss < 0:
-            raise RawDataError("params.max_rss_kb must be >= 0", record=record)
+        if not 0 <= max_rss < 1 << 63:
+            raise RawDataError("params.max_rss_kb must be from 0 to 2**63 - 1", record=record)
+        exit_code = get("exit_code", int, optional=True)
+        if exit_code is not None and not -_INT32 <= exit_code < _INT32:
+            raise RawDataError("params.exit_code must be a 32-bit integer", record=record)
         tests_raw = get("tests", dict, optional=True)
         tests = None
         if tests_raw is not None:
             counts: dict[str, int] = {}
             for key in ("passed", "failed", "errors", "skipped"):
                 value = tests_raw.get(key, 0)
-                if isinstance(value, bool) or not isinstance(value, int) or value < 0:
-                    raise RawDataError(f"params.tests.{key} must be an integer >= 0", record=record)
+                if isinstance(value, bool) or not isinstance(value, int) or not 0 <= value < _INT32:
+                    raise RawDataError(
+                        f"params.tests.{key} must be an integer from 0 to 2**31 - 1", record=record
+                    )
                 counts[key] = value
             tests = TestCounts(**counts)
         return cls(
-            task_id=get("task_id", str),
-            task=get("task", str),
+            task_id=name("task_id"),
+            task=name("task"),
             status=cast(Status, status),
-            exit_code=get("exit_code", int, optional=True),
+            exit_code=exit_code,
             stdout=get("stdout", str),
             stderr=get("stderr", str),
-            started_at=started.astimezone(UTC),
-            duration_s=number("duration_s"),
+            started_at=started,
+            duration_s=duration,
             max_rss_kb=max_rss,
             cpu_user_s=number("cpu_user_s"),
             cpu_system_s=number("cpu_system_s"),
@@ -187,17 +228,107 @@ class RawDataRecord:
         )
 
 
+class _Refused(Exception):
+    """Raised by the decoder's hooks; becomes a RawDataError."""
+
+
+def _parse_int(text: str) -> int:
+    digits = len(text.lstrip("-"))
+    if digits > _MAX_INT_DIGITS:
+        raise _Refused(f"an integer of {digits} digits (at most {_MAX_INT_DIGITS})")
+    return int(text)
+
+
+def _parse_float(text: str) -> float:
+    if len(text) > 64:
+        raise _Refused(f"a number written with {len(text)} characters (at most 64)")
+    value = float(text)
+    if not math.isfinite(value):
+        raise _Refused(f"the number {text[:30]} is beyond what a float holds")
+    return value
+
+
+def _parse_constant(name: str) -> float:
+    raise _Refused(f"{name} is not a JSON number (RFC 8259)")
+
+
+_DECODER: Final = json.JSONDecoder(
+    parse_int=_parse_int, parse_float=_parse_float, parse_constant=_parse_constant
+)
+
+
+def _check_tree(obj: object) -> None:
+    """Depth and strings of a decoded value, without recursion."""
+    stack: list[tuple[object, int]] = [(obj, 1)]
+    while stack:
+        value, depth = stack.pop()
+        if isinstance(value, str):
+            _check_text(value)
+        elif isinstance(value, (dict, list)):
+            if depth > MAX_JSON_DEPTH:
+                raise _Refused(f"nested deeper than {MAX_JSON_DEPTH} levels")
+            if isinstance(value, dict):
+                for key, item in value.items():
+                    _check_text(key)
+                    stack.append((item, depth + 1))
+            else:
+                stack.extend((item, depth + 1) for item in value)
+
+
+def _check_text(text: str) -> None:
+    try:
+        text.encode("utf-8")
+    except UnicodeEncodeError:
+        raise _Refused("a string holds a lone surrogate (\\ud800-\\udfff), which is not text") from None
+
+
+def load_guest_json(
+    data: bytes | str,
+    *,
+    max_bytes: int = MAX_RECORD_BYTES,
+    what: str = "record",
+    record: int | None = None,
+) -> Any:
+    """Decode one JSON text a guest wrote, or raise :class:`RawDataError` saying why not.
+
+    The one edge for everything a guest sends as JSON (records on the IO disk, frames on the live
+    channel): at most ``max_bytes`` bytes, nested at most :data:`MAX_JSON_DEPTH` deep, integers of at
+    most 20 digits, finite numbers only (no ``NaN``/``Infinity``), valid UTF-8 without lone
+    surrogates. ``what`` names the thing in messages (``"record"``, ``"frame"``).
+    """
+    size = len(data.encode("utf-8", "surrogatepass") if isinstance(data, str) else data)
+    if size > max_bytes:
+        raise RawDataError(f"{what} is {size} bytes, more than the {max_bytes}-byte limit", record=record)
+    try:
+        text = data.decode("utf-8") if isinstance(data, bytes) else data
+        obj = _DECODER.decode(text)
+        _check_tree(obj)
+    except _Refused as exc:
+        raise RawDataError(f"{what} refused: {exc}", record=record) from None
+    except UnicodeDecodeError as exc:
+        raise RawDataError(
+            f"{what} is not JSON: not UTF-8 text ({exc.reason} at byte {exc.start})", record=record
+        ) from None
+    except json.JSONDecodeError as exc:
+        raise RawDataError(f"{what} is not JSON: {exc.msg} at character {exc.pos}", record=record) from None
+    except RecursionError:
+        raise RawDataError(
+            f"{what} refused: nested deeper than {MAX_JSON_DEPTH} levels", record=record
+        ) from None
+    except (ValueError, OverflowError, MemoryError) as exc:  # defensive: nothing else may escape
+        raise RawDataError(f"{what} refused: {_short(str(exc))}", record=record) from None
+    return obj
+
+
+def _short(text: str, limit: int = 120) -> str:
+    return text if len(text) <= limit else text[:limit] + f"... ({len(text)} characters)"
+
+
 def parse_record(
     data: bytes | str, *, record: int | None = None, max_bytes: int = MAX_RECORD_BYTES
 ) -> RawDataRecord:
-    """Parse and validate one record from its JSON text."""
-    size = len(data.encode() if isinstance(data, str) else data)
-    if size > max_bytes:
-        raise RawDataError(f"record is {size} bytes, more than the {max_bytes}-byte limit", record=record)
-    try:
-        obj = json.loads(data)
-    except (UnicodeDecodeError, json.JSONDecodeError) as exc:
-        raise RawDataError(f"record is not JSON: {exc}", record=record) from exc
+    """Parse and validate one record from its JSON text; :class:`RawDataError` says what is wrong."""
+    obj = load_guest_json(data, max_bytes=max_bytes, what="record", record=record)
     return RawDataRecord.from_jsonrpc(obj, record=record)
 
 
@@ -230,10 +361,7 @@ class Report:
 
     @classmethod
     def from_json(cls, data: bytes | str) -> Report:
-        try:
-            obj = json.loads(data)
-        except (UnicodeDecodeError, json.JSONDecodeError) as exc:
-            raise RawDataError(f"report is not JSON: {exc}") from exc
+        obj = load_guest_json(data, max_bytes=1 << 40, what="report")
         if not isinstance(obj, dict) or not isinstance(obj.get("distribution"), str):
             raise RawDataError('a report is an object with a "distribution" string and a "records" list')
         records = obj.get("records")
