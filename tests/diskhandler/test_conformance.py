@@ -11,12 +11,22 @@ import errno
 import hashlib
 import mmap
 import random
+import warnings
 from pathlib import Path
 from typing import Any
 
 import pytest
+from hypothesis import HealthCheck, given, settings
+from hypothesis import strategies as st
 
-from diskhandler import DiskImage, ReadOnlyImageError, create_image, open_image
+from diskhandler import (
+    DiskImage,
+    ImageFormatError,
+    ImageWarning,
+    ReadOnlyImageError,
+    create_image,
+    open_image,
+)
 from tests.diskhandler.imagetools import compare_with_raw, qemu_check, qemu_flatten
 
 MiB = 1 << 20
@@ -253,3 +263,60 @@ def test_warning_raised_as_an_error_leaves_no_file_open(tmp_path: Path, fmt: str
                 open_image(child)
             kept.append(excinfo.value)
     assert len(os.listdir("/proc/self/fd")) == before
+
+
+# -- header fuzzing: every format, the same rule -------------------------------------------------------
+
+# where each format keeps the structures a reader trusts first (byte ranges of a fresh 4 MiB image)
+FUZZ_CASES: list[tuple[str, dict[str, Any], list[tuple[int, int]]]] = [
+    ("vdi", {}, [(0, 0x200)]),
+    ("vhd", {}, [(0, 0x800)]),
+    ("vmdk", {}, [(0, 0x1000)]),
+    ("qcow2", {}, [(0, 0x200), (0x10000, 0x10040), (0x20000, 0x20040), (0x30000, 0x30040)]),
+    ("vhdx", {"block_size": MiB}, [(0, 0x40), (0x10000, 0x10060), (0x30000, 0x30060), (0x200000, 0x200100)]),
+]
+
+
+@pytest.fixture(scope="module")
+def fuzz_seeds(tmp_path_factory: pytest.TempPathFactory) -> dict[str, Path]:
+    seeds: dict[str, Path] = {}
+    for fmt, opts, _ in FUZZ_CASES:
+        path = tmp_path_factory.mktemp("fuzz-seed") / f"seed.{fmt}"
+        with create_image(path, 4 * MiB, fmt, **opts) as image:
+            image.write_at(MiB - 7, b"fuzz" * 1000)
+        seeds[fmt] = path
+    return seeds
+
+
+@settings(deadline=None, max_examples=60, suppress_health_check=[HealthCheck.function_scoped_fixture])
+@given(
+    edits=st.lists(
+        st.tuples(st.integers(0, 3), st.integers(0, 1 << 16), st.integers(0, 255)), min_size=1, max_size=6
+    )
+)
+@pytest.mark.parametrize("case", range(len(FUZZ_CASES)), ids=[c[0] for c in FUZZ_CASES])
+def test_damaged_headers_give_typed_errors(
+    tmp_path: Path, fuzz_seeds: dict[str, Path], case: int, edits: list[tuple[int, int, int]]
+) -> None:
+    """A damaged header or table opens (and reads) or raises ImageFormatError naming the file; nothing
+    else escapes: no IndexError, struct.error, MemoryError, hang or huge allocation."""
+    fmt, _opts, ranges = FUZZ_CASES[case]
+    blob = bytearray(fuzz_seeds[fmt].read_bytes())
+    for which, at, byte in edits:
+        lo, hi = ranges[which % len(ranges)]
+        blob[lo + at % (hi - lo)] = byte
+    path = tmp_path / f"fuzz.{fmt}"
+    path.write_bytes(bytes(blob))
+    error: ImageFormatError | None = None
+    try:
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore", ImageWarning)  # e.g. a stale VHD checksum: opened read-only
+            with open_image(path, format=fmt) as image:
+                image.read_at(0, 4096)
+                image.read_at(max(0, image.size - 8192), 8192)
+    except ImageFormatError as exc:
+        error = exc
+    finally:
+        path.unlink()
+    if error is not None:
+        assert error.path is not None
