@@ -5,6 +5,7 @@ exception it *is*, so ``except ValueError`` or ``except OSError`` in a caller ke
 
     PytiError
     ├── RawDataError (ValueError)       a raw-data record is not JSON, too large, or breaks the schema
+    │   └── ChannelFrameError           a live-channel frame from the guest is not a valid event
     ├── GuestImageError                 the tiny guest could not be built (package missing, tool failed)
     │   ├── CpioEntryError (ValueError) an entry cannot go into a newc cpio archive
     │   └── ImagePrepareError           a user's disk image cannot take the agent (no init system, no python3)
@@ -30,6 +31,7 @@ from collections.abc import Sequence
 from pathlib import Path
 
 __all__ = [
+    "ChannelFrameError",
     "ConfigError",
     "CpioEntryError",
     "FarmError",
@@ -63,6 +65,13 @@ class RawDataError(PytiError, ValueError):
         self.record = record
         where = f"record {record}: " if record is not None else ""
         super().__init__(f"{where}{message}")
+
+
+class ChannelFrameError(RawDataError):
+    """A frame the guest sent on the live channel is not a valid event (JSON, JSON-RPC 2.0, schema).
+
+    The host drops such a frame and counts it; it never reaches the caller of a run.
+    """
 
 
 class ConfigError(PytiError, ValueError):

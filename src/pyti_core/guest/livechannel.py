@@ -63,6 +63,7 @@ __all__ = [
     "PORT_NAME",
     "SYNC_BYTE",
     "SYNC_METHOD",
+    "AgentLive",
     "FrameDecoder",
     "FrameError",
     "GuestChannel",
@@ -125,14 +126,19 @@ class FrameDecoder:
         self.syncing = True
         self.skipped = 0
         self._buf = bytearray()
+        self._candidate = 0  # while syncing: the length of the marked frame last given out
 
     def resync(self) -> None:
         """Scan for the next marked frame again (after an error, or a new sync request)."""
         self.syncing = True
+        self._candidate = 0
 
     def synced(self) -> None:
         """The last marked frame was accepted: frames now follow one another."""
         self.syncing = False
+        if self._candidate:
+            del self._buf[: self._candidate]
+            self._candidate = 0
 
     @property
     def buffered(self) -> int:
@@ -147,6 +153,10 @@ class FrameDecoder:
         if not self._buf:
             return None
         if self.syncing:
+            if self._candidate:  # the last candidate was not accepted: it costs its 0xFF only
+                self.skipped += 1
+                del self._buf[:1]
+                self._candidate = 0
             body = self._scan()
             return None if body is None else (True, body)
         return self._next()
@@ -174,9 +184,8 @@ class FrameDecoder:
             end = 1 + HEADER.size + length
             if len(buf) < end:
                 return None
-            body = bytes(buf[1 + HEADER.size : end])
-            del buf[:end]
-            return body
+            self._candidate = end  # consumed by synced(); one byte of it by the next call otherwise
+            return bytes(buf[1 + HEADER.size : end])
 
     def _next(self) -> tuple[bool, bytes] | None:
         buf = self._buf
@@ -263,9 +272,13 @@ class GuestChannel:
 
     # -- public -------------------------------------------------------------------------------------------
 
-    def open(self) -> None:
-        """Open the port and start the threads; ``OSError`` when the port cannot be opened."""
-        self._fd = os.open(self.path, os.O_RDWR | os.O_NONBLOCK | getattr(os, "O_CLOEXEC", 0))
+    def open(self, fd: int | None = None) -> None:
+        """Open the port (or take over ``fd``) and start the threads; ``OSError`` when it cannot be opened."""
+        if fd is None:
+            fd = os.open(self.path, os.O_RDWR | os.O_NONBLOCK | getattr(os, "O_CLOEXEC", 0))
+        else:
+            os.set_blocking(fd, False)
+        self._fd = fd
         self.notify(
             HELLO,
             {"pid": os.getpid(), "python": sys.version.split()[0], "heartbeat_s": self.heartbeat_s},
@@ -353,23 +366,25 @@ class GuestChannel:
                     continue
                 if frame is None:
                     break
-                decoder.resync()  # every host message is a marked sync request: scan for the next one
-                self._answer(frame[1])
+                if self._answer(frame[1]):  # every host message is a marked sync request
+                    decoder.synced()
+                    decoder.resync()
 
-    def _answer(self, body: bytes) -> None:
+    def _answer(self, body: bytes) -> bool:
         try:
             request = json.loads(body.decode("utf-8"))
         except (UnicodeDecodeError, ValueError, RecursionError):
-            return
+            return False
         if not isinstance(request, dict) or request.get("method") != SYNC_METHOD:
-            return
+            return False
         sync_id = request.get("id")
         if isinstance(sync_id, bool) or not isinstance(sync_id, int):
-            return
+            return False
         reply = {"jsonrpc": "2.0", "id": sync_id, "result": {"sync": sync_id, "time": time.time()}}
         with self._cond:
             self._urgent.append(encode_frame(reply, marked=True))
             self._cond.notify_all()
+        return True
 
     def _take(self) -> bytes | None:
         with self._cond:
@@ -466,3 +481,159 @@ class PluginRelay:
         self._sock.close()
         with contextlib.suppress(OSError):
             os.unlink(self.path)
+
+
+# -- what the agent uses ----------------------------------------------------------------------------------
+
+
+class AgentLive:
+    """The agent's side of the channel for one job: events for its tasks, the plugin relay, output.
+
+    ``AgentLive(job.get("channel"))``: with ``None`` (the channel is off) every method does nothing and
+    tasks run exactly as without it. Otherwise the port is looked up (``device``, a path, wins over
+    ``port``, the name; a unix socket path is connected to, for running the agent on a host), the
+    channel opened and the plugin relay started; a guest without the port runs without events.
+    ``task_env(env)`` adds what the pytest plugin needs to a task's environment.
+    """
+
+    #: The most of one task's output sent as ``task.output`` chunks (its record has it all, capped).
+    OUTPUT_BUDGET = 256 * 1024
+    CHUNK = 8 * 1024
+
+    def __init__(self, config: dict[str, Any] | None) -> None:
+        self.config = config
+        self.channel: GuestChannel | None = None
+        self.relay: PluginRelay | None = None
+        self.error: str | None = None
+        self._lock = threading.Lock()
+        self._task: tuple[str, str] | None = None
+        self._outputs: list[tuple[str, str, int]] = []  # (stream, path, offset)
+        self._sent = 0
+        self._tmp: str | None = None
+        if not config:
+            return
+        try:
+            self._open(config)
+        except Exception as exc:
+            self.error = f"{type(exc).__name__}: {exc}"
+            self.close(0, flush_s=0)
+
+    def _open(self, config: dict[str, Any]) -> None:
+        import stat  # noqa: PLC0415
+        import tempfile  # noqa: PLC0415
+
+        device = config.get("device") or find_port(str(config.get("port") or PORT_NAME))
+        if not device:
+            self.error = "no virtio-serial port named {}".format(config.get("port") or PORT_NAME)
+            return
+        heartbeat = float(config.get("heartbeat_s") or 2.0)
+        channel = GuestChannel(str(device), heartbeat_s=heartbeat, tick=self._tick)
+        if stat.S_ISSOCK(os.stat(device).st_mode):
+            sock = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+            sock.connect(str(device))
+            channel.open(fd=sock.detach())
+        else:
+            channel.open()
+        self.channel = channel
+        self._tmp = tempfile.mkdtemp(prefix="pyti-live-")
+        self.relay = PluginRelay(os.path.join(self._tmp, "plugin.sock"), self._plugin_report)
+
+    def task_env(self, env: dict[str, str]) -> dict[str, str]:
+        """``env`` plus the plugin's folder on ``PYTHONPATH`` and, when the relay runs, its socket."""
+        if not self.config:
+            return env
+        env = dict(env)
+        plugin_dir = self.config.get("plugin_dir")
+        if plugin_dir:
+            old = env.get("PYTHONPATH")
+            env["PYTHONPATH"] = str(plugin_dir) + (os.pathsep + old if old else "")
+        if self.relay is not None:
+            env[PLUGIN_ENV] = self.relay.path
+        return env
+
+    def task_started(self, task_id: str, name: str, output: str | None = None) -> None:
+        """A task starts; ``output`` is the prefix of its ``.stdout``/``.stderr`` files, to be followed."""
+        if self.channel is None:
+            return
+        with self._lock:
+            self._task = (task_id, name)
+            self._sent = 0
+            self._outputs = [(s, output + "." + s, 0) for s in ("stdout", "stderr")] if output else []
+        self.channel.notify(TASK_STARTED, {"task_id": task_id, "task": name})
+
+    def task_finished(self, params: dict[str, Any]) -> None:
+        """A task's record is written: the last of its output, then ``task.finished``."""
+        if self.channel is None:
+            return
+        self._tick()
+        with self._lock:
+            self._task = None
+            self._outputs = []
+        self.channel.notify(
+            TASK_FINISHED,
+            {k: params.get(k) for k in ("task_id", "task", "status", "exit_code", "duration_s")},
+        )
+
+    def close(self, status: int, flush_s: float = 2.0) -> None:
+        if self.channel is not None:
+            self.channel.notify(EXIT, {"status": status})
+            self.channel.close(flush_s)
+            self.channel = None
+        if self.relay is not None:
+            self.relay.close()
+            self.relay = None
+        if self._tmp is not None:
+            with contextlib.suppress(OSError):
+                os.rmdir(self._tmp)
+            self._tmp = None
+
+    def _plugin_report(self, report: dict[str, Any]) -> None:
+        channel, task = self.channel, self._task
+        if channel is None or task is None:
+            return
+        params = {
+            k: report[k]
+            for k in ("nodeid", "outcome", "word", "when", "duration_s", "message")
+            if isinstance(report.get(k), (str, int, float)) and not isinstance(report.get(k), bool)
+        }
+        if not isinstance(params.get("nodeid"), str) or not isinstance(params.get("outcome"), str):
+            return
+        params["task_id"] = task[0]
+        channel.notify(TEST_REPORT, params, droppable=True)
+
+    def _tick(self) -> None:
+        channel = self.channel
+        if channel is None:
+            return
+        with self._lock:
+            if self._task is None:
+                return
+            task_id = self._task[0]
+            for i, (stream, path, offset) in enumerate(self._outputs):
+                if self._sent >= self.OUTPUT_BUDGET:
+                    return
+                try:
+                    with open(path, "rb") as f:
+                        f.seek(offset)
+                        data = f.read(min(self.CHUNK, self.OUTPUT_BUDGET - self._sent))
+                except OSError:
+                    continue
+                if not data:
+                    continue
+                # whole UTF-8 characters only: a cut one waits for the next tick
+                text = data.decode("utf-8", "ignore") if len(data) < self.CHUNK else _whole_utf8(data)
+                used = len(text.encode("utf-8")) if text else len(data)
+                self._outputs[i] = (stream, path, offset + used)
+                self._sent += used
+                channel.notify(
+                    TASK_OUTPUT, {"task_id": task_id, "stream": stream, "data": text}, droppable=True
+                )
+
+
+def _whole_utf8(data: bytes) -> str:
+    for cut in range(4):
+        try:
+            return data[: len(data) - cut].decode("utf-8")
+        except UnicodeDecodeError:
+            continue
+    return data.decode("utf-8", "replace")
