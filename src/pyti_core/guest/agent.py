@@ -36,6 +36,14 @@ import time
 import xml.etree.ElementTree as ET
 from typing import Any
 
+try:  # on the IO disk, the live channel's module lies beside the agent
+    import livechannel  # type: ignore[import-not-found,unused-ignore]
+except ImportError:  # pragma: no cover (on the host: the package's copy)
+    try:
+        from pyti_core.guest import livechannel
+    except ImportError:
+        livechannel = None
+
 __all__ = ["main", "parse_junit", "parse_unittest", "run_job", "run_task"]
 
 METHOD = "rawdata.report"  # pyti_core.rawdata.METHOD
@@ -128,8 +136,10 @@ def _runner(argv: list[str], cwd: str | None, env: dict[str, str], timeout: floa
         json.dump(status, f)
 
 
-def run_task(task: dict[str, Any], io_dir: str, output_cap: int = DEFAULT_OUTPUT_CAP) -> dict[str, Any]:
-    """Run one task; return its JSON-RPC 2.0 raw-data record."""
+def run_task(
+    task: dict[str, Any], io_dir: str, output_cap: int = DEFAULT_OUTPUT_CAP, live: Any = None
+) -> dict[str, Any]:
+    """Run one task; return its JSON-RPC 2.0 raw-data record (``live``: the job's live channel)."""
     argv = [str(a) for a in task["argv"]]
     cwd = task.get("cwd")
     if cwd is not None and not os.path.isabs(cwd):
@@ -137,6 +147,8 @@ def run_task(task: dict[str, Any], io_dir: str, output_cap: int = DEFAULT_OUTPUT
     timeout = float(task.get("timeout", 600))
     env = dict(os.environ)
     env.update({str(k): str(v) for k, v in task.get("env", {}).items()})
+    if live is not None:
+        env = live.task_env(env)
     started = datetime.datetime.now(datetime.timezone.utc)
     t0 = time.monotonic()
     with tempfile.TemporaryDirectory(prefix="pyti-task-") as tmp:
@@ -149,6 +161,8 @@ def run_task(task: dict[str, Any], io_dir: str, output_cap: int = DEFAULT_OUTPUT
             except BaseException:
                 code = 1
             os._exit(code)
+        if live is not None:
+            live.task_started(str(task["id"]), str(task.get("name", task["id"])), out)
         _, _, usage = os.wait4(pid, 0)
         duration = time.monotonic() - t0
         with open(out + ".stdout", "rb") as f:
@@ -198,16 +212,25 @@ def run_job(io_dir: str) -> int:
     os.makedirs(os.path.dirname(records), exist_ok=True)
     cap = int(job.get("output_cap", DEFAULT_OUTPUT_CAP))
     failures = 0
-    with open(records, "a") as out:
-        for task in job["tasks"]:
-            record = run_task(task, io_dir, cap)
-            out.write(json.dumps(record) + "\n")
-            out.flush()
-            os.fsync(out.fileno())
-            if record["params"]["status"] != "passed":
-                failures += 1
-                if task.get("stop_on_failure"):
-                    break
+    # The live channel (when the job has one) only tells the host what happens: the records below are
+    # the results, and nothing here waits for the channel.
+    live = livechannel.AgentLive(job.get("channel")) if livechannel is not None else None
+    try:
+        with open(records, "a") as out:
+            for task in job["tasks"]:
+                record = run_task(task, io_dir, cap, live)
+                out.write(json.dumps(record) + "\n")
+                out.flush()
+                os.fsync(out.fileno())
+                if live is not None:
+                    live.task_finished(record["params"])
+                if record["params"]["status"] != "passed":
+                    failures += 1
+                    if task.get("stop_on_failure"):
+                        break
+    finally:
+        if live is not None:
+            live.close(1 if failures else 0)
     return 1 if failures else 0
 
 

@@ -24,8 +24,7 @@ ENV = "PYTI_LIVE_SOCKET"
 MAX_DATAGRAM = 16 * 1024
 MAX_MESSAGE = 2000
 
-_sender: _Sender | None = None
-_config: Any = None
+_claimed = False  # the first session in this process (the outermost) reports; nested ones do not
 
 
 class _Sender:
@@ -47,22 +46,56 @@ class _Sender:
         self.sock.close()
 
 
-def pytest_configure(config: Any) -> None:
-    global _sender, _config  # noqa: PLW0603 (one sender per process: the outermost session's)
-    path = os.environ.pop(ENV, "")
-    if path and _sender is None:
+class _Reporter:
+    """Registered with the outermost session's plugin manager only: nested sessions never reach it."""
+
+    def __init__(self, sender: _Sender, config: Any) -> None:
+        self.sender = sender
+        self.config = config
+
+    def pytest_runtest_logreport(self, report: Any) -> None:
+        self._send(report, str(getattr(report, "when", "call")))
+
+    def pytest_collectreport(self, report: Any) -> None:
+        if report.failed:
+            self._send(report, "collect")
+
+    def pytest_unconfigure(self, config: Any) -> None:
+        self.sender.close()
+
+    def _send(self, report: Any, when: str) -> None:
         try:
-            _sender = _Sender(path)
-        except OSError:
-            return
-        _config = config
+            if when == "collect":
+                outcome, word = "error", "ERROR"
+            else:
+                status = self.config.hook.pytest_report_teststatus(report=report, config=self.config)
+                outcome, word = str(status[0]), status[2]
+                if isinstance(word, tuple):  # (word, markup)
+                    word = word[0]
+            if not outcome:
+                return  # a setup or teardown that passed has no outcome of its own
+            self.sender.send(
+                {
+                    "nodeid": str(report.nodeid),
+                    "outcome": outcome,
+                    "word": str(word),
+                    "when": when,
+                    "duration_s": float(getattr(report, "duration", 0.0) or 0.0),
+                    "message": _message(report) if outcome in ("failed", "error") else "",
+                }
+            )
+        except Exception:
+            pass
 
 
-def pytest_unconfigure(config: Any) -> None:
-    global _sender, _config
-    if _sender is not None and config is _config:
-        _sender.close()
-        _sender, _config = None, None
+def pytest_configure(config: Any) -> None:
+    global _claimed  # noqa: PLW0603 (one reporter per process: the outermost session's)
+    path = os.environ.pop(ENV, "")
+    if not path or _claimed:
+        return
+    _claimed = True
+    with contextlib.suppress(Exception):
+        config.pluginmanager.register(_Reporter(_Sender(path), config), "pyti-live-reporter")
 
 
 def _message(report: Any) -> str:
@@ -74,39 +107,3 @@ def _message(report: Any) -> str:
     # the last "E   ..." line of a failure is pytest's own summary of it; else the last line
     errors = [line[1:].strip() for line in lines if line.startswith("E ")]
     return (errors or lines or [""])[-1][:MAX_MESSAGE]
-
-
-def _send(report: Any, when: str) -> None:
-    if _sender is None or _config is None:
-        return
-    try:
-        if when == "collect":
-            outcome, word = "error", "ERROR"
-        else:
-            status = _config.hook.pytest_report_teststatus(report=report, config=_config)
-            outcome, word = str(status[0]), status[2]
-            if isinstance(word, tuple):  # (word, markup)
-                word = word[0]
-        if not outcome:
-            return  # a setup or teardown that passed has no outcome of its own
-        _sender.send(
-            {
-                "nodeid": str(report.nodeid),
-                "outcome": outcome,
-                "word": str(word),
-                "when": when,
-                "duration_s": float(getattr(report, "duration", 0.0) or 0.0),
-                "message": _message(report) if outcome in ("failed", "error") else "",
-            }
-        )
-    except Exception:
-        pass
-
-
-def pytest_runtest_logreport(report: Any) -> None:
-    _send(report, str(getattr(report, "when", "call")))
-
-
-def pytest_collectreport(report: Any) -> None:
-    if report.failed:
-        _send(report, "collect")
