@@ -22,7 +22,6 @@ from typing import Any
 
 import pytest
 
-from pyti_core.guest import agent
 from pyti_core.channel import (
     AgentExit,
     AgentHello,
@@ -35,7 +34,7 @@ from pyti_core.channel import (
     TaskStarted,
     TestReport,
 )
-from pyti_core.guest import livechannel, pyti_live
+from pyti_core.guest import agent, livechannel, pyti_live
 from pyti_core.rawdata import parse_records
 
 PY = sys.executable
