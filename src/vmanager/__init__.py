@@ -22,7 +22,7 @@ from ._domain_xml import domain_xml
 from ._libvirt import Connection, connect, default_uri
 from ._snapshots import Snapshot
 from .compat import PyTICompat
-from .config import Disk, VMConfig
+from .config import Channel, Disk, VMConfig
 from .errors import (
     ConfigError,
     DiskInUseError,
@@ -41,6 +41,7 @@ from .machine import VirtualMachine
 from .state import RunState
 
 __all__ = [
+    "Channel",
     "ConfigError",
     "Connection",
     "Disk",

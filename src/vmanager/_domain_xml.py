@@ -137,6 +137,17 @@ def _serial(devices: ET.Element, config: VMConfig, family: str) -> None:
     _sub(console, "target", type="serial", port="0")
 
 
+def _channels(devices: ET.Element, config: VMConfig, family: str) -> None:
+    if not config.channels:
+        return
+    if family not in {"qemu", "kvm", "test"}:
+        raise ConfigError("channels", f"virtio-serial channels need QEMU, not {family!r}")
+    for channel in config.channels:
+        element = _sub(devices, "channel", type="unix")
+        _sub(element, "source", mode="bind", path=str(channel.path.absolute()))
+        _sub(element, "target", type="virtio", name=channel.name)
+
+
 def _interface(devices: ET.Element, network: str | None, family: str) -> None:
     if network is None:
         return
@@ -213,6 +224,7 @@ def render(
         _sub(devices, "controller", type="usb", model="none")
     _interface(devices, config.network, family)
     _serial(devices, config, family)
+    _channels(devices, config, family)
     if family in {"qemu", "kvm"}:
         _sub(devices, "memballoon", model="none")
     ET.indent(root)

@@ -12,6 +12,7 @@ system disk; ``disks`` adds more (an IO disk that is never snapshotted is ``Disk
 
 from __future__ import annotations
 
+import os
 import re
 from collections.abc import Mapping
 from pathlib import Path
@@ -22,7 +23,7 @@ import attrs
 from ._diskformat import DiskFormat
 from .errors import ConfigError
 
-__all__ = ["Disk", "RollbackMode", "VMConfig"]
+__all__ = ["Channel", "Disk", "RollbackMode", "VMConfig"]
 
 RollbackMode = Literal["snapshot", "overlay"]
 _FORMATS = frozenset({"qcow2", "vdi", "vmdk", "vpc", "raw"})
@@ -108,6 +109,60 @@ def _disks(value: object) -> tuple[Disk, ...]:
     return tuple(Disk.coerce(v) for v in value)
 
 
+_CHANNEL_NAME_RE = re.compile(r"[A-Za-z0-9][A-Za-z0-9._-]{0,63}")
+#: ``sun_path`` holds 108 bytes with the terminating NUL.
+_MAX_SOCKET_PATH = 107
+
+
+@attrs.frozen
+class Channel:
+    """A virtio-serial port whose host end is a unix socket (libvirt ``<channel type='unix'>``).
+
+    The guest sees the port named ``name`` (``/dev/virtio-ports/<name>`` with udev, else a
+    ``/dev/vportNpM`` whose ``/sys/class/virtio-ports/vportNpM/name`` is ``name``); QEMU listens on the
+    unix socket ``path`` and the host connects to it. No network device and no vsock CID: it works with
+    the embedded driver and without privileges. QEMU (and the test driver) only.
+    """
+
+    name: str
+    path: Path = attrs.field(converter=Path)
+
+    def __attrs_post_init__(self) -> None:
+        if not isinstance(self.name, str) or not _CHANNEL_NAME_RE.fullmatch(self.name):
+            why = f"{self.name!r} is not a port name (1-64 of letters, digits, '._-')"
+            raise ConfigError("channels", why)
+        size = len(os.fsencode(self.path.absolute()))
+        if size > _MAX_SOCKET_PATH:
+            raise ConfigError(
+                "channels",
+                f"the socket path {str(self.path)!r} is {size} bytes; a unix socket path has at most "
+                f"{_MAX_SOCKET_PATH}: choose a shorter folder",
+            )
+
+    @classmethod
+    def coerce(cls, value: object) -> Channel:
+        """A :class:`Channel` from a Channel or a dict with ``name`` and ``path``."""
+        if isinstance(value, Channel):
+            return value
+        if isinstance(value, Mapping) and set(value) == {"name", "path"}:
+            return cls(**dict(value))
+        raise ConfigError("channels", f"expected a Channel or a dict with 'name' and 'path', got {value!r}")
+
+
+def _channels(value: object) -> tuple[Channel, ...]:
+    if value is None:
+        return ()
+    if isinstance(value, Channel | Mapping):
+        return (Channel.coerce(value),)
+    if not isinstance(value, list | tuple):
+        raise ConfigError("channels", f"expected a list of channels, got {type(value).__name__}")
+    channels = tuple(Channel.coerce(v) for v in value)
+    names = [c.name for c in channels]
+    if len(set(names)) != len(names):
+        raise ConfigError("channels", f"two channels with the same name: {names}")
+    return channels
+
+
 @attrs.frozen
 class VMConfig:
     """A virtual machine's hardware, frozen.
@@ -121,6 +176,7 @@ class VMConfig:
     * ``serial_log``: a file that receives everything the guest writes to its serial console.
     * ``network``: ``None`` (default: no network interface at all), ``"user"`` (QEMU user-mode NAT),
       ``"network:<libvirt network>"`` or ``"bridge:<host bridge>"``.
+    * ``channels``: virtio-serial ports whose host ends are unix sockets (see :class:`Channel`).
     * ``rollback``: ``"snapshot"`` (libvirt snapshots) or ``"overlay"`` (a throwaway qcow2 overlay over a
       read-only system disk, QEMU only); ``overlay_dir`` is where overlays go (default: the user cache).
     * ``accel``: ``"auto"`` (KVM when it demonstrably works, else TCG), ``"kvm"`` or ``"tcg"`` (QEMU).
@@ -139,6 +195,7 @@ class VMConfig:
     cmdline: str | None = None
     serial_log: Path | None = attrs.field(default=None, converter=_opt_path)
     network: str | None = None
+    channels: tuple[Channel, ...] = attrs.field(default=(), converter=_channels)
     rollback: RollbackMode = "snapshot"
     overlay_dir: Path | None = attrs.field(default=None, converter=_opt_path)
     accel: Literal["auto", "kvm", "tcg"] = "auto"
@@ -188,7 +245,7 @@ class VMConfig:
         def plain(value: Any) -> Any:
             if isinstance(value, Path):
                 return str(value)
-            if isinstance(value, Disk):
+            if isinstance(value, Disk | Channel):
                 return {k: plain(v) for k, v in attrs.asdict(value, recurse=False).items()}
             if isinstance(value, tuple):
                 return [plain(v) for v in value]

@@ -11,7 +11,7 @@ import pytest
 from hypothesis import given
 from hypothesis import strategies as st
 
-from vmanager import ConfigError, Disk, VMConfig, domain_xml
+from vmanager import Channel, ConfigError, Disk, VMConfig, domain_xml
 from vmanager._diskformat import sniff_bytes, sniff_format
 from vmanager._domain_xml import render
 
@@ -231,3 +231,33 @@ def test_memory_rejects_non_ascii_digits() -> None:
         VMConfig(name="m", memory="²", kernel="/k")
     with pytest.raises(ConfigError, match="vcpus"):
         VMConfig(name="m", vcpus="٣", kernel="/k")  # type: ignore[arg-type]
+
+
+@pytest.mark.parametrize("family", ["qemu", "kvm", "test"])
+def test_a_channel_is_a_virtio_serial_port_on_a_unix_socket(family: str, tmp_path: Path) -> None:
+    sock = tmp_path / "rpc.sock"
+    config = VMConfig(name="c", kernel="/k", channels=[{"name": "org.pyti.rpc.0", "path": sock}])
+    xml = domain_xml(config, family)
+    _validate(xml, tmp_path)
+    channel = ET.fromstring(xml).find("devices/channel[@type='unix']")
+    assert channel is not None
+    assert channel.find("source").attrib == {"mode": "bind", "path": str(sock)}  # type: ignore[union-attr]
+    assert channel.find("target").attrib == {"type": "virtio", "name": "org.pyti.rpc.0"}  # type: ignore[union-attr]
+    assert VMConfig.from_dict(config.to_dict()) == config
+    assert ET.fromstring(domain_xml(VMConfig(name="c", kernel="/k"), family)).find("devices/channel") is None
+
+
+@pytest.mark.parametrize("family", ["vbox", "xen"])
+def test_a_channel_on_a_hypervisor_without_virtio_serial_is_refused(family: str, tmp_path: Path) -> None:
+    config = VMConfig(name="c", hd_location="/d.vdi", channels=[Channel("org.x", tmp_path / "s")])
+    with pytest.raises(ConfigError, match="need QEMU"):
+        domain_xml(config, family)
+
+
+def test_channel_names_and_socket_paths_are_checked(tmp_path: Path) -> None:
+    with pytest.raises(ConfigError, match="not a port name"):
+        Channel("has space", tmp_path / "s")
+    with pytest.raises(ConfigError, match="at most 107"):
+        Channel("org.x", tmp_path / ("x" * 120))
+    with pytest.raises(ConfigError, match="same name"):
+        VMConfig(name="c", kernel="/k", channels=[Channel("a", tmp_path / "1"), Channel("a", tmp_path / "2")])
