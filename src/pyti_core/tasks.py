@@ -28,8 +28,19 @@ from typing import Final, Literal, get_args
 import attrs
 
 from pyti_core.errors import TaskError
-from pyti_core.guest import agent
-from pyti_core.guest.protocol import AGENT_FILE, IO_MOUNT, JOB_FILE, AgentJob, AgentTask
+from pyti_core.guest import agent, livechannel, pyti_live
+from pyti_core.guest.protocol import (
+    AGENT_FILE,
+    CHANNEL_MODULE_FILE,
+    CHANNEL_PORT,
+    IO_MOUNT,
+    JOB_FILE,
+    PLUGIN_DIR,
+    PLUGIN_MODULE,
+    AgentChannel,
+    AgentJob,
+    AgentTask,
+)
 from pyti_core.packages import Distribution
 
 __all__ = [
@@ -193,6 +204,7 @@ def to_agent_job(
     layout: GuestLayout | None = None,
     *,
     output_cap: int = agent.DEFAULT_OUTPUT_CAP,
+    heartbeat: float | None = None,
 ) -> AgentJob:
     """The ``job.json`` the guest agent runs for ``recipe`` on ``distribution`` (guest paths from ``layout``).
 
@@ -200,6 +212,10 @@ def to_agent_job(
     task, so a failure there is not blamed on the distribution). An ``import`` task with no import names
     is left out. A test task without sources: pytest runs ``--pyargs`` on the import names; unittest is a
     :class:`TaskError`.
+
+    ``heartbeat`` (seconds) turns the live channel on: the job gets its ``channel`` object and pytest
+    tasks load the ``pyti_live`` plugin, which reports each test's outcome as it happens. Without it the
+    job is exactly as it was before the channel existed.
     """
     layout = layout or GuestLayout()
     sources = layout.path(layout.sources) if distribution.sources is not None else None
@@ -253,6 +269,7 @@ def to_agent_job(
                 "pytest",
                 "-p",
                 "no:cacheprovider",
+                *(("-p", PLUGIN_MODULE) if heartbeat is not None else ()),
                 f"--junitxml={junit}",
                 *task.argv,
             ]
@@ -270,7 +287,15 @@ def to_agent_job(
             add(task, task.name, argv, cwd=sources, env=_TEST_ENV, parse="unittest")
         else:
             add(task, task.name, list(task.argv), cwd=sources or work, env={}, parse=None)
-    return {"distribution": distribution.requirement, "output_cap": output_cap, "tasks": tasks}
+    job: AgentJob = {"distribution": distribution.requirement, "output_cap": output_cap, "tasks": tasks}
+    if heartbeat is not None:
+        channel: AgentChannel = {
+            "port": CHANNEL_PORT,
+            "heartbeat_s": heartbeat,
+            "plugin_dir": layout.path(PLUGIN_DIR),
+        }
+        job["channel"] = channel
+    return job
 
 
 #: Left out when a project folder is copied as the sources: version control, virtualenvs, caches.
@@ -297,16 +322,20 @@ def stage_io_folder(
     distribution: Distribution,
     recipe: Recipe,
     layout: GuestLayout | None = None,
+    *,
+    heartbeat: float | None = None,
 ) -> AgentJob:
     """Lay out ``folder`` as the IO disk must look; return the job written to ``folder/job.json``.
 
     ``folder`` gets ``wheels/`` (every wheel), ``src/`` (the sources, without version-control folders,
     virtualenvs, ``build``/``dist`` and caches), an empty ``work/`` and ``results/`` (emptied if they
     existed), ``agent.py`` (the guest agent) and ``job.json``. Guest paths come from ``layout``
-    (to run the agent on this host, use ``GuestLayout(io_dir=str(folder), python=...)``).
+    (to run the agent on this host, use ``GuestLayout(io_dir=str(folder), python=...)``). With a
+    ``heartbeat`` (the live channel on, see :func:`to_agent_job`) it also gets the channel's module
+    beside the agent and the pytest plugin in ``pyti-live/``.
     """
     layout = layout or GuestLayout()
-    job = to_agent_job(distribution, recipe, layout)
+    job = to_agent_job(distribution, recipe, layout, heartbeat=heartbeat)
     folder.mkdir(parents=True, exist_ok=True)
     for name in (layout.wheels, layout.sources, layout.work, layout.results):  # nothing stale survives
         shutil.rmtree(folder / name, ignore_errors=True)
@@ -318,5 +347,9 @@ def stage_io_folder(
         target.rmdir()
         shutil.copytree(distribution.sources, target, symlinks=True, ignore=_ignore_in_sources)
     shutil.copyfile(agent.__file__, folder / AGENT_FILE)
+    if heartbeat is not None:
+        shutil.copyfile(livechannel.__file__, folder / CHANNEL_MODULE_FILE)
+        (folder / PLUGIN_DIR).mkdir(exist_ok=True)
+        shutil.copyfile(pyti_live.__file__, folder / PLUGIN_DIR / f"{PLUGIN_MODULE}.py")
     (folder / JOB_FILE).write_text(json.dumps(job, indent=2) + "\n")
     return job

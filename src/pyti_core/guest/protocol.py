@@ -10,6 +10,12 @@ Everything a guest sees of pyti crosses one of these:
   (:class:`AgentJob`), the agent (``agent.py``, :mod:`pyti_core.guest.agent`), ``run.sh``
   (:func:`run_script`) and, coming back, ``results/records.jsonl`` (one raw-data record per line,
   :mod:`pyti_core.rawdata`).
+* **the live channel** (optional), a virtio-serial port named :data:`CHANNEL_PORT` whose host end is a
+  unix socket: length-prefixed JSON-RPC 2.0 frames, the sync handshake and the events, all defined in
+  :mod:`pyti_core.guest.livechannel` (copied beside the agent as :data:`CHANNEL_MODULE_FILE`) and read
+  by :mod:`pyti_core.channel`; the job's ``channel`` object (:class:`AgentChannel`) turns it on, and
+  pytest tasks then load the plugin :data:`PLUGIN_MODULE` from :data:`PLUGIN_DIR` on the IO disk.
+  Advisory only: the records on the IO disk stay the results.
 
 The tiny guest's ``/init`` (:mod:`pyti_core.guest.tinylinux`) and the boot hook that
 ``pyti image prepare`` installs (:mod:`pyti_core.image`) implement the guest's side; the run
@@ -22,10 +28,14 @@ from __future__ import annotations
 
 import shlex
 from collections.abc import Sequence
-from typing import Final, TypedDict
+from typing import Final, NotRequired, TypedDict
+
+from pyti_core.guest import livechannel
 
 __all__ = [
     "AGENT_FILE",
+    "CHANNEL_MODULE_FILE",
+    "CHANNEL_PORT",
     "CMDLINE_AGENT",
     "CMDLINE_DISK",
     "CMDLINE_ECHO",
@@ -33,10 +43,13 @@ __all__ = [
     "IO_LABEL",
     "IO_MOUNT",
     "JOB_FILE",
+    "PLUGIN_DIR",
+    "PLUGIN_MODULE",
     "READY_MARKER",
     "RECORDS_FILE",
     "RUN_EXIT_MARKER",
     "RUN_SCRIPT",
+    "AgentChannel",
     "AgentJob",
     "AgentTask",
     "kernel_cmdline",
@@ -68,6 +81,14 @@ RUN_SCRIPT: Final = "run.sh"
 #: The agent appends one JSON-RPC 2.0 raw-data record per line here (relative to the IO disk).
 RECORDS_FILE: Final = "results/records.jsonl"
 
+#: The live channel's virtio-serial port name (``<target type='virtio' name='...'/>``).
+CHANNEL_PORT: Final = livechannel.PORT_NAME
+#: The guest's end of the live channel, copied beside the agent (which imports it).
+CHANNEL_MODULE_FILE: Final = "livechannel.py"
+#: The folder on the IO disk holding the pytest plugin, and the plugin's module name (``-p pyti_live``).
+PLUGIN_DIR: Final = "pyti-live"
+PLUGIN_MODULE: Final = "pyti_live"
+
 _SAFE: Final = frozenset("ABCDEFGHIJKLMNOPQRSTUVWXYZabcdefghijklmnopqrstuvwxyz0123456789-_./=,:")
 
 
@@ -90,12 +111,28 @@ class AgentTask(TypedDict):
     stop_on_failure: bool
 
 
+class AgentChannel(TypedDict, total=False):
+    """The job's ``channel`` object: the live channel is on (absent: off, the job runs as without it).
+
+    ``port`` is the virtio-serial port's name, ``heartbeat_s`` how often the agent sends a heartbeat,
+    ``plugin_dir`` the guest folder holding the pytest plugin (put on the tasks' ``PYTHONPATH``);
+    ``device`` (a path, a character device or a unix socket) overrides the lookup by name.
+    """
+
+    port: str
+    heartbeat_s: float
+    plugin_dir: str
+    device: str
+
+
 class AgentJob(TypedDict):
-    """``job.json``: the distribution under test, the cap on each task's stdout/stderr, the tasks."""
+    """``job.json``: the distribution under test, the cap on each task's stdout/stderr, the tasks,
+    and the live channel's settings when it is on."""
 
     distribution: str
     output_cap: int
     tasks: list[AgentTask]
+    channel: NotRequired[AgentChannel]
 
 
 def _word(value: str, what: str) -> str:
