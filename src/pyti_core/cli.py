@@ -38,6 +38,7 @@ from pyti_core.errors import ConfigError, PytiError, TaskError, vmanager_errors
 if TYPE_CHECKING:
     from distributed.security import Security
 
+    from pyti_core.channel import ChannelEvent
     from pyti_core.ledger import LedgerRow
     from pyti_core.manager import RunResult
 
@@ -71,8 +72,11 @@ class _UsageError(Exception):
 class ProgressDisplay:
     """Shows a run's phases on ``stream``: one live status line on a terminal, plain lines otherwise.
 
-    Call it as a :data:`pyti_core.manager.ProgressCallback` (``display(phase, message)``); it is safe
-    from several threads. :meth:`close` clears the live line.
+    Call it as a :data:`pyti_core.manager.ProgressCallback` (``display(phase, message)``) and give
+    :meth:`event` to the run as its live-channel callback: tests then show as they pass and fail. In
+    live mode the status line shows the latest test and the counts so far, and each failure stays above
+    it with its message; in plain mode every test is a line, a failure's message the line after it. It
+    is safe from several threads. :meth:`close` clears the live line.
     """
 
     def __init__(self, stream: TextIO, *, live: bool | None = None, prefix: str = "") -> None:
@@ -82,12 +86,17 @@ class ProgressDisplay:
         self._t0 = time.monotonic()
         self._lock = threading.Lock()
         self._dirty = False
+        self._line = ""
+        self._counts: dict[str, int] = {}
 
     def __call__(self, phase: str, message: str) -> None:
         elapsed = time.monotonic() - self._t0
         text = f"{self.prefix}[{elapsed:6.1f} s] {phase}: {message}"
         with self._lock:
             if self.live:
+                if self._counts:
+                    text += "  (" + ", ".join(f"{n} {k}" for k, n in self._counts.items()) + ")"
+                self._line = text
                 width = max(20, _terminal_width() - 1)
                 self.stream.write("\r\x1b[K" + text[:width])
                 self._dirty = True
@@ -95,9 +104,36 @@ class ProgressDisplay:
                 self.stream.write(text + "\n")
             self.stream.flush()
 
+    def event(self, event: ChannelEvent, job: str | None = None) -> None:
+        """A live-channel event (the run's ``on_event``): counts tests, shows failures with their message."""
+        from pyti_core.channel import TestReport  # noqa: PLC0415
+
+        if not isinstance(event, TestReport):
+            return
+        failed = event.outcome in ("failed", "error")
+        with self._lock:
+            self._counts[event.outcome] = self._counts.get(event.outcome, 0) + 1
+            if not failed or not (self.live or event.message):
+                return
+            where = f"{job}: " if job else ""
+            if self.live:  # the failure stays above the status line
+                message = f": {event.message}" if event.message else ""
+                self.stream.write(
+                    f"\r\x1b[K{self.prefix}{where}{event.word or 'FAILED'} {event.nodeid}{message}\n"
+                )
+                if self._dirty:
+                    self.stream.write(self._line[: max(20, _terminal_width() - 1)])
+            else:
+                self.stream.write(f"{self.prefix}{where}    {event.message}\n")
+            self.stream.flush()
+
     def job(self, job: str, phase: str, message: str) -> None:
         """The TaskManager's form: ``(job name, phase, message)``."""
         self(phase, f"{job}: {message}")
+
+    def job_event(self, job: str, event: ChannelEvent) -> None:
+        """The TaskManager's form of :meth:`event`."""
+        self.event(event, job)
 
     def close(self) -> None:
         with self._lock:
@@ -189,7 +225,8 @@ def _count(text: str) -> int:
 
 
 def _cmd_run(args: argparse.Namespace, out: TextIO, err: TextIO) -> int:
-    from pyti_core.config import JobConfig  # noqa: PLC0415 (keeps `pyti --help` fast)
+    from pyti_core.channel import ChannelConfig  # noqa: PLC0415 (keeps `pyti --help` fast)
+    from pyti_core.config import JobConfig  # noqa: PLC0415
     from pyti_core.manager import GuestSystem, run  # noqa: PLC0415
     from pyti_core.packages import DEBIAN_12  # noqa: PLC0415
     from pyti_core.task_manager import TaskManager  # noqa: PLC0415
@@ -213,6 +250,7 @@ def _cmd_run(args: argparse.Namespace, out: TextIO, err: TextIO) -> int:
         guest = attrs.evolve(
             GuestSystem.default(cache_dir / "guest" if cache_dir else None), target=config.target
         )
+    channel = None if args.no_channel else ChannelConfig(stall_timeout=args.stall_timeout)
     display = ProgressDisplay(err, live=args.live)
     try:
         if len(specs) == 1:
@@ -225,6 +263,8 @@ def _cmd_run(args: argparse.Namespace, out: TextIO, err: TextIO) -> int:
                     uri=args.uri,
                     guest=guest,
                     progress=display,
+                    on_event=display.event,
+                    channel=channel,
                     cache_dir=cache_dir,
                     keep=args.keep,
                     find_links=find_links,
@@ -240,6 +280,8 @@ def _cmd_run(args: argparse.Namespace, out: TextIO, err: TextIO) -> int:
                 work_dir=args.work_dir,
                 cache_dir=cache_dir,
                 progress=display.job,
+                on_event=display.job_event,
+                channel=channel,
                 keep=args.keep,
                 find_links=find_links,
                 no_index=no_index,
@@ -577,9 +619,24 @@ def build_parser() -> argparse.ArgumentParser:
     )
     p.add_argument("--no-index", action="store_true", help="resolve from --find-links folders only")
     p.add_argument("--index-url", help="another package index")
+    p.add_argument(
+        "--stall-timeout",
+        type=_positive_float,
+        default=30.0,
+        help="stop a guest whose agent has been silent this many seconds on the live channel (default 30)",
+    )
+    p.add_argument(
+        "--no-channel", action="store_true", help="no live channel: no test events, no stall detection"
+    )
     live = p.add_mutually_exclusive_group()
-    live.add_argument("--live", dest="live", action="store_true", default=None, help="one live status line")
-    live.add_argument("--plain", dest="live", action="store_false", help="plain progress lines")
+    live.add_argument(
+        "--live",
+        dest="live",
+        action="store_true",
+        default=None,
+        help="one live status line, failures above it",
+    )
+    live.add_argument("--plain", dest="live", action="store_false", help="plain lines, one per test")
 
     image = sub.add_parser("image", help="system images: build the default one, prepare your own")
     isub = image.add_subparsers(dest="image_command", required=True, metavar="ACTION")

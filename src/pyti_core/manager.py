@@ -64,10 +64,21 @@ from typing import TYPE_CHECKING, Any, Final, Literal
 
 import attrs
 
+from pyti_core.channel import (
+    MAX_SOCKET_PATH,
+    ChannelConfig,
+    ChannelEvent,
+    ChannelStats,
+    EventCallback,
+    LiveChannel,
+    TaskFinished,
+    TaskStarted,
+    TestReport,
+)
 from pyti_core.errors import ConfigError, GuestBootError, GuestRunError, PytiError, RawDataError
 from pyti_core.guest import protocol
 from pyti_core.guest.bytecode import use_compiled_pip, use_compiled_pip_in_job
-from pyti_core.guest.protocol import READY_MARKER, RUN_EXIT_MARKER
+from pyti_core.guest.protocol import CHANNEL_PORT, READY_MARKER, RUN_EXIT_MARKER
 from pyti_core.packages import DEBIAN_12, Distribution, GuestTarget, bundled_pip_wheel, prepare_distribution
 from pyti_core.rawdata import MAX_RECORD_BYTES, RawDataRecord, Report, parse_record
 from pyti_core.tasks import GuestLayout, Recipe, get_recipe, stage_io_folder
@@ -103,6 +114,10 @@ _MAX_RECORDS_FILE: Final = 256 << 20
 _RECORDS: Final = "records.jsonl"
 
 
+#: The live channel is on by default, with these settings.
+_DEFAULT_CHANNEL: Final = ChannelConfig()
+
+
 def _no_progress(phase: str, message: str) -> None:
     """The default progress callback: does nothing."""
 
@@ -114,8 +129,9 @@ class RunResult:
     ``report`` holds one record per task of the job (tasks skipped because an install failed before
     them have none). ``phases`` maps each phase that ran (see :data:`PHASES`) to its wall time in
     seconds. ``serial_log`` is the guest's console output (its last MiB). ``timed_out`` says the host
-    had to stop the VM at the job timeout. ``work_dir`` is where the run's files were kept
-    (``keep=True``), else ``None``.
+    had to stop the VM at the job timeout, ``stalled`` that it stopped it because the guest stopped
+    responding on the live channel. ``channel`` tells what went over the live channel (``None`` when
+    it was off). ``work_dir`` is where the run's files were kept (``keep=True``), else ``None``.
     """
 
     distribution: str
@@ -124,6 +140,8 @@ class RunResult:
     serial_log: str
     timed_out: bool = False
     work_dir: Path | None = None
+    stalled: bool = False
+    channel: ChannelStats | None = None
 
     @property
     def ok(self) -> bool:
@@ -231,6 +249,8 @@ def run(
     find_links: Sequence[Path] = (),
     no_index: bool = False,
     index_url: str | None = None,
+    channel: ChannelConfig | None = _DEFAULT_CHANNEL,
+    on_event: EventCallback | None = None,
 ) -> RunResult:
     """Test ``spec`` in a fresh network-less VM and return what came back.
 
@@ -244,6 +264,13 @@ def run(
     ``cache_dir/pip`` (default: the user cache). The run's files go in a fresh folder inside
     ``work_dir`` (default: the system's temporary folder), deleted at the end unless ``keep``.
     ``find_links``, ``no_index`` and ``index_url`` are passed to pip for the download.
+
+    ``channel`` configures the live channel (a virtio-serial port; ``None`` turns it off): while the
+    guest runs, every task start and end and every test's outcome reach ``progress`` (phase
+    ``"tasks"``) and, as typed :class:`~pyti_core.channel.ChannelEvent` objects, ``on_event``; a guest
+    that stops sending heartbeats for ``channel.stall_timeout`` seconds is stopped and its unfinished
+    tasks reported as errors, long before the job timeout. The records on the IO disk stay the results:
+    the channel only tells, and a dead, silent or hostile channel changes nothing in them.
 
     Raises :class:`~pyti_core.errors.PackageError` when the download fails,
     :class:`~pyti_core.errors.GuestBootError` when the guest does not boot, and
@@ -283,6 +310,8 @@ def run(
             work_dir=folder / "run",
             uri=uri,
             progress=report_progress,
+            channel=channel,
+            on_event=on_event,
         )
     except BaseException:
         if not keep:
@@ -306,6 +335,8 @@ def run_prepared(
     connection: Connection | None = None,
     progress: ProgressCallback | None = None,
     name: str | None = None,
+    channel: ChannelConfig | None = _DEFAULT_CHANNEL,
+    on_event: EventCallback | None = None,
 ) -> RunResult:
     """Run ``recipe`` on an already downloaded ``distribution`` in one fresh VM; safe from any thread.
 
@@ -314,7 +345,9 @@ def run_prepared(
     :class:`vmanager.Connection`, shared with other runs and left open) or else on a connection to
     ``uri`` opened and closed by the run (default: :func:`hypervisor_uri`); not both. ``name`` is the
     VM's name (default: a unique ``pyti-<project>-<random>``); two runs at the same time need different
-    names. Phases and errors as in :func:`run` (without the download).
+    names. ``channel`` and ``on_event``: the live channel, as in :func:`run`; its socket is
+    ``work_dir/rpc.sock`` (or a short temporary folder when that path is too long for a unix socket).
+    Phases and errors as in :func:`run` (without the download).
     """
     report_progress = progress or _no_progress
     if not timeout > 0:
@@ -329,7 +362,8 @@ def run_prepared(
     # -- io-disk ------------------------------------------------------------------------------------
     t0 = time.monotonic()
     report_progress("io-disk", "staging the wheels, sources and job")
-    job = stage_io_folder(work_dir / "io", distribution, recipe, guest.layout)
+    heartbeat = channel.heartbeat if channel is not None else None
+    job = stage_io_folder(work_dir / "io", distribution, recipe, guest.layout, heartbeat=heartbeat)
     if use_compiled_pip(guest.target):
         job = use_compiled_pip_in_job(job, work_dir / "io", distribution.pip_wheel, guest.layout)
     (work_dir / "io" / protocol.RUN_SCRIPT).write_text(run_script(guest))
@@ -349,9 +383,28 @@ def run_prepared(
     # -- boot, tasks, collect, rollback ---------------------------------------------------------------
     serial_path = work_dir / "serial.log"
     serial_path.unlink(missing_ok=True)
-    vm = _define_vm(guest, name, connection if connection is not None else uri, io_disk, serial_path)
+    socket_dir = _socket_dir(work_dir) if channel is not None else None
+    live: LiveChannel | None = None
+    if channel is not None and socket_dir is not None:
+        socket_path = socket_dir / "rpc.sock"
+        socket_path.unlink(missing_ok=True)
+        names = {str(t["id"]): str(t["name"]) for t in job["tasks"]}
+        live = LiveChannel(
+            socket_path,
+            channel,
+            on_event=_event_relay(names, report_progress, on_event),
+            connect_timeout=min(guest.boot_timeout, timeout) + 30,
+        )
     try:
-        outcome = _boot_and_wait(vm, guest, serial_path, timeout, phases, report_progress)
+        vm = _define_vm(
+            guest, name, connection if connection is not None else uri, io_disk, serial_path,
+            live.path if live is not None else None,
+        )  # fmt: skip
+    except BaseException:
+        _remove_socket_dir(socket_dir, work_dir)
+        raise
+    try:
+        outcome = _boot_and_wait(vm, guest, serial_path, timeout, phases, report_progress, live)
         t0 = time.monotonic()
         report_progress("collect", "reading the records back from the IO disk")
         serial = _read_tail(serial_path)
@@ -366,6 +419,7 @@ def run_prepared(
         records = _collect_records(
             results / _RECORDS, job["tasks"], timed_out=outcome.timed_out, exited=outcome.exit_marker,
             job_timeout=timeout, serial=serial, ready_at=outcome.ready_at, stopped_at=outcome.stopped_at,
+            stalled=outcome.stalled,
         )  # fmt: skip
         phases["collect"] = time.monotonic() - t0
         verdict = "passed" if records and all(r.ok for r in records) else "failed"
@@ -373,7 +427,10 @@ def run_prepared(
     finally:
         t0 = time.monotonic()
         report_progress("rollback", f"discarding VM {name} and its overlay")
+        if live is not None:
+            live.close()
         _discard_vm(vm, work_dir)
+        _remove_socket_dir(socket_dir, work_dir)
         phases["rollback"] = time.monotonic() - t0
     report = Report(distribution.requirement, tuple(records))
     return RunResult(
@@ -382,7 +439,45 @@ def run_prepared(
         phases={p: phases[p] for p in PHASES if p in phases},
         serial_log=serial,
         timed_out=outcome.timed_out,
+        stalled=outcome.stalled is not None,
+        channel=live.stats if live is not None else None,
     )
+
+
+def _socket_dir(work_dir: Path) -> Path:
+    """The live channel's socket folder: the run's, or a short temporary one when that is too deep."""
+    if len(os.fsencode(work_dir / "rpc.sock")) <= MAX_SOCKET_PATH:
+        return work_dir
+    return Path(tempfile.mkdtemp(prefix="pyti-ch-"))
+
+
+def _remove_socket_dir(socket_dir: Path | None, work_dir: Path) -> None:
+    if socket_dir is None:
+        return
+    with contextlib.suppress(OSError):
+        (socket_dir / "rpc.sock").unlink(missing_ok=True)
+    if socket_dir != work_dir:
+        shutil.rmtree(socket_dir, ignore_errors=True)
+
+
+def _event_relay(
+    names: Mapping[str, str], progress: ProgressCallback, on_event: EventCallback | None
+) -> EventCallback:
+    """The channel's callback: tasks and test outcomes to ``progress``, every event to ``on_event``."""
+
+    def relay(event: ChannelEvent) -> None:
+        if isinstance(event, TestReport):
+            task = names.get(event.task_id, event.task_id)
+            progress("tasks", f"{task}: {event.word or event.outcome.upper()} {event.nodeid}")
+        elif isinstance(event, TaskStarted):
+            progress("tasks", f"{names.get(event.task_id, event.task)}: started")
+        elif isinstance(event, TaskFinished):
+            task = names.get(event.task_id, event.task)
+            progress("tasks", f"{task}: {event.status} after {event.duration_s:.1f} s")
+        if on_event is not None:
+            on_event(event)
+
+    return relay
 
 
 def hypervisor_uri(uri: str | None = None) -> str:
@@ -431,15 +526,24 @@ class _Outcome:
     timed_out: bool
     exit_marker: bool
     ready_at: datetime.datetime | None = None  # UTC, when the ready marker was seen
-    stopped_at: datetime.datetime | None = None  # UTC, when the host stopped the VM at the job timeout
+    stopped_at: datetime.datetime | None = None  # UTC, when the host stopped the VM (timeout or stall)
+    stalled: float | None = (
+        None  # the silence (s) after which the host stopped a guest that stopped responding
+    )
 
 
-def _define_vm(
-    guest: GuestSystem, name: str, uri: str | Connection | None, io_disk: Path, serial_path: Path
+def _define_vm(  # noqa: PLR0917 (private helper)
+    guest: GuestSystem,
+    name: str,
+    uri: str | Connection | None,
+    io_disk: Path,
+    serial_path: Path,
+    channel_socket: Path | None = None,
 ) -> VirtualMachine:
-    """Define the run's VM: the guest system (its disk through an overlay), the IO disk, no network."""
+    """Define the run's VM: the guest system (its disk through an overlay), the IO disk, no network,
+    and the live channel's virtio-serial port when ``channel_socket`` is given."""
     try:
-        from vmanager import Disk, VirtualMachine, VManagerError, VMConfig  # noqa: PLC0415
+        from vmanager import Channel, Disk, VirtualMachine, VManagerError, VMConfig  # noqa: PLC0415
     except ImportError as exc:  # libvirt-python is missing: everything but running a VM works without it
         raise GuestRunError(
             f"cannot run VM {name}: vmanager cannot load libvirt-python ({exc}); install it "
@@ -458,6 +562,7 @@ def _define_vm(
         cmdline=guest.run_cmdline() if guest.kernel is not None else None,
         serial_log=serial_path,
         network=None,
+        channels=(Channel(CHANNEL_PORT, channel_socket),) if channel_socket is not None else (),
         rollback="overlay" if guest.system_disk is not None else "snapshot",
         overlay_dir=io_disk.parent / "overlay" if guest.system_disk is not None else None,
         accel=guest.accel,
@@ -490,8 +595,9 @@ def _boot_and_wait(  # noqa: PLR0917 (private helper called once)
     timeout: float,
     phases: dict[str, float],
     progress: ProgressCallback,
+    live: LiveChannel | None = None,
 ) -> _Outcome:
-    """Boot the VM, wait for the ready marker, then for power-off or the job timeout."""
+    """Boot the VM, wait for the ready marker, then for power-off, the job timeout or a stall."""
     from vmanager import RunState, VManagerError  # noqa: PLC0415
 
     name = vm.name
@@ -499,6 +605,7 @@ def _boot_and_wait(  # noqa: PLR0917 (private helper called once)
     t0 = time.monotonic()
     progress("boot", f"starting VM {name}")
     timed_out = False
+    stalled: float | None = None
     stopped_at: datetime.datetime | None = None
     try:
         try:
@@ -507,6 +614,8 @@ def _boot_and_wait(  # noqa: PLR0917 (private helper called once)
             raise GuestRunError(
                 f"cannot start VM {name}: {exc}", vm=name, serial_log=_read_tail(serial_path)
             ) from exc
+        if live is not None:
+            live.start()  # QEMU listens on the socket from its start
         started = time.monotonic()
         boot_deadline = started + min(guest.boot_timeout, timeout)
         job_deadline = started + timeout
@@ -540,6 +649,14 @@ def _boot_and_wait(  # noqa: PLR0917 (private helper called once)
                 progress("tasks", f"job timeout ({timeout:g} s): stopping the VM")
                 vm.stop()
                 break
+            if live is not None and live.stalled:
+                stalled = live.silence or live.config.stall_timeout
+                stopped_at = datetime.datetime.now(datetime.UTC)
+                progress(
+                    "tasks", f"the guest stopped responding (silent for {stalled:.0f} s): stopping the VM"
+                )
+                vm.stop()
+                break
             time.sleep(_POLL)
         phases["tasks"] = time.monotonic() - t1
     except VManagerError as exc:
@@ -549,6 +666,7 @@ def _boot_and_wait(  # noqa: PLR0917 (private helper called once)
         exit_marker=RUN_EXIT_MARKER in _read_tail(serial_path),
         ready_at=ready_at,
         stopped_at=stopped_at,
+        stalled=stalled,
     )
 
 
@@ -625,6 +743,7 @@ def _collect_records(
     serial: str,
     ready_at: datetime.datetime | None = None,
     stopped_at: datetime.datetime | None = None,
+    stalled: float | None = None,
 ) -> list[RawDataRecord]:
     """The job's records from the guest's ``records.jsonl``, validated; missing ones made up honestly.
 
@@ -634,7 +753,9 @@ def _collect_records(
     (the guest stopped before reporting it). Tasks after a task that stops the job on failure legitimately
     have no record and none is made up. The task that was running at the job timeout gets, as its start
     and duration, the end of the task before it (or ``ready_at``) and the time until ``stopped_at``, as
-    far as the host can tell; its memory and CPU figures are unknown (0).
+    far as the host can tell; its memory and CPU figures are unknown (0). When the host stopped a guest
+    that had been silent on the live channel for ``stalled`` seconds, the tasks without a record are
+    ``error``: the guest stopped responding, with the serial console's tail.
     """
     by_id = {str(t["id"]): t for t in tasks}
     got: dict[str, RawDataRecord] = {}
@@ -684,6 +805,18 @@ def _collect_records(
         started, duration = now, 0.0
         if task_id in rejected:
             status, why = "error", f"[pyti: the guest's record was rejected: {rejected[task_id]}]"
+        elif stalled is not None:
+            if first_missing and previous_end is not None and stopped_at is not None:
+                started = min(previous_end, stopped_at)
+                duration = (stopped_at - started).total_seconds()
+            status = "error"
+            tail = "\n".join(serial.rstrip().splitlines()[-20:])
+            doing = "while this task ran" if first_missing else "before this task started"
+            why = (
+                f"[pyti: the guest stopped responding {doing}: no heartbeat on the live channel for "
+                f"{stalled:.0f} s; the VM was stopped]\n--- serial console (last lines) ---\n{tail}"
+            )
+            first_missing = False
         elif timed_out:
             if first_missing and previous_end is not None and stopped_at is not None:
                 started = min(previous_end, stopped_at)

@@ -48,6 +48,7 @@ from typing import TYPE_CHECKING, Final, Literal
 
 import attrs
 
+from pyti_core.channel import ChannelConfig, ChannelEvent
 from pyti_core.errors import GuestBootError, GuestRunError, PytiError, TaskManagerClosedError, vmanager_errors
 from pyti_core.manager import GuestSystem, ProgressCallback, RunResult, run_prepared
 from pyti_core.packages import Distribution, bundled_pip_wheel, prepare_distribution
@@ -180,6 +181,8 @@ class TaskManager:
         keep: keep each job's work folder (IO disk, serial log) after it finished.
         kill_grace_s: how long after its timeout a job's guest is killed, if the run has not stopped it.
         find_links, no_index, index_url: passed to pip for every download.
+        channel: the live channel's settings for every job (``None``: off), as in :func:`pyti_core.run`.
+        on_event: ``on_event(job_name, event)`` for every live-channel event, from the channels' threads.
 
     Use it as a context manager: leaving the block waits for the submitted jobs, unless an exception
     is propagating, in which case queued jobs are cancelled and running guests are killed.
@@ -201,6 +204,8 @@ class TaskManager:
         find_links: Sequence[Path] = (),
         no_index: bool = False,
         index_url: str | None = None,
+        channel: ChannelConfig | None = ChannelConfig(),  # noqa: B008 (frozen: safe to share)
+        on_event: Callable[[str, ChannelEvent], None] | None = None,
     ) -> None:
         if max_vms is not None and max_vms < 1:
             raise ValueError(f"max_vms must be at least 1, got {max_vms}")
@@ -215,6 +220,8 @@ class TaskManager:
         self.find_links = tuple(find_links)
         self.no_index = no_index
         self.index_url = index_url
+        self.channel = channel
+        self._on_event = on_event
         self._guest = guest
         self._guest_lock = threading.Lock()
         self._user_progress = progress or _no_progress
@@ -331,6 +338,16 @@ class TaskManager:
         except Exception:
             log.exception("the progress callback failed (job %s, phase %s)", job, phase)
 
+    def _job_events(self, job: _Job) -> Callable[[ChannelEvent], None] | None:
+        user = self._on_event
+        if user is None:
+            return None
+
+        def relay(event: ChannelEvent) -> None:
+            user(job.name, event)
+
+        return relay
+
     def _job_progress(self, job: _Job) -> ProgressCallback:
         def report(phase: str, message: str) -> None:
             self._progress(job.name, phase, message)
@@ -400,6 +417,8 @@ class TaskManager:
                 connection=self._shared_connection(),
                 progress=self._job_progress(job),
                 name=job.name,
+                channel=self.channel,
+                on_event=self._job_events(job),
             )
         return attrs.evolve(result, phases={**job.phases, **result.phases})
 

@@ -471,3 +471,46 @@ def test_the_guest_drops_what_does_not_fit_and_never_blocks(tmp_path: Path) -> N
     finally:
         guest.close(flush_s=0)
         b.close()
+
+
+# -- what pyti run shows -------------------------------------------------------------------------------------
+
+
+def _report(outcome: str, word: str, nodeid: str, message: str = "") -> TestReport:
+    return TestReport(0.0, 0.0, "4", nodeid, outcome, word, "call", 0.1, message)
+
+
+def test_the_plain_display_prints_each_test_and_a_failures_message() -> None:
+    import io
+
+    from pyti_core.cli import ProgressDisplay
+
+    out = io.StringIO()
+    display = ProgressDisplay(out, live=False)
+    display("tasks", "pytest: PASSED t.py::test_a")
+    display.event(_report("passed", "PASSED", "t.py::test_a"))
+    display("tasks", "pytest: FAILED t.py::test_b")
+    display.event(_report("failed", "FAILED", "t.py::test_b", "assert 1 == 2"))
+    lines = out.getvalue().splitlines()
+    assert lines[0].endswith("tasks: pytest: PASSED t.py::test_a")
+    assert lines[1].endswith("tasks: pytest: FAILED t.py::test_b")
+    assert lines[2] == "    assert 1 == 2"
+    assert len(lines) == 3
+
+
+def test_the_live_display_keeps_failures_above_a_status_line_with_counts() -> None:
+    import io
+
+    from pyti_core.cli import ProgressDisplay
+
+    out = io.StringIO()
+    display = ProgressDisplay(out, live=True)
+    display.event(_report("passed", "PASSED", "t.py::test_a"))
+    display("tasks", "pytest: PASSED t.py::test_a")
+    display.event(_report("failed", "FAILED", "t.py::test_b", "assert 1 == 2"))
+    display("tasks", "pytest: FAILED t.py::test_b")
+    display.close()
+    text = out.getvalue()
+    assert "\nFAILED t.py::test_b: assert 1 == 2\n" in text.replace("\r\x1b[K", "\n")
+    assert "(1 passed, 1 failed)" in text
+    assert text.endswith("\r\x1b[K")
