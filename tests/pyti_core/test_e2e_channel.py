@@ -156,7 +156,8 @@ def test_tests_reach_the_host_while_the_guest_runs_and_a_flood_is_cut_off(
     records = {r.task: r for r in result.report.records}
     # the IO disk is the truth: every task has its record, as if there were no channel
     names = [r.task for r in result.report.records]
-    assert names == ["install", "install-requirements", "pytest", "flood", "after"], result.report.records[-1].stderr
+    expected = ["install", "install-requirements", "pytest", "flood", "after"]
+    assert names == expected, result.report.records[-1].stderr
     assert records["pytest"].status == "failed"
     assert records["pytest"].tests is not None
     assert (records["pytest"].tests.passed, records["pytest"].tests.failed) == (1, 1)
@@ -166,9 +167,11 @@ def test_tests_reach_the_host_while_the_guest_runs_and_a_flood_is_cut_off(
     # each test's outcome arrived while the guest was still running (before the host collected)
     collected_at = watch.first("collect")
     tests = [(t, e) for t, e in watch.events if isinstance(e, TestReport)]
-    assert {e.nodeid.split("::")[-1]: e.outcome for _, e in tests} == {"test_double": "passed", "test_wrong": "failed"}
+    outcomes = {e.nodeid.split("::")[-1]: e.outcome for _, e in tests}
+    assert outcomes == {"test_double": "passed", "test_wrong": "failed"}
     assert all(t < collected_at for t, _ in tests)
-    assert any(m.startswith("pytest: FAILED") and "test_wrong" in m for _, p, m in watch.phases if p == "tasks")
+    shown = [m for _, p, m in watch.phases if p == "tasks"]
+    assert any(m.startswith("pytest: FAILED") and m.endswith("::test_wrong") for m in shown), shown
     finished = [e.task for _, e in watch.events if isinstance(e, TaskFinished)]
     assert finished[:3] == ["install", "install-requirements", "pytest"]
     # the flood: cut off, the host's memory did not grow with it, the run was not held up
@@ -178,7 +181,7 @@ def test_tests_reach_the_host_while_the_guest_runs_and_a_flood_is_cut_off(
     assert watch.peak - watch.baseline < 64 * 1024, (watch.baseline, watch.peak)
     assert not result.stalled
     assert not result.timed_out
-    print("channel:", result.channel, "rss growth KiB:", watch.peak - watch.baseline, "phases:", result.phases)
+    print("channel:", result.channel, "RSS growth KiB:", watch.peak - watch.baseline, result.phases)
 
 
 def _short_recipe(*tasks: Task) -> Recipe:
