@@ -5,11 +5,14 @@ one byte per block-layer permission: byte ``100 + bit`` means "I hold this permi
 ``200 + bit`` means "I do not let others hold it". Bit 0 is *consistent read*, bit 1 is *write*. A
 running guest with a writable disk therefore has read locks on bytes 101 and 201 of the image.
 
-diskhandler's writers take the same locks on the image file they write (the leaf of the chain), so two
-diskhandler writers exclude each other, QEMU refuses to start on an image diskhandler is writing, and
-diskhandler refuses to write an image a running guest holds. The locks belong to the open file
-description of the image, so they vanish when the image is closed or its process dies. Readers take
-no lock and are never refused.
+diskhandler's writers take the same locks on every file they write — the leaf of the chain, and each
+extent of a multi-file VMDK (split parts, flat extents) — so two diskhandler writers exclude each other,
+QEMU refuses to start on an image diskhandler is writing, and diskhandler refuses to write an image a
+running guest holds. The parents of a chain being written are locked as QEMU locks a backing file
+(consistent read held; write and resize not shared), so nobody writes a parent under a child being
+written, and a parent somebody writes is refused. The locks belong to the open file descriptions, so
+they vanish when the image is closed or its process dies. Readers take no lock and are never refused
+(as ``qemu-img --force-share``).
 
 The kernel reports OFD lock holders with PID -1, so the holding process is found through the lock
 lines of ``/proc/<pid>/fdinfo/<fd>`` (matched on device and inode).
@@ -21,10 +24,14 @@ import fcntl
 import os
 import struct
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 from diskhandler.errors import ImageInUseError
 
-__all__ = ["check_not_in_use", "find_lock_holders", "lock_for_writing"]
+if TYPE_CHECKING:
+    from diskhandler.formats._stream import DiskImage
+
+__all__ = ["check_not_in_use", "find_lock_holders", "lock_as_parent", "lock_chain", "lock_for_writing"]
 
 # fcntl commands for OFD locks (linux/fcntl.h); the stdlib fcntl module only names them on 3.12+.
 F_OFD_GETLK = getattr(fcntl, "F_OFD_GETLK", 36)
@@ -34,6 +41,10 @@ _PERM_BASE = 100
 _SHARED_BASE = 200
 _CONSISTENT_READ = 0
 _WRITE = 1
+_RESIZE = 3
+# A parent (QEMU's backing file): nobody may write or resize it, or forbid reading it consistently.
+_PARENT_CONFLICTS = (_PERM_BASE + _WRITE, _PERM_BASE + _RESIZE, _SHARED_BASE + _CONSISTENT_READ)
+_PARENT_BYTES = (_PERM_BASE + _CONSISTENT_READ, _SHARED_BASE + _WRITE, _SHARED_BASE + _RESIZE)
 # Bytes whose lock means someone writes, or forbids others to write.
 _WRITER_BYTES = (_PERM_BASE + _WRITE, _SHARED_BASE + _WRITE)
 # Bytes a diskhandler writer locks: consistent read + write held, write not shared.
@@ -52,10 +63,10 @@ def _flock(fd: int, cmd: int, kind: int, start: int, length: int = 1) -> tuple[i
     return l_type, l_pid
 
 
-def _conflicting_bytes(fd: int) -> list[int]:
-    """The writer bytes another open file description holds a lock on."""
+def _conflicting_bytes(fd: int, candidates: tuple[int, ...] = _WRITER_BYTES) -> list[int]:
+    """The bytes of ``candidates`` another open file description holds a lock on."""
     found = []
-    for byte in _WRITER_BYTES:
+    for byte in candidates:
         l_type, _pid = _flock(fd, F_OFD_GETLK, fcntl.F_WRLCK, byte)
         if l_type != fcntl.F_UNLCK:
             found.append(byte)
@@ -104,10 +115,14 @@ def _process_name(pid: str) -> str:
         return "?"
 
 
-def _in_use_error(path: Path, byte_list: list[int]) -> ImageInUseError:
+def _in_use_error(path: Path, byte_list: list[int], role: str = "") -> ImageInUseError:
     holders = find_lock_holders(path)
     holder = ", ".join(holders) if holders else None
     what = "is written by" if _PERM_BASE + _WRITE in byte_list else "is reserved for writing by"
+    if _PERM_BASE + _RESIZE in byte_list:
+        what = "is resized by"
+    if role:
+        what = f"({role}) {what}"
     return ImageInUseError(
         path,
         holder,
@@ -147,3 +162,33 @@ def lock_for_writing(path: str | os.PathLike[str], fd: int) -> None:
         for byte in _OUR_BYTES:
             _flock(fd, F_OFD_SETLK, fcntl.F_UNLCK, byte)
         raise _in_use_error(p, found)
+
+
+def lock_as_parent(path: str | os.PathLike[str], fd: int, role: str = "a parent") -> None:
+    """Lock ``fd`` as QEMU locks a backing file, or raise ImageInUseError when someone writes it."""
+    p = Path(path)
+    found = _conflicting_bytes(fd, _PARENT_CONFLICTS)
+    if found:
+        raise _in_use_error(p, found, role)
+    for byte in _PARENT_BYTES:
+        _flock(fd, F_OFD_SETLK, fcntl.F_RDLCK, byte)
+    found = _conflicting_bytes(fd, _PARENT_CONFLICTS)
+    if found:
+        for byte in _PARENT_BYTES:
+            _flock(fd, F_OFD_SETLK, fcntl.F_UNLCK, byte)
+        raise _in_use_error(p, found, role)
+
+
+def lock_chain(image: DiskImage) -> None:
+    """Lock every file of a chain opened for writing: the leaf's as a writer, its parents' as parents.
+
+    Raises ImageInUseError naming the file and its holder; the caller closes the image, which drops
+    every lock already taken.
+    """
+    for path, fd in image._files():
+        lock_for_writing(path, fd)
+    parent = image.parent
+    while parent is not None:
+        for path, fd in parent._files():
+            lock_as_parent(path, fd, f"a parent of {image.path}")
+        parent = parent.parent

@@ -11,7 +11,7 @@ from typing import Any
 
 import attrs
 
-from diskhandler._locking import check_not_in_use, lock_for_writing
+from diskhandler._locking import check_not_in_use, lock_chain
 from diskhandler.formats._detect import (
     FORMAT_NAMES,
     SUFFIXES,
@@ -63,9 +63,9 @@ def open_image(
         check_not_in_use(p)  # before any parser runs: a running VM's image is never touched
     image = format_class(name).open(p, writable=writable, guard=guard)
     image._parents = policy  # reopening a part later (a qcow2 snapshot's backing file) keeps the policy
-    if writable and image._fd >= 0:
+    if writable:
         try:
-            lock_for_writing(image.path, image._fd)
+            lock_chain(image)  # every file written (each VMDK extent), and the parents as QEMU does
         except BaseException:
             image.close()
             raise

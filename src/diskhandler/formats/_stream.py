@@ -145,6 +145,11 @@ class DiskImage(io.RawIOBase):
     def _flush(self) -> None:
         """Write cached metadata to the file. Called by :meth:`flush` and :meth:`close`."""
 
+    def _files(self) -> list[tuple[Path, int]]:
+        """The files this image (not its parents) is made of, with their open descriptors; locked
+        together when the image is written."""
+        return [(self.path, self._fd)] if self._fd >= 0 else []
+
     def _close_files(self) -> None:
         """Close descriptors other than ``self._fd`` (extents, ...). Called once by :meth:`close`."""
 

@@ -868,6 +868,18 @@ class VMDKImage(DiskImage):
                         os.fsync(fd)
 
     @override
+    @override
+    def _files(self) -> list[tuple[Path, int]]:
+        files = super()._files()
+        seen = {fd for _path, fd in files}
+        for extent in self._extents:
+            for fd in extent.fds():
+                if fd not in seen:
+                    seen.add(fd)
+                    files.append((extent.path, fd))
+        return files
+
+    @override
     def _close_files(self) -> None:
         owned, self._owned_fds = self._owned_fds, []
         for fd in owned:
