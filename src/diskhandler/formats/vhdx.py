@@ -344,6 +344,7 @@ class VHDXImage(BlockMappedImage):
         self._log_used = False
         self._log_pos = 0
         self._log_seq = 1
+        self._log_tail: int | None = None
         self._file_end = 0
         self._used_end = 0
 
@@ -543,6 +544,7 @@ class VHDXImage(BlockMappedImage):
         log_guid = uuid.uuid4().bytes_le
         self._log_seq = 1
         self._log_pos = 0
+        self._log_tail = None
         self._append_log_entry([], log_guid)
         self._header = _write_headers(
             self._fd,
@@ -555,27 +557,27 @@ class VHDXImage(BlockMappedImage):
         self._log_used = True
 
     def _append_log_entry(self, updates: list[tuple[int, bytes]], log_guid: bytes) -> None:
-        """Write one self-contained log entry (its tail is itself) at the next place in the ring, flushed."""
-        entry = build_entry(
-            updates,
-            sequence_number=self._log_seq,
-            log_guid=log_guid,
-            tail=0,
-            file_size=self._file_end,
-        )
-        if len(entry) > self._log_length:  # pragma: no cover - a few sectors never fill a 1 MiB log
+        """Write one log entry at the next place in the ring and flush it.
+
+        Its tail is the oldest entry whose in-place updates may not be on stable storage yet (2.3.2),
+        so a replay after a crash redoes all of them. Entries never cross the end of the ring: before
+        one would, the updates applied so far are flushed and a new sequence starts at the ring's start.
+        """
+        size = len(build_entry(updates, sequence_number=1, log_guid=log_guid, tail=0, file_size=0))
+        if size > self._log_length:  # pragma: no cover - a few sectors never fill a 1 MiB log
             raise ImageFormatError(self.path, "log", "a metadata update does not fit in the log")
-        if self._log_pos + len(entry) > self._log_length:
+        if self._log_pos + size > self._log_length:
+            os.fdatasync(self._fd)  # every update applied so far is stable: no older entry is needed
             self._log_pos = 0
+            self._log_tail = None
+        tail = self._log_pos if self._log_tail is None else self._log_tail
         entry = build_entry(
-            updates,
-            sequence_number=self._log_seq,
-            log_guid=log_guid,
-            tail=self._log_pos,
-            file_size=self._file_end,
+            updates, sequence_number=self._log_seq, log_guid=log_guid, tail=tail, file_size=self._file_end
         )
         pwrite_all(self._fd, entry, self._log_offset + self._log_pos)
-        self._log_pos += len(entry)
+        if updates and self._log_tail is None:
+            self._log_tail = self._log_pos
+        self._log_pos += size
         self._log_seq += 1
         os.fdatasync(self._fd)
 
@@ -657,13 +659,20 @@ class VHDXImage(BlockMappedImage):
         self._log_and_apply([self._bat_update(bat_index, value)])
 
     def _log_and_apply(self, updates: list[tuple[int, bytes]]) -> None:
-        """2.3: write the updates to the log, flush, write them in place, flush."""
+        """2.3: the updates go to the log (flushed), then in place.
+
+        In a differencing image the new data is flushed first: a sector marked present whose data never
+        reached the disk would read as zeros, not as the parent's bytes. A new block of a dynamic or
+        fixed image reads as zeros until its data lands, which is what it read before. The in-place
+        updates are flushed lazily (before the ring wraps, and on flush/close); until then the log's
+        sequence still holds them.
+        """
         fd = self._fd
-        os.fdatasync(fd)  # the data the updates point at is stable first
+        if self._diff:
+            os.fdatasync(fd)
         self._append_log_entry(updates, self._header.log_guid)
         for offset, data in updates:
             pwrite_all(fd, data, offset)
-        os.fdatasync(fd)
 
     @override
     def _flush(self) -> None:
