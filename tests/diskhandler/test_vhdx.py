@@ -433,3 +433,41 @@ def test_jupyter_view_shows_format_size_and_chain(tmp_path: Path) -> None:
     assert "vhdx, 8.0 MiB (8388608 bytes), read-only" in view
     assert view.index("child.avhdx") < view.index("base.vhdx")  # leaf first
     assert "no partition table, no LVM volumes" in view
+
+
+def test_updates_lost_after_their_log_entries_are_replayed_from_the_whole_sequence(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """The in-place BAT updates of a session never reach the disk (not flushed when the host died):
+    the log's sequence, from its tail, must bring all of them back."""
+    from diskhandler.formats import vhdx as vhdx_module
+
+    path = tmp_path / "d.vhdx"
+    create_image(path, 8 * MiB, block_size=MiB).close()
+    bat_at = 3 * MiB  # log at 1 MiB (1 MiB), metadata at 2 MiB, then the BAT
+    real = vhdx_module.pwrite_all
+
+    def lossy(fd: int, data: bytes | memoryview, offset: int) -> None:
+        if not bat_at <= offset < bat_at + MiB:
+            real(fd, data, offset)
+
+    crashed = tmp_path / "crashed.vhdx"
+    image = open_image(path, writable=True)
+    monkeypatch.setattr(vhdx_module, "pwrite_all", lossy)
+    image.write_at(0, b"a" * MiB)
+    image.write_at(3 * MiB + 10, b"b" * 10)
+    image.write_at(7 * MiB - 1, b"cd")  # across a block boundary: two more allocations
+    shutil.copyfile(path, crashed)  # what the disk holds when the host dies
+    monkeypatch.undo()
+    image.close()
+    with _vhdx(crashed) as ro:
+        assert ro.replayed >= 4
+        assert ro.read_at(0, MiB) == b"a" * MiB
+        assert ro.read_at(3 * MiB + 10, 10) == b"b" * 10
+        assert ro.read_at(7 * MiB - 1, 2) == b"cd"
+    with open_image(crashed, writable=True):
+        pass
+    qemu_check(crashed, "vhdx")
+    flat = qemu_flatten(crashed, "vhdx", tmp_path / "flat.raw").read_bytes()
+    assert flat[3 * MiB + 10 : 3 * MiB + 20] == b"b" * 10
+    assert flat[7 * MiB - 1 : 7 * MiB + 1] == b"cd"
