@@ -1022,12 +1022,14 @@ async def serve_worker(
     try:
         await server
     except (OSError, TimeoutError, RuntimeError) as exc:  # RuntimeError: "Nanny failed to start"
-        cause = exc
+        cause: BaseException = exc
         while cause.__cause__ is not None and isinstance(cause, RuntimeError):
-            cause = cause.__cause__  # type: ignore[assignment]
-        raise SchedulerLostError(
-            scheduler, f"cannot join the Dask scheduler at {scheduler}: {type(cause).__name__}: {cause}"
-        ) from exc
+            cause = cause.__cause__
+        if isinstance(cause, OSError | TimeoutError):  # Dask's CommClosedError is an OSError
+            raise SchedulerLostError(
+                scheduler, f"cannot join the Dask scheduler at {scheduler}: {type(cause).__name__}: {cause}"
+            ) from exc
+        raise FarmError(f"the worker could not start: {type(cause).__name__}: {cause}") from exc
     try:
         if ready is not None:
             ready(str(server.worker_address if nanny else server.address))

@@ -345,6 +345,37 @@ def test_the_scheduler_going_away_is_a_clear_error_and_the_rerun_resumes(
     assert sorted(r.attempts for r in rows) == [1, 2]
 
 
+@pytest.mark.farm
+def test_an_interrupted_run_stops_its_vm_at_once_and_the_ledger_keeps_the_job(
+    tmp_path: Path, wheels: Path, cluster: Cluster
+) -> None:
+    cluster.scheduler()
+    # the worker's guest under libvirt's test driver: it would wait 90 s for a boot that never comes
+    cluster.worker("w1", "--uri", "test:///default", "--work-dir", str(tmp_path / "w1"))
+    wheel = wheels / "farma-1.0-py3-none-any.whl"
+    ledger = tmp_path / "farm.sqlite"
+    argv = [
+        "farm", "run", str(wheel), "--ledger", str(ledger), "--scheduler", cluster.address,
+        "--recipe", "install-only", "--find-links", str(wheels), "--no-index", "--plain",
+    ]  # fmt: skip
+    submitter = cluster.start("submitter", [str(BIN / "pyti"), *argv])
+    submitter.wait_for(r"boot: \S+ \[default\]: starting VM")
+    job_folders = tmp_path / "w1"
+    assert list(job_folders.glob("slot-*/jobs/*"))
+    t0 = time.monotonic()
+    submitter.popen.send_signal(signal.SIGINT)  # Ctrl-C
+    assert submitter.popen.wait(timeout=60) == 130
+    assert "pyti: interrupted" in submitter.text()
+    # the worker stopped the cancelled job's VM: the run cleaned up long before its 90 s boot timeout
+    while list(job_folders.glob("slot-*/jobs/*")):
+        assert time.monotonic() - t0 < 30, "the cancelled job's VM was not stopped"
+        time.sleep(0.2)
+    with Ledger(ledger) as book:
+        (row,) = book.rows()
+    assert (row.state, row.attempts) == ("running", 1)  # as far as the ledger knows; the rerun resumes it
+    assert pyti("farm", "status", "--ledger", str(ledger)).stdout.count("(attempt 1)") == 1
+
+
 # -- real guests ----------------------------------------------------------------------------------------
 
 
