@@ -29,7 +29,6 @@ This is the only module that imports the FUSE binding (mfusepy, over libfuse3 or
 from __future__ import annotations
 
 import errno
-import json
 import os
 import signal
 import stat
@@ -550,6 +549,8 @@ def _run_server(
             lifeline_fd=lifeline_fd,
         )
     except (DiskHandlerError, OSError) as exc:
+        import json  # noqa: PLC0415  (lazy: only errors travel as JSON)
+
         report(json.dumps(_describe_error(exc)).encode())
         print(f"pyti-vdfuse: {exc}", file=sys.stderr)
         return 1
@@ -667,6 +668,8 @@ def mount_vdfuse(
     process.wait()
     if message:
         try:
+            import json  # noqa: PLC0415
+
             info = json.loads(message)
         except ValueError:
             info = {"message": message.decode(errors="replace")}

@@ -148,3 +148,14 @@ def test_owner_death_leaves_nothing_behind(tmp_path: Path, how: str, death: str)
     out = tmp_path / "back.bin"
     run("debugfs", "-R", f"dump /payload.bin {out}", flat)
     assert out.read_bytes() == payload.read_bytes()
+
+
+@pytest.mark.parametrize("mountpoint", ["/tmp/plain", "/tmp/with space\nand newline", "/tmp/\udcff-not-utf8"])
+def test_lifeline_messages_carry_any_mount_point(mountpoint: str) -> None:
+    from diskhandler._fusechild import _decode, _encode
+
+    for message in ({"guard": 1234, "mountpoint": mountpoint}, {"release": None, "mountpoint": mountpoint}):
+        line = _encode(message)
+        assert line.count(b"\n") == 1
+        assert line.endswith(b"\n")
+        assert _decode(line[:-1]) == message
