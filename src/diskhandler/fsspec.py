@@ -81,7 +81,7 @@ class DiskImageFileSystem(AbstractFileSystem):  # type: ignore[misc]  # fsspec i
             raise ValueError(f"mode {mode!r} not understood: 'r' (read-only) or 'a' (read-write)")
         image = _local_image(fo, target_protocol, target_options, writable=mode == "a")
         self.mode = mode
-        self.ops = DiskOperations(image, readonly=mode == "r", partition=partition, format=format)  # type: ignore[arg-type]
+        self.ops = DiskOperations(image, readonly=mode == "r", partition=partition, format=format)
         self.ops.mount()
         # dropped by fsspec's instance cache (or never cached): unmount then, not at interpreter exit
         weakref.finalize(self, self.ops.close_connection)
