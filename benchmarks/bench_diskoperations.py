@@ -15,6 +15,10 @@
    (the Python process, the vdfuse server, fuse2fs), sampled every 5 ms; PSS too (RSS counts the pages a
    forked vdfuse server shares with its parent twice). Goal: RSS <= 100 MiB.
 
+guestfish needs a kernel for its appliance: on a machine without one in /boot, unpack Debian's
+``linux-image-*-cloud-amd64`` package (``apt-get download``, ``dpkg -x``, ``depmod -b``) and point
+``SUPERMIN_KERNEL`` and ``SUPERMIN_MODULES`` at its ``vmlinuz`` and ``lib/modules/VERSION``.
+
 Usage: ``python benchmarks/bench_diskoperations.py [--repeat 3] [--big-mib 200] [--no-guestfs] [--dir D]``.
 """
 

@@ -17,8 +17,8 @@ Storage options (``fsspec.open(url, diskimage={...})`` or keyword arguments of
 
 * ``mode``: ``"r"`` (the default) mounts read-only — it works while a VM runs on the image and
   writes fail with ``EROFS``; ``"a"`` mounts read-write (as zip's ``"a"``: change what is there).
-* ``partition``: the partition to mount; by default the largest one with a filesystem diskhandler
-  can open.
+* ``partition``: the partition to mount (a number, or ``"VG/LV"`` for an LVM volume); by default the
+  largest one with a filesystem diskhandler can open.
 * ``format``: the image format, detected when omitted.
 
 The image must be a local file, or come through one of fsspec's local caches
