@@ -16,8 +16,10 @@ see :mod:`pyti_core.guest.livechannel` for the wire format), and turns every fra
     channel.close()
 
 **The guest is not trusted**, and the channel is only advisory (the IO disk holds a run's records).
-Every frame is validated at the edge like a raw-data record: its size (``max_frame``), JSON, the
-JSON-RPC 2.0 shape and each method's schema (:class:`~pyti_core.errors.ChannelFrameError` says what is
+Every frame is validated at the edge like a raw-data record, through the same
+:func:`~pyti_core.rawdata.load_guest_json`: its size (``max_frame``), JSON (depth, number sizes, no
+``NaN``, valid UTF-8), the JSON-RPC 2.0 shape and each method's schema
+(:class:`~pyti_core.errors.ChannelFrameError` says what is
 wrong). A bad frame is dropped and the channel resynchronised; after ``max_invalid`` of them, or when the
 guest sends faster than the rate limit (bytes and frames per second, with a burst), or when it sends
 more than ``max_skipped`` bytes that are no frame at all, the host *cuts the channel off*: it closes
@@ -29,7 +31,6 @@ IO disk as if the channel did not exist.
 from __future__ import annotations
 
 import contextlib
-import json
 import logging
 import math
 import os
@@ -43,8 +44,9 @@ from typing import Any, ClassVar, Final, Literal
 
 import attrs
 
-from pyti_core.errors import ChannelFrameError, ConfigError
+from pyti_core.errors import ChannelFrameError, ConfigError, RawDataError
 from pyti_core.guest import livechannel as wire
+from pyti_core.rawdata import load_guest_json
 
 __all__ = [
     "PORT_NAME",
@@ -315,9 +317,9 @@ _EVENTS: Final[Mapping[str, type[ChannelEvent]]] = {
 def parse_event(body: bytes, *, received: float | None = None) -> ChannelEvent:
     """Validate one frame body from the guest: JSON, a JSON-RPC 2.0 notification, its method's schema."""
     try:
-        obj = json.loads(body)
-    except (UnicodeDecodeError, ValueError, RecursionError) as exc:
-        raise ChannelFrameError(f"frame is not JSON: {exc}") from None
+        obj = load_guest_json(body, max_bytes=wire.MAX_FRAME, what="frame")
+    except RawDataError as exc:  # the one edge for JSON from a guest, shared with the records
+        raise ChannelFrameError(str(exc)) from None
     if not isinstance(obj, dict):
         raise ChannelFrameError(f"frame must be a JSON object, got {type(obj).__name__}")
     if obj.get("jsonrpc") != "2.0":
@@ -578,8 +580,8 @@ class LiveChannel:
 
     def _sync_reply(self, body: bytes, outstanding: Mapping[int, float], now: float) -> bool:
         try:
-            obj = json.loads(body)
-        except (ValueError, RecursionError):
+            obj = load_guest_json(body, max_bytes=wire.MAX_SYNC_FRAME, what="sync reply")
+        except RawDataError:
             return False
         if not isinstance(obj, dict) or obj.get("jsonrpc") != "2.0":
             return False
