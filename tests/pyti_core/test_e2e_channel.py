@@ -191,7 +191,10 @@ def _short_recipe(*tasks: Task) -> Recipe:
 def test_a_frozen_agent_ends_the_run_within_the_stall_timeout(
     guest: GuestSystem, distribution: Distribution, tmp_path: Path
 ) -> None:
+    # how the agent finds its port without udev: by name, in sysfs
+    ports = "ls /dev/virtio-ports 2>&1; for p in /sys/class/virtio-ports/*; do echo $p $(cat $p/name); done"
     recipe = _short_recipe(
+        Task("ports", "command", 60, argv=("sh", "-c", ports)),
         Task("freeze", "command", 60, argv=("sh", "-c", FREEZE)),
         Task("never", "command", 60, argv=("sh", "-c", "echo never")),
     )
@@ -210,8 +213,11 @@ def test_a_frozen_agent_ends_the_run_within_the_stall_timeout(
     assert not result.timed_out
     assert result.phases["tasks"] < stall + 20  # the job timeout was 600 s
     assert elapsed < 120
-    before, freeze, never = result.report.records
+    before, ports, freeze, never = result.report.records
     assert before.status == "passed"
+    assert "/sys/class/virtio-ports/vport" in ports.stdout
+    assert "org.pyti.rpc.0" in ports.stdout
+    print("ports in the guest:", ports.stdout)
     assert (freeze.status, never.status) == ("error", "error")
     assert "the guest stopped responding while this task ran" in freeze.stderr
     assert "--- serial console (last lines) ---" in freeze.stderr
