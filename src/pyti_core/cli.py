@@ -250,7 +250,14 @@ def _cmd_run(args: argparse.Namespace, out: TextIO, err: TextIO) -> int:
         guest = attrs.evolve(
             GuestSystem.default(cache_dir / "guest" if cache_dir else None), target=config.target
         )
-    channel = None if args.no_channel else ChannelConfig(stall_timeout=args.stall_timeout)
+    channel = config.channel if config is not None else ChannelConfig()
+    if args.no_channel:
+        channel = None
+    elif args.stall_timeout is not None:
+        try:
+            channel = attrs.evolve(channel or ChannelConfig(), stall_timeout=args.stall_timeout)
+        except ConfigError as exc:
+            raise _UsageError(f"run: --stall-timeout: {exc}") from None
     display = ProgressDisplay(err, live=args.live)
     try:
         if len(specs) == 1:
@@ -622,7 +629,6 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument(
         "--stall-timeout",
         type=_positive_float,
-        default=30.0,
         help="stop a guest whose agent has been silent this many seconds on the live channel (default 30)",
     )
     p.add_argument(

@@ -20,6 +20,11 @@
     no_index = false                   # true: resolve from find_links only, no index at all
     cache_dir = "~/.cache/pyti"
 
+    [channel]                          # the live channel (optional; see docs/channel.md)
+    enabled = true                     # false: no live events, no stall detection
+    stall_timeout = 30                 # seconds of silence before the guest counts as stuck
+    heartbeat = 2                      # how often the agent sends a heartbeat, seconds
+
     [results]
     report = "attrs-report.json"       # written on the host (relative to this file)
 
@@ -45,6 +50,7 @@ from typing import Any, Final
 
 import attrs
 
+from pyti_core.channel import ChannelConfig
 from pyti_core.errors import ConfigError, TaskError
 from pyti_core.packages import DEBIAN_12, Distribution, GuestTarget, prepare_distribution
 from pyti_core.tasks import RECIPES, Recipe, Task
@@ -53,7 +59,18 @@ __all__ = ["JobConfig"]
 
 MAX_JOB_FILE_BYTES: Final = 1 << 20
 _TOP: Final = frozenset(
-    {"distribution", "recipe", "requirements", "timeout", "timeouts", "guest", "packages", "results", "tasks"}
+    {
+        "distribution",
+        "recipe",
+        "requirements",
+        "timeout",
+        "timeouts",
+        "guest",
+        "packages",
+        "results",
+        "tasks",
+        "channel",
+    }
 )
 _PATH_SUFFIXES: Final = (".whl", ".tar.gz", ".tgz", ".zip", ".tar.bz2", ".tar.xz")
 
@@ -72,6 +89,7 @@ class JobConfig:
     cache_dir: Path | None = None
     report: Path | None = None
     source: Path | None = None
+    channel: ChannelConfig | None = ChannelConfig()  # noqa: RUF009 (frozen: safe to share)
 
     def prepare(self, dest: Path, **overrides: Any) -> Distribution:
         """Fetch the distribution into ``dest`` with this job's settings (:func:`prepare_distribution`).
@@ -141,7 +159,22 @@ class JobConfig:
                 "the master is gone: run many jobs with `pyti farm run --ledger FILE` (see docs/farm.md)",
             )
         report = reader.string(results, "report", key="results.report")
+        live = reader.table(data, "channel", {"enabled", "stall_timeout", "heartbeat"})
+        enabled = live.get("enabled", True)
+        if not isinstance(enabled, bool):
+            raise reader.fail("channel.enabled", f"must be true or false, got {enabled!r}")
+        channel: ChannelConfig | None = None
+        if enabled:
+            stall = reader.seconds(live, "stall_timeout", "channel.stall_timeout")
+            beat = reader.seconds(live, "heartbeat", "channel.heartbeat")
+            try:
+                channel = ChannelConfig(
+                    stall_timeout=30.0 if stall is None else stall, heartbeat=2.0 if beat is None else beat
+                )
+            except ConfigError as exc:
+                raise reader.fail("channel", str(exc)) from None
         return cls(
+            channel=channel,
             distribution=distribution,
             recipe=recipe,
             target=target,

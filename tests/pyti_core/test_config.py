@@ -183,3 +183,25 @@ def test_prepare_with_the_job_settings_offline(tmp_path: Path) -> None:
     assert sorted(p.name.split("-")[0] for p in dist.wheels) == ["pip", "pytiny", "pytiny_dep"]
     with pytest.raises(ConfigError, match="true or false"):
         JobConfig.from_toml(write(tmp_path, "distribution = 'x'\n[packages]\nno_index = 'yes'\n"))
+
+
+def test_the_live_channel_table(tmp_path: Path) -> None:
+    from pyti_core.channel import ChannelConfig
+
+    job = tmp_path / "job.toml"
+    job.write_text('distribution = "attrs==23.2.0"\n')
+    assert JobConfig.from_toml(job).channel == ChannelConfig()  # on by default
+    job.write_text('distribution = "attrs==23.2.0"\n[channel]\nstall_timeout = 12\nheartbeat = 0.5\n')
+    assert JobConfig.from_toml(job).channel == ChannelConfig(stall_timeout=12, heartbeat=0.5)
+    job.write_text('distribution = "attrs==23.2.0"\n[channel]\nenabled = false\n')
+    assert JobConfig.from_toml(job).channel is None
+    for bad, key in (
+        ("enabled = 1", "channel.enabled"),
+        ("stall_timeout = -3", "channel.stall_timeout"),
+        ("stall_timeout = 2\nheartbeat = 5", "channel"),
+        ("stal_timeout = 2", "channel.stal_timeout"),
+    ):
+        job.write_text(f'distribution = "attrs==23.2.0"\n[channel]\n{bad}\n')
+        with pytest.raises(ConfigError) as info:
+            JobConfig.from_toml(job)
+        assert info.value.key == key, info.value
