@@ -245,3 +245,33 @@ def test_staging_replaces_stale_files_and_skips_clutter(tmp_path: Path) -> None:
     copied = sorted(str(p.relative_to(io / "src")) for p in (io / "src").rglob("*") if p.is_file())
     assert copied == ["pkg/build/keep.py", "pyproject.toml", "tests/test_x.py"]
     assert json.loads((io / "job.json").read_text())["tasks"][0]["cwd"] == "/mnt/disk/work"
+
+
+def test_the_live_channel_adds_the_plugin_and_its_files_and_nothing_without_it(tmp_path: Path) -> None:
+    dist = _dist(tmp_path)
+    layout = GuestLayout()
+    plain = to_agent_job(dist, RECIPES["default"], layout)
+    live = to_agent_job(dist, RECIPES["default"], layout, heartbeat=2.0)
+    assert "channel" not in plain
+    assert live["channel"] == {
+        "port": "org.pyti.rpc.0",
+        "heartbeat_s": 2.0,
+        "plugin_dir": "/mnt/disk/pyti-live",
+    }
+    for before, after in zip(plain["tasks"], live["tasks"], strict=True):
+        if before["name"] == "pytest":
+            assert after["argv"] == [*before["argv"][:5], "-p", "pyti_live", *before["argv"][5:]]
+            assert "-p" in before["argv"]
+            assert "pyti_live" not in before["argv"]
+        else:
+            assert after == before
+    (tmp_path / "wheels").mkdir()
+    for wheel in dist.wheels:
+        wheel.write_bytes(b"PK")
+    (tmp_path / "src").mkdir()
+    stage_io_folder(tmp_path / "off", dist, RECIPES["default"], layout)
+    stage_io_folder(tmp_path / "on", dist, RECIPES["default"], layout, heartbeat=2.0)
+    assert not (tmp_path / "off" / "livechannel.py").exists()
+    assert not (tmp_path / "off" / "pyti-live").exists()
+    assert (tmp_path / "on" / "livechannel.py").is_file()
+    assert (tmp_path / "on" / "pyti-live" / "pyti_live.py").is_file()
