@@ -404,6 +404,10 @@ class Connection:
 
     def __init__(self, uri: str | None = None) -> None:
         uri = default_uri() if uri is None else uri
+        if type(uri) is not str or not uri.isprintable() or not uri.isascii():
+            raise ConfigError(
+                "uri", f"{uri!r} is not a hypervisor URI (printable ASCII; percent-encode the rest)"
+            )
         family = hypervisor_family(uri)
         root = _embed_root(uri)
         ensure_event_loop()

@@ -23,7 +23,7 @@ import attrs
 from ._diskformat import DiskFormat
 from .errors import ConfigError
 
-__all__ = ["Channel", "Disk", "RollbackMode", "VMConfig"]
+__all__ = ["Channel", "Disk", "RollbackMode", "VMConfig", "check_text"]
 
 RollbackMode = Literal["snapshot", "overlay"]
 _FORMATS = frozenset({"qcow2", "vdi", "vmdk", "vpc", "raw"})
@@ -33,12 +33,100 @@ _MAX_MEMORY_MIB = 16 * 1024 * 1024  # 16 TiB: anything above is a typo, not a VM
 _MAX_VCPUS = 1024
 
 
-def _opt_path(value: object) -> Path | None:
+_CONTROL = re.compile(r"[\x00-\x1f\x7f-\x9f]")
+_CONTROL_BUT_LINES = re.compile(r"[\x00-\x08\x0b\x0c\x0e-\x1f\x7f-\x9f]")
+_SURROGATE = re.compile(r"[\ud800-\udfff]")
+_PATH_MAX = 4096  # Linux PATH_MAX, bytes with the terminating NUL
+_NAME_MAX = 255  # Linux NAME_MAX, bytes per path component
+_CMDLINE_MAX = 2047  # x86 COMMAND_LINE_SIZE (2048) with its NUL
+
+
+def check_text(field: str, value: str, *, lines: bool = False, limit: int | None = None) -> str:
+    """``value`` unchanged, or :class:`ConfigError` naming ``field`` when libvirt's XML cannot hold it.
+
+    Refused: NUL and other control characters (``lines`` allows tab and newlines, for descriptions),
+    lone surrogates (a file name that is not UTF-8 cannot be named in libvirt's UTF-8 XML), and more
+    than ``limit`` UTF-8 bytes.
+    """
+    bad = (_CONTROL_BUT_LINES if lines else _CONTROL).search(value)
+    if bad is not None:
+        raise ConfigError(
+            field,
+            f"contains the control character {bad.group()!r} at position {bad.start()}; "
+            "remove it (libvirt's XML cannot carry it)",
+        )
+    bad = _SURROGATE.search(value)
+    if bad is not None:
+        raise ConfigError(
+            field,
+            f"contains the lone surrogate {bad.group()!r} at position {bad.start()} (bytes that are not "
+            "UTF-8, e.g. from a file name); libvirt's XML needs UTF-8: rename it",
+        )
+    if limit is not None and len(value.encode()) > limit:
+        raise ConfigError(field, f"is {len(value.encode())} bytes long; the limit is {limit}")
+    return value
+
+
+def check_path(field: str, value: object) -> Path:
+    """A path a VM may name: text libvirt's XML can hold, within the system's length limits."""
+    if not isinstance(value, str | os.PathLike):
+        raise ConfigError(field, f"expected a path, got {type(value).__name__} {value!r}")
+    text = os.fspath(value)
+    if not isinstance(text, str):
+        raise ConfigError(field, f"expected a text path, got bytes {text!r}")
+    if not text:
+        raise ConfigError(field, "is an empty path")
+    check_text(field, text)
+    absolute = os.path.abspath(text)
+    if len(absolute.encode()) >= _PATH_MAX:
+        raise ConfigError(
+            field, f"the path is {len(absolute.encode())} bytes; the system allows {_PATH_MAX - 1}"
+        )
+    for part in absolute.split("/"):
+        if len(part.encode()) > _NAME_MAX:
+            raise ConfigError(
+                field,
+                f"the name {part[:40]!r}... is {len(part.encode())} bytes; the system allows {_NAME_MAX}",
+            )
+    return Path(text)
+
+
+def _opt_path(field: str, value: object) -> Path | None:
     if value is None or value == "":
         return None
-    if isinstance(value, str | Path):
-        return Path(value)
-    raise ConfigError(None, f"expected a path, got {type(value).__name__} {value!r}")
+    return check_path(field, value)
+
+
+def _disk_path(value: object) -> Path:
+    return check_path("path", value)
+
+
+def _disk_location(value: object) -> Path | None:
+    return _opt_path("disk_location", value)
+
+
+def _hd_location(value: object) -> Path | None:
+    return _opt_path("hd_location", value)
+
+
+def _kernel(value: object) -> Path | None:
+    return _opt_path("kernel", value)
+
+
+def _initrd(value: object) -> Path | None:
+    return _opt_path("initrd", value)
+
+
+def _serial_log(value: object) -> Path | None:
+    return _opt_path("serial_log", value)
+
+
+def _overlay_dir(value: object) -> Path | None:
+    return _opt_path("overlay_dir", value)
+
+
+def _channel_path(value: object) -> Path:
+    return check_path("channels", value)
 
 
 def _memory(value: object) -> int:
@@ -73,16 +161,17 @@ class Disk:
     when ``None``. ``readonly`` attaches it read-only.
     """
 
-    path: Path = attrs.field(converter=Path)
+    path: Path = attrs.field(converter=_disk_path)
     snapshot: bool = True
     readonly: bool = False
     format: DiskFormat | None = None
 
     def __attrs_post_init__(self) -> None:
         if self.format is not None and self.format not in _FORMATS:
-            raise ConfigError(
-                "disks.format", f"unknown format {self.format!r}; use one of {sorted(_FORMATS)}"
-            )
+            raise ConfigError("format", f"unknown format {self.format!r}; use one of {sorted(_FORMATS)}")
+        for field in ("snapshot", "readonly"):
+            if not isinstance(getattr(self, field), bool):
+                raise ConfigError(field, f"expected True or False, got {getattr(self, field)!r}")
 
     @classmethod
     def coerce(cls, value: object) -> Disk:
@@ -94,9 +183,9 @@ class Disk:
         if isinstance(value, Mapping):
             unknown = set(value) - {"path", "snapshot", "readonly", "format"}
             if unknown or "path" not in value:
-                raise ConfigError("disks", f"a disk needs 'path' and only Disk fields, got {sorted(value)}")
+                raise ConfigError(None, f"a disk needs 'path' and only Disk fields, got {sorted(value)}")
             return cls(**dict(value))
-        raise ConfigError("disks", f"expected a Disk, a path or a dict, got {type(value).__name__}")
+        raise ConfigError(None, f"expected a Disk, a path or a dict, got {type(value).__name__}")
 
 
 def _disks(value: object) -> tuple[Disk, ...]:
@@ -106,7 +195,14 @@ def _disks(value: object) -> tuple[Disk, ...]:
         return (Disk.coerce(value),)
     if not isinstance(value, list | tuple):
         raise ConfigError("disks", f"expected a list of disks, got {type(value).__name__}")
-    return tuple(Disk.coerce(v) for v in value)
+    out = []
+    for i, item in enumerate(value):
+        try:
+            out.append(Disk.coerce(item))
+        except ConfigError as exc:  # name the disk: disks[1].path
+            field = f"disks[{i}].{exc.field}" if exc.field and exc.field != "disks" else f"disks[{i}]"
+            raise ConfigError(field, exc.message) from None
+    return tuple(out)
 
 
 _CHANNEL_NAME_RE = re.compile(r"[A-Za-z0-9][A-Za-z0-9._-]{0,63}")
@@ -125,7 +221,7 @@ class Channel:
     """
 
     name: str
-    path: Path = attrs.field(converter=Path)
+    path: Path = attrs.field(converter=_channel_path)
 
     def __attrs_post_init__(self) -> None:
         if not isinstance(self.name, str) or not _CHANNEL_NAME_RE.fullmatch(self.name):
@@ -187,42 +283,48 @@ class VMConfig:
     name: str = attrs.field()
     memory: int = attrs.field(default=256, converter=_memory)
     vcpus: int = attrs.field(default=1, converter=_vcpus)
-    disk_location: Path | None = attrs.field(default=None, converter=_opt_path)
-    hd_location: Path | None = attrs.field(default=None, converter=_opt_path)
+    disk_location: Path | None = attrs.field(default=None, converter=_disk_location)
+    hd_location: Path | None = attrs.field(default=None, converter=_hd_location)
     disks: tuple[Disk, ...] = attrs.field(default=(), converter=_disks)
-    kernel: Path | None = attrs.field(default=None, converter=_opt_path)
-    initrd: Path | None = attrs.field(default=None, converter=_opt_path)
+    kernel: Path | None = attrs.field(default=None, converter=_kernel)
+    initrd: Path | None = attrs.field(default=None, converter=_initrd)
     cmdline: str | None = None
-    serial_log: Path | None = attrs.field(default=None, converter=_opt_path)
+    serial_log: Path | None = attrs.field(default=None, converter=_serial_log)
     network: str | None = None
     channels: tuple[Channel, ...] = attrs.field(default=(), converter=_channels)
     rollback: RollbackMode = "snapshot"
-    overlay_dir: Path | None = attrs.field(default=None, converter=_opt_path)
+    overlay_dir: Path | None = attrs.field(default=None, converter=_overlay_dir)
     accel: Literal["auto", "kvm", "tcg"] = "auto"
     validate_paths: bool | None = None
 
     @name.validator
     def _check_name(self, _attr: object, value: object) -> None:
-        if not isinstance(value, str) or not _NAME_RE.fullmatch(value):
+        if type(value) is not str or not _NAME_RE.fullmatch(value):
             raise ConfigError(
                 "name", f"{value!r} is not a valid VM name (1-64 of letters, digits, '._+-', no spaces)"
             )
 
     def __attrs_post_init__(self) -> None:
-        if self.network is not None and not _NETWORK_RE.fullmatch(self.network):
+        if self.network is not None and (
+            type(self.network) is not str or not _NETWORK_RE.fullmatch(self.network)
+        ):
             raise ConfigError(
                 "network", f"{self.network!r}: use None, 'user', 'network:<name>' or 'bridge:<name>'"
             )
-        if self.rollback not in {"snapshot", "overlay"}:
+        if self.rollback not in ("snapshot", "overlay"):
             raise ConfigError("rollback", f"{self.rollback!r}: use 'snapshot' or 'overlay'")
         if self.rollback == "overlay" and self.hd_location is None:
             raise ConfigError("rollback", "overlay rollback needs a system disk (hd_location)")
-        if self.accel not in {"auto", "kvm", "tcg"}:
+        if self.accel not in ("auto", "kvm", "tcg"):
             raise ConfigError("accel", f"{self.accel!r}: use 'auto', 'kvm' or 'tcg'")
+        if self.validate_paths is not None and not isinstance(self.validate_paths, bool):
+            raise ConfigError("validate_paths", f"expected None, True or False, got {self.validate_paths!r}")
         if self.kernel is None and (self.initrd is not None or self.cmdline is not None):
             raise ConfigError("kernel", "initrd and cmdline need a kernel (direct kernel boot)")
-        if self.cmdline is not None and not isinstance(self.cmdline, str):
-            raise ConfigError("cmdline", f"expected a string, got {type(self.cmdline).__name__}")
+        if self.cmdline is not None:
+            if not isinstance(self.cmdline, str):
+                raise ConfigError("cmdline", f"expected a string, got {type(self.cmdline).__name__}")
+            check_text("cmdline", self.cmdline, limit=_CMDLINE_MAX)
         if self.hd_location is None and self.disk_location is None and self.kernel is None and not self.disks:
             raise ConfigError(None, "nothing to boot: give hd_location, disk_location, disks or kernel")
 

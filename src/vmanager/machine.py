@@ -26,6 +26,7 @@ from __future__ import annotations
 
 import html
 import re
+import stat
 import time
 import xml.etree.ElementTree as ET
 from collections.abc import Mapping
@@ -41,7 +42,7 @@ from ._accel import detect_accelerator
 from ._domain_xml import plan_disks, render
 from ._snapshots import Snapshot
 from .compat import PyTICompat
-from .config import VMConfig
+from .config import VMConfig, check_text
 from .errors import (
     ConfigError,
     DiskInUseError,
@@ -57,6 +58,7 @@ from .state import ACTIVE, STOPPED, RunState, state_of
 __all__ = ["VirtualMachine"]
 
 _NAME_RE: Final = re.compile(r"[A-Za-z0-9][A-Za-z0-9._+-]{0,63}")
+_DESCRIPTION_MAX: Final = 64 << 10
 
 Hypervisor = str | lv.Connection | Any | None
 
@@ -65,6 +67,19 @@ def _check_name(kind: str, name: object) -> str:
     if type(name) is not str or not _NAME_RE.fullmatch(name):
         raise ConfigError(kind, f"{name!r} is not a valid name (1-64 of letters, digits, '._+-')")
     return name
+
+
+def _check_file(field: str, path: Path) -> None:
+    """A file the VM reads must exist and be a regular file or a block device (a FIFO would hang QEMU)."""
+    try:
+        mode = path.stat().st_mode
+    except FileNotFoundError:
+        raise DiskNotFoundError(field, path) from None
+    except OSError as exc:
+        raise ConfigError(field, f"cannot use {path}: {exc.strerror}") from exc
+    if not (stat.S_ISREG(mode) or stat.S_ISBLK(mode)):
+        kind = "a directory" if stat.S_ISDIR(mode) else "not a regular file"
+        raise ConfigError(field, f"{path} is {kind}; give an image file")
 
 
 def _coerce_config(name: str, config: VMConfig | Mapping[str, Any] | None) -> VMConfig | None:
@@ -222,8 +237,7 @@ class VirtualMachine(PyTICompat):
         family = self.connection.family
         if self._validate_paths(config):
             for field, path in config.files():
-                if not path.exists():
-                    raise DiskNotFoundError(field, path)
+                _check_file(field, path)
         overlays: dict[str, Path] = {}
         if config.rollback == "overlay":
             if family != "qemu" or not self.connection.is_local:
@@ -435,6 +449,9 @@ class VirtualMachine(PyTICompat):
     def snapshot(self, name: str, description: str = "") -> Snapshot:
         """Take a snapshot called ``name`` (running: memory and disks; shut off: disks)."""
         _check_name("snapshot name", name)
+        if type(description) is not str:
+            raise ConfigError("description", f"expected a string, got {type(description).__name__}")
+        check_text("description", description, lines=True, limit=_DESCRIPTION_MAX)
         return _snapshots.take(self, name, description)
 
     def snapshots(self) -> list[Snapshot]:
