@@ -20,6 +20,8 @@ APT_PACKAGES=(
   gdisk parted fdisk cpio busybox-static
   # the LVM tests build volume groups with the real lvm2 tools on loop devices (no activation needed)
   lvm2
+  # vmanager's tests boot a BIOS live ISO of the tiny guest (isolinux.bin, ldlinux.c32, the ISO writer)
+  isolinux syslinux-common genisoimage
 )
 
 SUDO=()

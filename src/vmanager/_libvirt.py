@@ -142,6 +142,8 @@ LIST_ACTIVE: Final = libvirt.VIR_CONNECT_LIST_DOMAINS_ACTIVE
 XML_INACTIVE: Final = libvirt.VIR_DOMAIN_XML_INACTIVE
 SNAPSHOT_CREATE_REDEFINE: Final = libvirt.VIR_DOMAIN_SNAPSHOT_CREATE_REDEFINE
 SNAPSHOT_CREATE_CURRENT: Final = libvirt.VIR_DOMAIN_SNAPSHOT_CREATE_CURRENT
+SNAPSHOT_CREATE_DISK_ONLY: Final = libvirt.VIR_DOMAIN_SNAPSHOT_CREATE_DISK_ONLY
+_AFFECT_CONFIG: Final = libvirt.VIR_DOMAIN_AFFECT_CONFIG
 SAVE_RUNNING: Final = libvirt.VIR_DOMAIN_SAVE_RUNNING
 SAVE_PAUSED: Final = libvirt.VIR_DOMAIN_SAVE_PAUSED
 
@@ -666,6 +668,48 @@ class Domain:
 
     def open_console(self) -> ConsoleStream:
         return ConsoleStream(self)
+
+    # -- application metadata (kept in the persistent definition) ------------------------------
+
+    def metadata(self, namespace: str) -> str | None:
+        """The ``<metadata>`` element vmanager keeps under ``namespace``, or ``None``."""
+        try:
+            return str(self.raw.metadata(libvirt.VIR_DOMAIN_METADATA_ELEMENT, namespace, _AFFECT_CONFIG))
+        except libvirt.libvirtError as exc:
+            if exc.get_error_code() == libvirt.VIR_ERR_NO_DOMAIN_METADATA:
+                return None
+            raise self._err(exc, "read metadata") from exc
+
+    def set_metadata(self, namespace: str, prefix: str, xml: str | None) -> None:
+        """Replace (``None``: remove) vmanager's ``<metadata>`` element under ``namespace``."""
+        try:
+            self.raw.setMetadata(libvirt.VIR_DOMAIN_METADATA_ELEMENT, xml, prefix, namespace, _AFFECT_CONFIG)
+        except libvirt.libvirtError as exc:
+            raise self._err(exc, "write metadata") from exc
+
+    # -- block jobs -------------------------------------------------------------------------------
+
+    def block_copy(self, disk: str, dest_xml: str) -> None:
+        """Start copying a running disk's whole chain into the file ``dest_xml`` describes."""
+        try:
+            self.raw.blockCopy(disk, dest_xml, None, libvirt.VIR_DOMAIN_BLOCK_COPY_TRANSIENT_JOB)
+        except libvirt.libvirtError as exc:
+            raise self._err(exc, f"copy disk {disk}") from exc
+
+    def block_job_progress(self, disk: str) -> tuple[int, int] | None:
+        """(done, total) of the disk's block job, ``None`` when it has none."""
+        try:
+            info = self.raw.blockJobInfo(disk, 0)
+        except libvirt.libvirtError as exc:
+            raise self._err(exc, f"block job of {disk}") from exc
+        return (int(info["cur"]), int(info["end"])) if info else None
+
+    def block_job_finish(self, disk: str, *, pivot: bool) -> None:
+        """End the disk's block job; ``pivot`` switches the guest to the copy."""
+        try:
+            self.raw.blockJobAbort(disk, libvirt.VIR_DOMAIN_BLOCK_JOB_ABORT_PIVOT if pivot else 0)
+        except libvirt.libvirtError as exc:
+            raise self._err(exc, f"finish the block job of {disk}") from exc
 
 
 class DomainSnapshot:

@@ -1,27 +1,51 @@
 """Snapshots: one tree model (parent, children, current) over libvirt's snapshot metadata.
 
-* **internal** — QEMU keeps disk (and memory, when running) inside the qcow2 images; libvirt's
-  own revert.
+* **internal** — every snapshotted disk is qcow2 and none is left out: QEMU keeps disk (and memory,
+  when running) inside the qcow2 images; libvirt's own revert and delete.
+* **external** — any other disk format on QEMU (VDI, VMDK, VHD, raw), or a disk left out of snapshots
+  (the IO disk): libvirt freezes each snapshotted disk's current file and puts a qcow2 overlay on top
+  (``<vm>@<disk>@<snapshot>@<token>.vmanager-snap.qcow2``); a running VM's memory is saved beside
+  (``.vmanager-mem``). From then on only overlays are written; the user's disk is a read-only backing
+  file. Rollback: libvirt's own revert when libvirt >= 9.9 can do it; otherwise vmanager does it with
+  libvirt's APIs — stop the domain, create a fresh overlay over the snapshot's frozen layer, redefine
+  the domain on it, restore the saved memory (``restoreFlags`` with the saved XML pointed at the new
+  overlay), and mark the snapshot current by redefining its metadata. Deleting a snapshot drops its
+  metadata; a layer file goes once no remaining snapshot or the current state needs it (a backing
+  chain through it counts), so no kept snapshot loses data.
 * **overlay** — see :mod:`vmanager._overlays`: ``rollback()`` without a name discards the overlay.
+
+Files are only created or removed while no running domain uses them.
 """
 
 from __future__ import annotations
 
+import contextlib
 import datetime as dt
 import heapq
 import html
+import json
 import re
+import shutil
+import subprocess
+import time
+import uuid
 import xml.etree.ElementTree as ET
-from typing import TYPE_CHECKING, Final
+from pathlib import Path
+from typing import TYPE_CHECKING, Final, Literal
 from xml.sax.saxutils import escape as xml_escape
+from xml.sax.saxutils import quoteattr
 
 import attrs
 
-from . import _domain_info
+from . import _domain_info, _overlays
 from ._libvirt import (
     REVERT_PAUSED,
     REVERT_RUNNING,
+    SNAPSHOT_CREATE_CURRENT,
+    SNAPSHOT_CREATE_DISK_ONLY,
+    SNAPSHOT_CREATE_REDEFINE,
     SNAPSHOT_DELETE_CHILDREN,
+    SNAPSHOT_DELETE_METADATA_ONLY,
     DomainSnapshot,
 )
 from .errors import (
@@ -29,6 +53,7 @@ from .errors import (
     SnapshotNotFoundError,
     UnsupportedOperationError,
     VManagerError,
+    VMTimeoutError,
 )
 from .state import ACTIVE, RESUMABLE, STOPPED, RunState, snapshot_state
 
@@ -38,6 +63,11 @@ if TYPE_CHECKING:
 __all__ = ["Snapshot"]
 
 _REFUSES_DUPLICATES: Final = frozenset({"qemu", "test"})
+LAYER_SUFFIX: Final = ".vmanager-snap.qcow2"
+MEMORY_SUFFIX: Final = ".vmanager-mem"
+#: the first libvirt that reverts external snapshots itself
+LIBVIRT_EXTERNAL_REVERT: Final = (9, 9, 0)
+Kind = Literal["internal", "external"]
 
 
 @attrs.frozen
@@ -175,6 +205,33 @@ def _check_internal(vm: VirtualMachine, xml: str, running: bool) -> None:
         )
 
 
+def is_external(text: str) -> bool:
+    """Whether a snapshot's XML describes an external snapshot (overlays and/or saved memory)."""
+    root = head(text)
+    return root.find("memory[@snapshot='external']") is not None or (
+        root.find("disks/disk[@snapshot='external']") is not None
+    )
+
+
+def kind(vm: VirtualMachine, xml: str) -> Kind:
+    """Which kind a new snapshot of ``vm`` gets (see the module docstring)."""
+    if vm.connection.family != "qemu":
+        return "internal"  # the driver's own snapshots
+    external = any(is_external(s.xml_desc()) for s in vm._dom.snapshots())
+    for disk in _domain_info.disks(xml):
+        if disk.device != "disk" or disk.readonly:
+            continue
+        if disk.snapshot == "no" or disk.format != "qcow2":
+            external = True
+    if external and _overlays.overlay_bases(xml):
+        raise UnsupportedOperationError(
+            f"VM {vm.name!r} uses overlay rollback, and this snapshot would have to be external (its "
+            "disks are not all qcow2, or one is left out of snapshots); roll back with rollback() "
+            "without a name, or define the VM without rollback='overlay'"
+        )
+    return "external" if external else "internal"
+
+
 def take(vm: VirtualMachine, name: str, description: str) -> Snapshot:
     dom = vm._dom
     family = vm.connection.family
@@ -182,16 +239,172 @@ def take(vm: VirtualMachine, name: str, description: str) -> Snapshot:
     # below); VirtualBox keeps duplicates, so elsewhere look first.
     if family not in _REFUSES_DUPLICATES and dom.snapshot(name) is not None:
         raise SnapshotExistsError(vm.name, name)
-    if family == "qemu":
-        _check_internal(vm, vm.xml_desc(), vm.state in ACTIVE)
+    xml = vm.xml_desc()
+    running = vm.state in ACTIVE
     desc = f"<description>{xml_escape(description)}</description>" if description else ""
+    extra = ""
+    flags = 0
+    if family == "qemu":
+        if kind(vm, xml) == "external":
+            if dom.snapshot(name) is not None:  # before any file is made
+                raise SnapshotExistsError(vm.name, name)
+            if running:
+                xml = _unblock_memory_save(vm, xml)
+            extra, record = _external_spec(vm, xml, name, running)
+            # libvirt takes an external snapshot of a shut-off VM only as "disk-only"
+            flags = 0 if running else SNAPSHOT_CREATE_DISK_ONLY
+        else:
+            _check_internal(vm, xml, running)
     try:
-        snap = dom.snapshot_create(f"<domainsnapshot><name>{name}</name>{desc}</domainsnapshot>", name)
+        spec = f"<domainsnapshot><name>{name}</name>{desc}{extra}</domainsnapshot>"
+        snap = dom.snapshot_create(spec, name, flags)
     except VManagerError as exc:
         if dom.snapshot(name) is not None:
             raise SnapshotExistsError(vm.name, name) from exc
         raise
+    if extra:
+        records = _records(vm)
+        records[name] = record
+        _save_records(vm, records)
     return _parse(head(snap.xml_desc()), (), True)
+
+
+def _token() -> str:
+    return uuid.uuid4().hex[:8]
+
+
+def _layer_path(vm: VirtualMachine, target: str, snapshot: str) -> Path:
+    return vm._overlay_dir() / f"{vm.name}@{target}@{snapshot}@{_token()}{LAYER_SUFFIX}"
+
+
+#: disk formats whose QEMU drivers allow saving a running guest's memory (the others block migration)
+_MIGRATABLE: Final = frozenset({"raw", "qcow2"})
+_COPY_TIMEOUT: Final = 3600.0
+
+
+def _unblock_memory_save(vm: VirtualMachine, xml: str) -> str:
+    """Move a running guest off VDI, VMDK and VHD files, so that QEMU can save its memory.
+
+    QEMU's drivers for those formats block migration, and saving memory is a migration. Each snapshotted
+    disk whose chain holds one is copied whole, while the guest runs, into a standalone qcow2 file
+    (libvirt's block copy) and the guest is switched to the copy; the next boot uses it too. The user's
+    image is only read. Returns the domain XML afterwards.
+    """
+    dom = vm._dom
+    copied: dict[str, Path] = {}
+    for disk in _domain_info.disks(xml):
+        formats = {disk.format, *(fmt for _, fmt in disk.chain)}
+        if disk.device != "disk" or disk.path is None or formats <= _MIGRATABLE:
+            continue
+        if not disk.snapshotted:
+            raise UnsupportedOperationError(
+                f"VM {vm.name!r}: disk {disk.target} ({disk.path}) is {disk.format} and left out of "
+                "snapshots; QEMU cannot save a running guest's memory while it has such a disk open "
+                "(its driver blocks migration). Use a raw or qcow2 image for that disk, or take the "
+                "snapshot shut off"
+            )
+        dest = _layer_path(vm, disk.target, "copy")
+        dom.block_copy(
+            disk.target,
+            f"<disk type='file'><source file={quoteattr(str(dest))}/><driver type='qcow2'/></disk>",
+        )
+        try:
+            _wait_for_copy(vm, disk.target)
+            dom.block_job_finish(disk.target, pivot=True)
+        except BaseException:
+            with contextlib.suppress(VManagerError):
+                dom.block_job_finish(disk.target, pivot=False)
+            dest.unlink(missing_ok=True)
+            raise
+        copied[disk.target] = dest
+    if not copied:
+        return xml
+    # the next boot starts from the copies too
+    vm.connection.define(vm.name, _point_disks(dom.xml_desc(inactive=True), copied))
+    return vm.xml_desc()
+
+
+def _wait_for_copy(vm: VirtualMachine, target: str) -> None:
+    deadline = time.monotonic() + _COPY_TIMEOUT
+    while True:
+        progress = vm._dom.block_job_progress(target)
+        if progress is not None and progress[1] > 0 and progress[0] == progress[1]:
+            return
+        if time.monotonic() >= deadline:
+            raise VMTimeoutError(vm.name, f"copy of disk {target}", _COPY_TIMEOUT, f"progress {progress}")
+        time.sleep(0.05)
+
+
+def _external_spec(vm: VirtualMachine, xml: str, name: str, running: bool) -> tuple[str, Record]:
+    """The ``<memory>`` and ``<disks>`` of an external snapshot (every disk named, IO disks left out),
+    and vmanager's record of it: each covered disk's file at this moment (its frozen layer from now
+    on) and the memory file.
+    """
+    folder = vm._overlay_dir()
+    folder.mkdir(parents=True, exist_ok=True)
+    disks = []
+    record = Record({}, None)
+    for disk in _domain_info.disks(xml):
+        if not disk.target:
+            continue
+        if disk.snapshotted and disk.path is not None:
+            record.layers[disk.target] = (disk.path, disk.format)
+            layer = _layer_path(vm, disk.target, name)
+            disks.append(
+                f"<disk name={quoteattr(disk.target)} snapshot='external'><driver type='qcow2'/>"
+                f"<source file={quoteattr(str(layer))}/></disk>"
+            )
+        else:
+            disks.append(f"<disk name={quoteattr(disk.target)} snapshot='no'/>")
+    memory = ""
+    if running:
+        record = Record(record.layers, folder / f"{vm.name}@{name}@{_token()}{MEMORY_SUFFIX}")
+        memory = f"<memory snapshot='external' file={quoteattr(str(record.memory))}/>"
+    return f"{memory}<disks>{''.join(disks)}</disks>", record
+
+
+# -- vmanager's record of external snapshots, in the domain's <metadata> ----------------------------------
+#
+# libvirt's snapshot metadata does not say reliably which file each external snapshot froze (libvirt 9
+# rewrites a child's embedded domain when its parent's metadata is deleted), so vmanager keeps its own
+# record where libvirt keeps application data: the persistent definition's <metadata>.
+
+_NS: Final = "https://pyti.invalid/vmanager/snapshots/1"
+_PREFIX: Final = "vmanager"
+
+
+@attrs.frozen
+class Record:
+    """What one external snapshot needs: each covered disk's frozen layer, and the saved memory."""
+
+    layers: dict[str, tuple[Path, str]]  # target -> (file, format)
+    memory: Path | None
+
+
+def _records(vm: VirtualMachine) -> dict[str, Record]:
+    text = vm._dom.metadata(_NS)
+    if not text:
+        return {}
+    out: dict[str, Record] = {}
+    for snap in ET.fromstring(text).iterfind("snapshot"):
+        layers = {
+            el.get("disk", ""): (Path(el.get("file", "")), el.get("format", "raw"))
+            for el in snap.iterfind("layer")
+        }
+        memory = snap.get("memory")
+        out[snap.get("name", "")] = Record(layers, Path(memory) if memory else None)
+    return out
+
+
+def _save_records(vm: VirtualMachine, records: dict[str, Record]) -> None:
+    root = ET.Element("snapshots")
+    for name, record in records.items():
+        el = ET.SubElement(root, "snapshot", name=name)
+        if record.memory is not None:
+            el.set("memory", str(record.memory))
+        for disk, (path, fmt) in record.layers.items():
+            ET.SubElement(el, "layer", disk=disk, file=str(path), format=fmt)
+    vm._dom.set_metadata(_NS, _PREFIX, ET.tostring(root, encoding="unicode") if records else None)
 
 
 # -- rollback and delete -----------------------------------------------------------------------------
@@ -211,9 +424,80 @@ def rollback(vm: VirtualMachine, name: str | None) -> None:
             raise SnapshotNotFoundError(vm.name, "<current>", sorted(vm._dom.snapshot_names()))
         name = cur.name
     snap = lookup(vm, name)
-    target = snapshot_state(head(snap.xml_desc()).findtext("state"))
+    text = snap.xml_desc()
+    target = snapshot_state(head(text).findtext("state"))
     vm._console.reset()
-    _revert(vm, snap, target)
+    if not is_external(text):
+        _revert(vm, snap, target)
+        return
+    before = _vmanager_files(vm)
+    if vm.connection.lib_version() >= LIBVIRT_EXTERNAL_REVERT:
+        _revert(vm, snap, target)
+    else:
+        record = _records(vm).get(snap.name)
+        if record is None:
+            raise UnsupportedOperationError(
+                f"VM {vm.name!r}: snapshot {snap.name!r} is external but was not taken by vmanager, and "
+                f"libvirt {'.'.join(map(str, vm.connection.lib_version()))} cannot revert it (9.9 can)"
+            )
+        _revert_external(vm, snap, text, target, record)
+    _remove_unneeded(vm, before)
+
+
+def _point_disks(xml: str, tops: dict[str, Path]) -> str:
+    """``xml`` with each disk in ``tops`` on its new qcow2 file (the chain below is read from it)."""
+    root = ET.fromstring(xml)
+    for disk in root.iterfind("devices/disk"):
+        target = disk.find("target")
+        dev = target.get("dev", "") if target is not None else ""
+        if dev not in tops:
+            continue
+        for child in disk.findall("backingStore"):
+            disk.remove(child)
+        source = disk.find("source")
+        if source is None:
+            source = ET.SubElement(disk, "source")
+        source.attrib.clear()
+        source.set("file", str(tops[dev]))
+        driver = disk.find("driver")
+        if driver is None:
+            driver = ET.SubElement(disk, "driver", name="qemu")
+        driver.set("type", "qcow2")
+    return ET.tostring(root, encoding="unicode")
+
+
+def _revert_external(
+    vm: VirtualMachine, snap: DomainSnapshot, text: str, target: RunState, record: Record
+) -> None:
+    """Revert to an external snapshot with libvirt's APIs (for libvirt < 9.9, which cannot)."""
+    tops: dict[str, Path] = {}
+    try:
+        for dev, (layer, fmt) in record.layers.items():
+            tops[dev] = _layer_path(vm, dev, snap.name)
+            _overlays.create_overlay(tops[dev], layer, fmt, field=f"snapshot {snap.name!r} disk {dev}")
+        memory_file = record.memory
+        if target in RESUMABLE and (memory_file is None or not memory_file.exists()):
+            raise UnsupportedOperationError(
+                f"VM {vm.name!r}: the memory of snapshot {snap.name!r} ({memory_file}) is gone; it can no "
+                "longer be resumed"
+            )
+        saved = (
+            vm.connection.saved_domain_xml(memory_file, vm.name)
+            if memory_file and target in RESUMABLE
+            else None
+        )
+    except BaseException:
+        for top in tops.values():
+            top.unlink(missing_ok=True)
+        raise
+    vm.stop()  # from here on no domain uses the old files
+    vm.connection.define(vm.name, _point_disks(vm._dom.xml_desc(inactive=True), tops))
+    if saved is not None and memory_file is not None:
+        vm.connection.restore(
+            memory_file, _point_disks(saved, tops), vm.name, paused=target is RunState.PAUSED
+        )
+    # libvirt did not revert, so tell it which snapshot the VM now stands on
+    vm._dom.snapshot_create(text, snap.name, SNAPSHOT_CREATE_REDEFINE | SNAPSHOT_CREATE_CURRENT)
 
 
 def _revert(vm: VirtualMachine, snap: DomainSnapshot, target: RunState) -> None:
@@ -242,13 +526,101 @@ def _restore_run_state(vm: VirtualMachine, target: RunState) -> None:
 
 
 def delete(vm: VirtualMachine, name: str, *, children: bool) -> None:
-    lookup(vm, name).delete(SNAPSHOT_DELETE_CHILDREN if children else 0)
+    snap = lookup(vm, name)
+    flags = SNAPSHOT_DELETE_CHILDREN if children else 0
+    if not is_external(snap.xml_desc()):
+        snap.delete(flags)
+        return
+    before = _vmanager_files(vm)
+    # libvirt < 10 cannot delete external snapshots' files; it drops the metadata (reparenting the
+    # children), and the files no remaining snapshot needs go below
+    snap.delete(flags | SNAPSHOT_DELETE_METADATA_ONLY)
+    remaining = set(vm._dom.snapshot_names())
+    _save_records(vm, {k: v for k, v in _records(vm).items() if k in remaining})
+    _remove_unneeded(vm, before)
 
 
-def delete_all(vm: VirtualMachine) -> None:
-    """Delete every snapshot for real (QEMU keeps internal ones inside the qcow2 otherwise).
+def delete_all(vm: VirtualMachine) -> set[Path]:
+    """Delete every snapshot (QEMU keeps internal ones inside the qcow2 otherwise).
 
-    Newest first, so that no revert-able state is reparented needlessly.
+    Newest first, so that no revert-able state is reparented needlessly. Returns the files vmanager
+    made for external snapshots, for the caller to remove once the domain is gone.
     """
+    files = _vmanager_files(vm)
     for snap in reversed(vm._dom.snapshots()):
-        snap.delete(0)
+        snap.delete(SNAPSHOT_DELETE_METADATA_ONLY if is_external(snap.xml_desc()) else 0)
+    return files
+
+
+# -- the files of external snapshots -------------------------------------------------------------------
+
+
+def _is_ours(vm: VirtualMachine, path: Path) -> bool:
+    return path.name.startswith(f"{vm.name}@") and path.name.endswith((LAYER_SUFFIX, MEMORY_SUFFIX))
+
+
+def _backing_chain(path: Path) -> list[Path]:
+    """``path`` and every backing file below it (``qemu-img info --backing-chain``)."""
+    qemu_img = shutil.which("qemu-img")
+    if qemu_img is None or not path.exists():
+        return [path]
+    proc = subprocess.run(
+        [qemu_img, "info", "-U", "--backing-chain", "--output=json", str(path)],
+        capture_output=True,
+        text=True,
+        check=False,
+    )
+    if proc.returncode != 0:
+        return [path]
+    return [Path(entry["filename"]) for entry in json.loads(proc.stdout) if "filename" in entry]
+
+
+def _needed(vm: VirtualMachine) -> tuple[set[Path], set[Path]]:
+    """Files the current state or a snapshot needs (backing chains included), and every file named."""
+    tops: set[Path] = set()
+    named: set[Path] = set()
+    needed: set[Path] = set()
+    for text in (vm._dom.xml_desc(), vm._dom.xml_desc(inactive=True)):
+        for disk in _domain_info.disks(text):
+            if disk.path is not None and disk.device == "disk":
+                tops.add(disk.path)
+                tops.update(p for p, _ in disk.chain)
+    existing = set(vm._dom.snapshot_names())
+    for name, record in _records(vm).items():
+        files = {p for p, _ in record.layers.values()}
+        named.update(files)
+        if record.memory is not None:
+            named.add(record.memory)
+        if name in existing:
+            tops.update(files)
+            if record.memory is not None:
+                needed.add(record.memory)
+    for snap in vm._dom.snapshots():  # the overlays libvirt made for each snapshot
+        for source in ET.fromstring(snap.xml_desc()).iterfind("disks/disk/source"):
+            named.add(Path(source.get("file", "")))
+    for top in tops:
+        needed.update(_backing_chain(top))
+    return needed, named | needed
+
+
+def _vmanager_files(vm: VirtualMachine) -> set[Path]:
+    """Every file vmanager made for this VM's external snapshots that the VM still names."""
+    if vm.connection.family != "qemu" or not vm.connection.is_local:
+        return set()
+    _, named = _needed(vm)
+    return {p for p in named if _is_ours(vm, p)}
+
+
+def _remove_unneeded(vm: VirtualMachine, candidates: set[Path]) -> None:
+    """Remove those of ``candidates`` that neither the current state nor any snapshot needs any more."""
+    needed, _ = _needed(vm)
+    for path in candidates - needed:
+        if _is_ours(vm, path):
+            path.unlink(missing_ok=True)
+
+
+def remove_files(vm: VirtualMachine, files: set[Path]) -> None:
+    """Remove external-snapshot files of an undefined VM (never a file vmanager did not make)."""
+    for path in files:
+        if _is_ours(vm, path):
+            path.unlink(missing_ok=True)

@@ -406,11 +406,12 @@ class VirtualMachine(PyTICompat):
             return
         self.stop()
         overlays = [overlay for overlay, _, _ in _overlays.overlay_bases(self._dom.xml_desc())]
-        _snapshots.delete_all(self)
+        files = _snapshots.delete_all(self)
         self._dom.undefine()
         self._undefined = True
         for overlay in overlays:
             overlay.unlink(missing_ok=True)
+        _snapshots.remove_files(self, files)
 
     def close(self) -> None:
         """Close the console stream and, if this VM opened it, the connection. Idempotent."""

@@ -6,10 +6,8 @@ One booted guest is shared by the tests of the snapshot sequence; they run in fi
 from __future__ import annotations
 
 import hashlib
-import itertools
 import logging
 import os
-import re
 import shutil
 import subprocess
 from collections.abc import Iterator
@@ -22,18 +20,17 @@ from vmanager import (
     Disk,
     DiskNotFoundError,
     RunState,
-    UnsupportedOperationError,
+    SnapshotNotFoundError,
     VirtualMachine,
     VMConfig,
     detect_accelerator,
 )
 from vmanager._libvirt import LOG_ROUTED, embed_uri
 
+from ._guest import BOOT_TIMEOUT, READY, make_ext4, read_guest_file, sh
+
 pytestmark = pytest.mark.qemu
 
-READY = "PYTI-GUEST-READY"
-BOOT_TIMEOUT = 90.0
-_counter = itertools.count(1)
 
 for tool in ("qemu-img", "mkfs.ext4", "debugfs"):
     if shutil.which(tool) is None:
@@ -53,48 +50,6 @@ def guest() -> object:
 def qemu_conn(embed_root: Path) -> Iterator[Connection]:
     with Connection(embed_uri(embed_root)) as conn:
         yield conn
-
-
-def make_ext4(path: Path, fmt: str, files: dict[str, bytes] | None = None) -> Path:
-    """A 32 MiB ext4 image in ``fmt``, optionally holding ``files`` (name -> content)."""
-    raw = path.with_suffix(".raw-src")
-    src = path.parent / f"{path.name}-root"
-    src.mkdir()
-    for name, data in (files or {}).items():
-        (src / name).write_bytes(data)
-    subprocess.run(["mkfs.ext4", "-q", "-F", "-d", str(src), str(raw), "32M"], check=True)
-    if fmt == "raw":
-        raw.rename(path)
-    else:
-        subprocess.run(["qemu-img", "convert", "-O", fmt, str(raw), str(path)], check=True)
-        raw.unlink()
-    return path
-
-
-def read_guest_file(image: Path, name: str, tmp: Path) -> bytes | None:
-    """A file from an ext4 image of any format, read on the host with debugfs (None if absent)."""
-    raw = tmp / "check.raw"
-    subprocess.run(["qemu-img", "convert", "-U", "-O", "raw", str(image), str(raw)], check=True)
-    try:
-        listing = subprocess.run(
-            ["debugfs", "-R", "ls -l /", str(raw)], capture_output=True, text=True, check=True
-        ).stdout
-        if f" {name}\n" not in listing and not listing.rstrip().endswith(f" {name}"):
-            return None
-        return subprocess.run(
-            ["debugfs", "-R", f"cat /{name}", str(raw)], capture_output=True, check=True
-        ).stdout
-    finally:
-        raw.unlink()
-
-
-def sh(vm: VirtualMachine, command: str, timeout: float = 30.0) -> str:
-    """Run a shell command on the guest's serial console; returns its output."""
-    n = next(_counter)
-    # The markers are computed by the guest's shell, so the echo of the typed line never matches.
-    vm.console_write(f"echo BEGIN-$(({n} * 7)); {command}; echo END-$(({n} * 7))\n")
-    match = vm.console_expect(re.compile(rf"BEGIN-{n * 7}\r?\n(.*?)END-{n * 7}\r?\n", re.DOTALL), timeout)
-    return match.group(1).replace("\r\n", "\n")
 
 
 def qemu_processes(name: str) -> list[int]:
@@ -246,28 +201,67 @@ def test_overlay_rollback(guest: object, qemu_conn: Connection, tmp_path: Path) 
 # -- up-front checks (no boot) ------------------------------------------------------------------------
 
 
-def test_raw_disk_snapshot_is_refused_up_front(guest: object, qemu_conn: Connection, tmp_path: Path) -> None:
-    disk = make_ext4(tmp_path / "raw.img", "raw")
-    vm = VirtualMachine("rawsnap", qemu_conn, tiny_config(guest, "rawsnap", disk, tmp_path))
+def _first_block(image: Path, tmp: Path) -> bytes:
+    flat = tmp / "first.raw"
+    subprocess.run(["qemu-img", "convert", "-U", "-O", "raw", str(image), str(flat)], check=True)
     try:
-        with pytest.raises(UnsupportedOperationError, match="qcow2") as info:
-            vm.snapshot("nope")
-        assert "overlay" in str(info.value)
-        assert vm.snapshots() == []
+        return flat.read_bytes()[:4096]
     finally:
-        vm.undefine()
+        flat.unlink()
 
 
-def test_excluded_io_disk_snapshot_is_refused(guest: object, qemu_conn: Connection, tmp_path: Path) -> None:
-    disk = make_ext4(tmp_path / "sys.qcow2", "qcow2")
+@pytest.mark.parametrize("fmt", ["raw", "vmdk", "vpc"])
+def test_external_snapshot_tree_of_any_format_shut_off(
+    guest: object, qemu_conn: Connection, tmp_path: Path, fmt: str
+) -> None:
+    """Non-qcow2 disks get external snapshots; the IO disk is left out; files come and go with the tree."""
+    disk = make_ext4(tmp_path / f"sys.{fmt}", fmt, {"keep": b"kept\n"})
+    pristine = hashlib.sha256(disk.read_bytes()).hexdigest()
     io = make_ext4(tmp_path / "io.qcow2", "qcow2")
-    config = tiny_config(guest, "iodisk", disk, tmp_path, disks=[Disk(io, snapshot=False)])
-    vm = VirtualMachine("iodisk", qemu_conn, config)
+    io_digest = hashlib.sha256(io.read_bytes()).hexdigest()
+    layers = tmp_path / "layers"
+    config = tiny_config(guest, "ext", disk, tmp_path, disks=[Disk(io, snapshot=False)], overlay_dir=layers)
+    vm = VirtualMachine("ext", qemu_conn, config)
     try:
-        with pytest.raises(UnsupportedOperationError, match=r"IO disk|excluded"):
-            vm.snapshot("nope")
+        original = _first_block(disk, tmp_path)
+        vm.snapshot("a", "first")
+        top_a = vm.disks()["vda"]
+        assert top_a.parent == layers
+        assert vm.disks()["vdb"] == io  # the IO disk is never overlaid
+        # a "guest" writes (the VM is off: nothing else has the file open)
+        subprocess.run(["qemu-io", "-c", "write -P 0xab 0 4k", str(top_a)], check=True, capture_output=True)
+        vm.snapshot("b", "second")
+        subprocess.run(
+            ["qemu-io", "-c", "write -P 0xcd 0 4k", str(vm.disks()["vda"])], check=True, capture_output=True
+        )
+        assert [(s.name, s.parent, s.state) for s in vm.snapshots()] == [
+            ("a", None, RunState.SHUTOFF),
+            ("b", "a", RunState.SHUTOFF),
+        ]
+        assert vm.snapshot_info("a").children == ("b",)
+
+        vm.rollback("a")
+        assert vm.state is RunState.SHUTOFF
+        assert _first_block(vm.disks()["vda"], tmp_path) == original
+        assert read_guest_file(vm.disks()["vda"], "keep", tmp_path) == b"kept\n"
+        assert vm.current_snapshot().name == "a"  # type: ignore[union-attr]
+        vm.rollback("b")
+        assert _first_block(vm.disks()["vda"], tmp_path) == b"\xab" * 4096
+
+        vm.delete_snapshot("a")  # b still needs a's layer: it stays
+        assert [(s.name, s.parent) for s in vm.snapshots()] == [("b", None)]
+        vm.rollback("b")
+        assert _first_block(vm.disks()["vda"], tmp_path) == b"\xab" * 4096
+        vm.delete_snapshot("b")
+        # left: the current top and a's layer below it (the current state reads through it)
+        assert set(layers.iterdir()) == {vm.disks()["vda"], top_a}
+        with pytest.raises(SnapshotNotFoundError, match="none"):
+            vm.rollback("b")
     finally:
         vm.undefine()
+    assert list(layers.iterdir()) == []
+    assert hashlib.sha256(disk.read_bytes()).hexdigest() == pristine  # the user's disk was never written
+    assert hashlib.sha256(io.read_bytes()).hexdigest() == io_digest
 
 
 def test_missing_files_checked_on_real_hypervisor(
