@@ -7,6 +7,7 @@ images: chains are checked against a model kept in the test.
 from __future__ import annotations
 
 import hashlib
+import os
 import random
 import shutil
 import struct
@@ -20,6 +21,9 @@ from hypothesis import strategies as st
 from diskhandler import (
     ChainError,
     ImageFormatError,
+    ImageInUseError,
+    ParentPolicyError,
+    SpecialFileError,
     UnsupportedImageError,
     create_image,
     detect_format,
@@ -471,3 +475,30 @@ def test_updates_lost_after_their_log_entries_are_replayed_from_the_whole_sequen
     flat = qemu_flatten(crashed, "vhdx", tmp_path / "flat.raw").read_bytes()
     assert flat[3 * MiB + 10 : 3 * MiB + 20] == b"b" * 10
     assert flat[7 * MiB - 1 : 7 * MiB + 1] == b"cd"
+
+
+def test_a_writable_open_changes_nothing_before_the_image_is_locked(tmp_path: Path) -> None:
+    """A log waiting for replay is written only once the locks are taken: an image another writer
+    holds is refused with the file untouched."""
+    from tests.diskhandler.test_image_locks import qemu_io_holding
+
+    path, _ = _qemu_log_left_unapplied(tmp_path)
+    before = sha256_of_file(path)
+    with qemu_io_holding(path, "raw"), pytest.raises(ImageInUseError):
+        open_image(path, writable=True)
+    assert sha256_of_file(path) == before
+
+
+def test_parent_files_go_through_the_policy_and_the_special_file_check(tmp_path: Path) -> None:
+    (tmp_path / "elsewhere").mkdir()
+    base = tmp_path / "elsewhere" / "base.vhdx"
+    create_image(base, 4 * MiB).close()
+    (tmp_path / "vm").mkdir()
+    child = tmp_path / "vm" / "child.vhdx"
+    create_image(child, parent=base).close()
+    with pytest.raises(ParentPolicyError):
+        open_image(child, parents="same-dir")
+    base.unlink()
+    os.mkfifo(base)  # a FIFO where the parent was: refused at once, never a hang
+    with pytest.raises(SpecialFileError):
+        open_image(child)

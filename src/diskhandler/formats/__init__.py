@@ -66,6 +66,7 @@ def open_image(
     if writable:
         try:
             lock_chain(image)  # every file written (each VMDK extent), and the parents as QEMU does
+            image._start_writing()  # only now may the format change the file (a VHDX log replay)
         except BaseException:
             image.close()
             raise

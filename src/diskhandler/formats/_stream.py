@@ -145,6 +145,10 @@ class DiskImage(io.RawIOBase):
     def _flush(self) -> None:
         """Write cached metadata to the file. Called by :meth:`flush` and :meth:`close`."""
 
+    def _start_writing(self) -> None:
+        """Called once a writable image is locked, before any write: a format that must change the
+        file when it is opened for writing (replay a log, mark the file in use) does it here."""
+
     def _files(self) -> list[tuple[Path, int]]:
         """The files this image (not its parents) is made of, with their open descriptors; locked
         together when the image is written."""

@@ -347,6 +347,7 @@ class VHDXImage(BlockMappedImage):
         self._log_tail: int | None = None
         self._file_end = 0
         self._used_end = 0
+        self._grow_to = 0
 
     # -- identity ---------------------------------------------------------------------------------
 
@@ -368,6 +369,7 @@ class VHDXImage(BlockMappedImage):
         slot, header = _pick_header(reader, path)
         log_region = (header.log_offset, header.log_length)
         replayed = 0
+        grow = 0
         if header.log_guid != _NULL_GUID:
             if (
                 header.log_offset < L.HEADER_SECTION_SIZE
@@ -390,18 +392,11 @@ class VHDXImage(BlockMappedImage):
                 path=path,
             )
             replayed = len(writes)
-            if writable:
-                for w in writes:
-                    pwrite_all(fd, w.data if w.data is not None else bytes(w.length), w.offset)
-                if os.fstat(fd).st_size < grow_to:
-                    os.ftruncate(fd, grow_to)
-                os.fsync(fd)
-                _write_headers(fd, slot, header, log_guid=_NULL_GUID)
-                slot, header = _pick_header(reader, path)
-                file_size = os.fstat(fd).st_size
-            else:
-                reader.overlay = writes
-                file_size = max(file_size, grow_to)
+            # replayed in memory first, also for a writable open: the file is written only once the
+            # image is locked (_start_writing)
+            reader.overlay = writes
+            grow = grow_to
+            file_size = max(file_size, grow_to)
         bat_region, meta_region = _regions(reader, path, file_size)
         meta = _Metadata(reader, path, meta_region)
         chunk_ratio = (L.SECTORS_PER_BITMAP_BLOCK * meta.logical_sector) // meta.block_size
@@ -434,12 +429,14 @@ class VHDXImage(BlockMappedImage):
                 parent=parent,
             )
             image._used_end = used_end
-            if writable:
-                image._start_session()
+            image._grow_to = grow
             return image
 
-    def _start_session(self) -> None:
-        """2.2.2.1: a new FileWriteGuid before anything else in the file changes; the log region checked."""
+    @override
+    def _start_writing(self) -> None:
+        """2.2.2.1 and 2.3.3, once the file is locked: a new FileWriteGuid before anything else in the
+        file changes, then the log replayed into the file (it was replayed in memory when opened), flushed,
+        and marked empty."""
         h = self._header
         if (
             h.log_offset < L.HEADER_SECTION_SIZE
@@ -450,8 +447,17 @@ class VHDXImage(BlockMappedImage):
             raise UnsupportedImageError(
                 self.path, "log", f"a log of {h.log_length} bytes at {h.log_offset} cannot be written here"
             )
-        self._header = _write_headers(self._fd, self._header_slot, h, file_write_guid=uuid.uuid4().bytes_le)
-        end = max(os.fstat(self._fd).st_size, self._used_end)
+        fd = self._fd
+        self._header = _write_headers(fd, self._header_slot, h, file_write_guid=uuid.uuid4().bytes_le)
+        if h.log_guid != _NULL_GUID:  # a log to replay (possibly of entries without updates)
+            for w in self._reader.overlay:
+                pwrite_all(fd, w.data if w.data is not None else bytes(w.length), w.offset)
+            if os.fstat(fd).st_size < self._grow_to:
+                os.ftruncate(fd, self._grow_to)
+            os.fsync(fd)
+            self._header = _write_headers(fd, self._header_slot, self._header, log_guid=_NULL_GUID)
+            self._reader.overlay = []
+        end = max(os.fstat(fd).st_size, self._used_end)
         self._file_end = -(-end // MiB) * MiB
 
     # -- reading ----------------------------------------------------------------------------------
@@ -753,7 +759,10 @@ class VHDXImage(BlockMappedImage):
             path.unlink(missing_ok=True)
             raise
         os.close(fd)
-        return cls.open(path, writable=True, guard=guard.enter(path))
+        image = cls.open(path, writable=True, guard=guard.enter(path))
+        with closing_on_error(image):
+            image._start_writing()
+        return image
 
 
 def _write_headers(fd: int, current_slot: int, header: L.Header, **changes: bytes) -> L.Header:
@@ -820,9 +829,10 @@ def _open_parent(child: Path, meta: _Metadata, guard: ChainGuard) -> DiskImage:
                 candidates.append(folder / name)
     tried: list[str] = []
     for candidate in dict.fromkeys(Path(os.path.normpath(c)) for c in candidates):
-        if not candidate.is_file():
+        if not os.path.lexists(candidate):
             tried.append(f"{candidate} (missing)")
             continue
+        # the one door for parent files: the parents= policy, FIFOs/devices refused, read-only
         parent = guard.open_parent(child, candidate, format="vhdx")
         if isinstance(parent, VHDXImage) and parent._header.data_write_guid in wanted:
             if parent.logical_sector_size != meta.logical_sector:
