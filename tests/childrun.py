@@ -27,6 +27,7 @@ import attrs
 
 ROOT = Path(__file__).resolve().parent.parent
 MEMORY_CAP = 768 << 20  # address space of the child; the interpreter and diskhandler need ~80 MiB
+FILE_SIZE_CAP = 1 << 30  # no file a case writes grows past this
 
 
 class CaseTimeout(BaseException):
@@ -101,6 +102,9 @@ def _child() -> None:
 
     request = json.loads(sys.stdin.read())
     resource.setrlimit(resource.RLIMIT_AS, (request["memory"], request["memory"]))
+    # A write at an absurd file offset fails with EFBIG instead of filling the disk.
+    signal.signal(signal.SIGXFSZ, signal.SIG_IGN)
+    resource.setrlimit(resource.RLIMIT_FSIZE, (FILE_SIZE_CAP, FILE_SIZE_CAP))
     module, _, name = request["target"].partition(":")
     func = getattr(importlib.import_module(module), name)
     signal.signal(signal.SIGALRM, _alarm)
