@@ -420,3 +420,30 @@ def lvm_whole_disk(tmp_path_factory: pytest.TempPathFactory) -> bytes:
         _lvm(devs, "vgcreate", "-q", "-s", "1M", "vgf", devs[0])
         _lvm(devs, "lvcreate", "-q", "-an", "-Zn", "-L", "1M", "-n", "lv", "vgf")
     return raw.read_bytes()
+
+
+@needs_lvm
+def test_metadata_text_wrapping_round_the_circular_buffer(lvm_whole_disk: bytes, tmp_path: Path) -> None:
+    """The committed text may run past the end of the metadata area and continue after its header."""
+    data = bytearray(lvm_whole_disk)
+    mda = 4096
+    area = int.from_bytes(data[mda + 32 : mda + 40], "little")
+    raw_off = int.from_bytes(data[mda + 40 : mda + 48], "little")
+    raw_size = int.from_bytes(data[mda + 48 : mda + 56], "little")
+    text = bytes(data[mda + raw_off : mda + raw_off + raw_size])
+    # move the text so that its first 100 bytes end the area and the rest starts after the header
+    new_off = area - 100
+    data[mda + new_off : mda + area] = text[:100]
+    data[mda + 512 : mda + 512 + raw_size - 100] = text[100:]
+    data[mda + 40 : mda + 48] = new_off.to_bytes(8, "little")
+    data[mda : mda + 4] = lvm_crc(bytes(data[mda + 4 : mda + 512])).to_bytes(4, "little")
+    path = tmp_path / "wrapped.img"
+    path.write_bytes(bytes(data))
+    with open_image(path) as disk:
+        (lv,) = list_logical_volumes(disk)
+        assert lv.name == "vgf/lv"
+        lv.close()
+    data[mda + 600] ^= 0xFF  # one byte of the wrapped part: the text checksum catches it
+    path.write_bytes(bytes(data))
+    with open_image(path) as disk, pytest.raises(LvmMetadataError, match="text checksum"):
+        list_logical_volumes(disk)
