@@ -8,7 +8,9 @@ session.
 
 from __future__ import annotations
 
+import errno
 import os
+import resource
 from pathlib import Path
 
 import pytest
@@ -16,6 +18,8 @@ import pytest
 from diskhandler import (
     ChainError,
     DiskHandlerError,
+    ImageFileError,
+    ImageFormatError,
     ImagePathError,
     ParentPolicyError,
     SpecialFileError,
@@ -250,3 +254,53 @@ def test_bad_policy_values(tmp_path: Path) -> None:
         open_image(image, parents="/tmp")  # type: ignore[arg-type]  # a folder must be a Path
     with pytest.raises(TypeError):
         open_image(image, parents=3)  # type: ignore[arg-type]
+
+
+# -- VMDK extents that are not files of their own ------------------------------------------------
+
+
+def test_an_extent_that_is_the_descriptor_itself_is_refused(tmp_path: Path) -> None:
+    desc = tmp_path / "self.vmdk"
+    desc.write_text(FLAT_HEAD + 'RW 1 FLAT "self.vmdk" 0\n')
+    with pytest.raises(ImageFormatError, match="the descriptor itself"):
+        open_image(desc, writable=True)  # writing it would overwrite its own descriptor
+
+
+def test_a_flat_file_named_many_times_is_opened_once(tmp_path: Path) -> None:
+    (tmp_path / "flat.bin").write_bytes(bytes(range(256)) * 4096)
+    desc = tmp_path / "many.vmdk"
+    desc.write_text(FLAT_HEAD + "".join(f'RW 1 FLAT "flat.bin" {i}\n' for i in range(2000)))
+    with open_image(desc, writable=True) as image:  # locked once: it used to be "in use" by itself
+        assert len(image._files()) == 2  # the descriptor and the one flat file
+        assert image.size == 2000 * 512
+        assert image.read_at(512 * 3, 4) == bytes(range(256))[0:4]
+        image.write_at(0, b"\x99" * 512)
+    assert (tmp_path / "flat.bin").read_bytes()[:512] == b"\x99" * 512
+
+
+def test_a_sparse_extent_named_twice_is_refused(tmp_path: Path) -> None:
+    desc = tmp_path / "d.vmdk"
+    create_image(desc, 2 * MiB, subformat="twoGbMaxExtentSparse").close()
+    text = desc.read_text()
+    line = next(x for x in text.splitlines() if x.startswith("RW "))
+    desc.write_text(text.replace(line, line + "\n" + line))
+    with pytest.raises(ImageFormatError, match="named twice"):
+        open_image(desc)
+
+
+def test_too_many_extent_files_is_a_typed_error(tmp_path: Path) -> None:
+    for i in range(200):
+        (tmp_path / f"f{i}.bin").write_bytes(bytes(512))
+    desc = tmp_path / "wide.vmdk"
+    desc.write_text(FLAT_HEAD + "".join(f'RW 1 FLAT "f{i}.bin" 0\n' for i in range(200)))
+    soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
+    in_use = len(os.listdir("/proc/self/fd"))
+    resource.setrlimit(resource.RLIMIT_NOFILE, (in_use + 50, hard))
+    try:
+        with pytest.raises(ImageFileError, match="too many open files") as excinfo:
+            open_image(desc)
+    finally:
+        resource.setrlimit(resource.RLIMIT_NOFILE, (soft, hard))
+    assert excinfo.value.errno == errno.EMFILE
+    with open_image(desc) as image:
+        assert image.size == 200 * 512

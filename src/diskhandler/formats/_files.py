@@ -132,6 +132,13 @@ def _os_error(exc: OSError, text: str, role: str) -> OSError:
         return ImagePathError(exc.errno, f"the {role} path cannot be opened: {exc.strerror}", text)
     if exc.errno == errno.ELOOP:
         return ImagePathError(exc.errno, f"the {role} path loops through symbolic links", text)
+    if exc.errno in (errno.EMFILE, errno.ENFILE):
+        return ImageFileError(
+            exc.errno,
+            f"cannot open the {role}: too many open files (an image naming thousands of files?);"
+            " raise the limit (ulimit -n) if the image is genuine",
+            text,
+        )
     return exc
 
 

@@ -708,7 +708,7 @@ class VMDKImage(DiskImage):
                 descriptor, descriptor_area = _embedded_descriptor(fd, path, sparse)
             else:
                 descriptor = _read_descriptor_file(fd, path)
-                extents = _open_extents(path, descriptor, guard, writable=writable, owned=owned)
+                extents = _open_extents(path, descriptor, guard, writable=writable, owned=owned, fd=fd)
             size = sum(e.length for e in extents)
             cid = descriptor.cid(path) if descriptor is not None and descriptor.get("CID") else 0
             parent_cid = descriptor.cid(path, "parentCID") if descriptor is not None else NO_PARENT_CID
@@ -927,10 +927,14 @@ def _read_descriptor_file(fd: int, path: Path) -> Descriptor:
 
 
 def _open_extents(
-    path: Path, descriptor: Descriptor, guard: ChainGuard, *, writable: bool, owned: list[int]
+    path: Path, descriptor: Descriptor, guard: ChainGuard, *, writable: bool, owned: list[int], fd: int
 ) -> list[_Extent]:
+    """The extents ``descriptor`` (open on ``fd``) lists; their descriptors are added to ``owned``."""
     extents: list[_Extent] = []
     vstart = 0
+    st = os.fstat(fd)
+    descriptor_key = (st.st_dev, st.st_ino)
+    opened: dict[tuple[int, int], tuple[int, str]] = {}
     for number, line in enumerate(descriptor.extents, 1):
         field = f"extent {number}"
         if line.type not in _SUPPORTED_EXTENT_TYPES:
@@ -959,7 +963,21 @@ def _open_extents(
             fd = open_image_file(file, writable=writable, role=f"{field} of {path}")
         except FileNotFoundError:
             raise ImageFormatError(path, field, f"extent file {file} does not exist") from None
-        owned.append(fd)
+        st = os.fstat(fd)
+        key = (st.st_dev, st.st_ino)
+        if key == descriptor_key:
+            os.close(fd)
+            raise ImageFormatError(path, field, f"extent file {file} is the descriptor itself")
+        if key in opened:
+            os.close(fd)  # one descriptor per file: a file named twice is opened (and locked) once
+            fd, kind = opened[key]
+            if line.type != "FLAT" or kind != "FLAT":
+                raise ImageFormatError(
+                    path, field, f"sparse extent file {file} is named twice; each must be a file of its own"
+                )
+        else:
+            opened[key] = (fd, line.type)
+            owned.append(fd)
         extent: _Extent
         if line.type == "FLAT":
             extent = _FlatExtent(file, vstart, line.sectors * SECTOR, fd, line.offset * SECTOR)
