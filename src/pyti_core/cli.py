@@ -444,7 +444,8 @@ def _write_farm_reports(rows: Sequence[LedgerRow], folder: Path) -> list[Path]:
         if row.state not in ("done", "failed"):
             continue
         result = row.to_result()
-        stem = re.sub(r"[^A-Za-z0-9._-]+", "-", f"{result.distribution.replace('==', '-')}-{row.environment}")
+        env = "" if row.environment == "default" else f"-{row.environment}"
+        stem = re.sub(r"[^A-Za-z0-9._-]+", "-", f"{result.distribution.replace('==', '-')}{env}")
         stem = stem.strip("-.") or "job"
         if stem in used:
             stem = f"{stem}-{row.key[:8]}"

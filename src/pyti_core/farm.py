@@ -74,7 +74,7 @@ from pyti_core.errors import (
 )
 from pyti_core.ledger import FINAL_STATES, Ledger
 from pyti_core.manager import GuestSystem, RunResult
-from pyti_core.rawdata import RawDataRecord, Report, parse_records
+from pyti_core.rawdata import RawDataRecord, Report
 from pyti_core.tasks import Recipe, get_recipe
 
 if TYPE_CHECKING:
@@ -151,8 +151,8 @@ class FarmJob:
 
     @property
     def environment(self) -> str:
-        """The environment's name: ``python3.12``, or ``default`` for the worker's default guest."""
-        return f"python{self.python}" if self.python else "default"
+        """The environment's name: ``py3.12``, or ``default`` for the worker's default guest."""
+        return f"py{self.python}" if self.python else "default"
 
     @property
     def label(self) -> str:
@@ -507,8 +507,7 @@ def run_job(job: FarmJob) -> dict[str, Any]:
         runtime.cancelled.discard(dask_key)
         result = _failure(result.distribution, "error", "cancelled", started, t0, phases, result.serial_log)
     return {
-        "distribution": result.distribution,
-        "records": "\n".join(json.dumps(r.to_jsonrpc()) for r in result.report.records),
+        "report": result.report.to_json(),
         "phases": dict(result.phases),
         "timed_out": result.timed_out,
         "serial_tail": result.serial_log[-_SERIAL_TAIL:],
@@ -947,13 +946,12 @@ class _Batch:
             if not isinstance(payload, dict):
                 raise RawDataError(f"a job result is an object, got {type(payload).__name__}")
             worker = str(payload.get("worker", ""))[:200] or None
-            distribution = payload.get("distribution")
-            if not isinstance(distribution, str) or not 0 < len(distribution) <= 4096:
-                raise RawDataError("the result has no distribution name")
-            records_text = payload.get("records")
-            if not isinstance(records_text, str):
-                raise RawDataError("the result's records are not JSON lines")
-            records = parse_records(records_text.splitlines())
+            report_text = payload.get("report")
+            if not isinstance(report_text, str):
+                raise RawDataError("the result has no report")
+            report = Report.from_json(report_text)  # every record validated, as any guest output
+            if not 0 < len(report.distribution) <= 4096:
+                raise RawDataError("the report names no distribution")
             phases_raw = payload.get("phases", {})
             phases = {str(k)[:40]: float(v) for k, v in dict(phases_raw).items()}
             serial = payload.get("serial_tail", "")
@@ -967,21 +965,13 @@ class _Batch:
             assert row is not None
             return row.to_result()
         stored = ledger.finished(
-            key,
-            distribution=distribution,
-            records=records,
-            phases=phases,
-            timed_out=timed_out,
-            serial_tail=serial,
-            worker=worker,
+            key, report=report, phases=phases, timed_out=timed_out, serial_tail=serial, worker=worker
         )
         if not stored:
             return None  # a second result for a job already done: exactly one is kept
-        ok = bool(records) and all(r.ok for r in records)
-        self._report(key, "done", f"{distribution}: {'passed' if ok else 'failed'} on {worker}")
-        return RunResult(
-            distribution, Report(distribution, tuple(records)), phases, serial, timed_out=timed_out
-        )
+        ok = bool(report.records) and report.ok
+        self._report(key, "done", f"{report.distribution}: {'passed' if ok else 'failed'} on {worker}")
+        return RunResult(report.distribution, report, phases, serial, timed_out=timed_out)
 
 
 # -- pyti farm worker -----------------------------------------------------------------------------------

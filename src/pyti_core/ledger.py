@@ -3,7 +3,8 @@
 Dask schedules, detects failures and moves data, but keeps nothing once a client goes away. The ledger
 is what makes a farm run durable: every job (a spec x an environment x a recipe) has one row, keyed by
 a deterministic job key (:func:`pyti_core.farm.FarmJob.key`), holding its state, attempts, worker,
-times and, once they arrived and were validated, its JSON-RPC 2.0 raw-data records::
+times and, once it arrived and was validated, its report (the JSON-RPC 2.0 raw-data records, in the
+shape ``pyti run --report`` writes)::
 
     pending ──▶ running ──▶ done      the job's records arrived (whatever the tests said)
        ▲           │
@@ -29,7 +30,7 @@ import os
 import sqlite3
 import threading
 import time
-from collections.abc import Iterator, Mapping, Sequence
+from collections.abc import Iterator, Mapping
 from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any, Final, Literal, cast
@@ -38,7 +39,7 @@ import attrs
 
 from pyti_core.errors import LedgerError, LedgerInUseError, RawDataError
 from pyti_core.manager import RunResult
-from pyti_core.rawdata import RawDataRecord, Report, parse_records
+from pyti_core.rawdata import RawDataRecord, Report
 
 __all__ = [
     "FINAL_STATES",
@@ -72,7 +73,7 @@ CREATE TABLE IF NOT EXISTS jobs (
     reason TEXT,
     distribution TEXT,
     ok INTEGER,
-    records TEXT,
+    report TEXT,
     phases TEXT,
     timed_out INTEGER,
     serial_tail TEXT
@@ -84,8 +85,8 @@ CREATE TABLE IF NOT EXISTS jobs (
 class LedgerRow:
     """One job as the ledger knows it. Times are seconds since the epoch (UTC); ``None`` when unknown.
 
-    ``records`` holds the validated raw-data records once the job is ``done`` (else ``()``); ``ok`` is
-    whether every one passed. ``job`` is the job's description as submitted (a JSON object).
+    ``report`` is the job's validated report once it is ``done`` (else ``None``), ``records`` its records;
+    ``ok`` is whether every one passed. ``job`` is the job's description as submitted (a JSON object).
     """
 
     key: str
@@ -101,21 +102,24 @@ class LedgerRow:
     reason: str | None
     distribution: str | None
     ok: bool | None
-    records: tuple[RawDataRecord, ...]
+    report: Report | None
     phases: Mapping[str, float]
     timed_out: bool
     serial_tail: str
     job: Mapping[str, Any]
 
+    @property
+    def records(self) -> tuple[RawDataRecord, ...]:
+        return self.report.records if self.report is not None else ()
+
     def to_result(self) -> RunResult:
         """The job as a :class:`~pyti_core.manager.RunResult`: its records when ``done``; else one
         ``error`` record of task ``pyti`` saying why there are none.
         """
-        if self.state == "done":
-            distribution = self.distribution or self.spec
+        if self.state == "done" and self.report is not None:
             return RunResult(
-                distribution,
-                Report(distribution, self.records),
+                self.report.distribution,
+                self.report,
                 dict(self.phases),
                 self.serial_tail,
                 timed_out=self.timed_out,
@@ -277,24 +281,23 @@ class Ledger:
         self,
         key: str,
         *,
-        distribution: str,
-        records: Sequence[RawDataRecord],
+        report: Report,
         phases: Mapping[str, float],
         timed_out: bool,
         serial_tail: str,
         worker: str | None,
     ) -> bool:
         """Store the job's result; ``False`` (and nothing changed) when it already has one."""
-        text = json.dumps([r.to_jsonrpc() for r in records])
-        ok = bool(records) and all(r.ok for r in records)
+        text = report.to_json()
+        ok = bool(report.records) and report.ok
         with self._tx() as db:
             cursor = db.execute(
-                "UPDATE jobs SET state='done', finished_at=?, distribution=?, ok=?, records=?, phases=?,"
+                "UPDATE jobs SET state='done', finished_at=?, distribution=?, ok=?, report=?, phases=?,"
                 " timed_out=?, serial_tail=?, worker=COALESCE(?, worker), reason=NULL"
                 " WHERE key=? AND state != 'done'",
                 (
                     time.time(),
-                    distribution,
+                    report.distribution,
                     int(ok),
                     text,
                     json.dumps(dict(phases)),
@@ -355,15 +358,13 @@ class Ledger:
         return None if raw is None else self._row(raw)
 
     def _row(self, r: sqlite3.Row) -> LedgerRow:
-        records: tuple[RawDataRecord, ...] = ()
-        if r["records"]:
+        report = None
+        if r["report"]:
             try:
                 # stored after validation; validated again, since the file may have been edited
-                records = tuple(parse_records(json.dumps(x) for x in json.loads(r["records"])))
+                report = Report.from_json(r["report"])
             except (RawDataError, ValueError, TypeError) as exc:
-                raise LedgerError(
-                    self.path, f"job {r['key']}: its stored records are damaged: {exc}"
-                ) from exc
+                raise LedgerError(self.path, f"job {r['key']}: its stored report is damaged: {exc}") from exc
         return LedgerRow(
             key=r["key"],
             spec=r["spec"],
@@ -378,7 +379,7 @@ class Ledger:
             reason=r["reason"],
             distribution=r["distribution"],
             ok=None if r["ok"] is None else bool(r["ok"]),
-            records=records,
+            report=report,
             phases=json.loads(r["phases"]) if r["phases"] else {},
             timed_out=bool(r["timed_out"]),
             serial_tail=r["serial_tail"] or "",

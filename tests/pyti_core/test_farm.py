@@ -30,7 +30,7 @@ from pyti_core.errors import LedgerError, LedgerInUseError, SchedulerLostError
 from pyti_core.farm import FarmJob, FarmProgress, make_jobs, run_many, security_from_files
 from pyti_core.ledger import Ledger
 from pyti_core.manager import GuestSystem, RunResult
-from pyti_core.rawdata import RawDataRecord
+from pyti_core.rawdata import RawDataRecord, Report
 from pyti_core.tasks import Recipe, Task
 from tests.pyti_core.farmtools import BIN, Cluster, cluster_in, make_ca_and_certs, pyti
 from tests.pyti_core.test_task_manager import HAVE_QEMU, make_wheel
@@ -85,8 +85,8 @@ def test_job_keys_are_deterministic_per_spec_environment_and_recipe(tmp_path: Pa
     assert [j.key for j in first] == [j.key for j in again]  # duplicates dropped, paths made absolute
     assert len({j.key for j in first}) == 4
     assert [(j.spec, j.environment) for j in first][:2] == [
-        ("six==1.16.0", "python3.11"),
-        ("six==1.16.0", "python3.12"),
+        ("six==1.16.0", "py3.11"),
+        ("six==1.16.0", "py3.12"),
     ]
     other_recipe = make_jobs(["six==1.16.0"], pythons=["3.11"], recipe="install-only")
     assert other_recipe[0].key != first[0].key
@@ -120,11 +120,11 @@ def test_the_ledger_keeps_exactly_one_result_per_job(tmp_path: Path) -> None:
         ledger.started(job.key, "tcp://127.0.0.1:2")  # its first worker died: Dask ran it again
         assert ledger.get(job.key).state == "running"  # type: ignore[union-attr]
         first = ledger.finished(
-            job.key, distribution="a==1", records=[record("install")], phases={"boot": 1.0},
+            job.key, report=Report("a==1", (record("install"),)), phases={"boot": 1.0},
             timed_out=False, serial_tail="x" * 100_000, worker="tcp://127.0.0.1:2",
         )  # fmt: skip
         late = ledger.finished(
-            job.key, distribution="a==1", records=[record("install", "failed")], phases={},
+            job.key, report=Report("a==1", (record("install", "failed"),)), phases={},
             timed_out=False, serial_tail="", worker="tcp://127.0.0.1:1",
         )  # fmt: skip
         assert (first, late) == (True, False)
@@ -175,12 +175,13 @@ def test_the_ledger_refuses_a_second_submitter_and_foreign_files(tmp_path: Path)
     with Ledger(path) as ledger:
         job = make_jobs(["a==1"])[0]
         _add(ledger, job)
-        ledger.finished(job.key, distribution="a==1", records=[record("t")], phases={}, timed_out=False,
+        ledger.finished(job.key, report=Report("a==1", (record("t"),)), phases={}, timed_out=False,
                         serial_tail="", worker=None)  # fmt: skip
     db = sqlite3.connect(path)
-    db.execute("UPDATE jobs SET records=?", (json.dumps([{"jsonrpc": "2.0", "method": "x"}]),))
+    damaged = {"distribution": "a==1", "records": [{"jsonrpc": "2.0", "method": "x"}]}
+    db.execute("UPDATE jobs SET report=?", (json.dumps(damaged),))
     db.commit()
-    with Ledger(path) as ledger, pytest.raises(LedgerError, match="stored records are damaged"):
+    with Ledger(path) as ledger, pytest.raises(LedgerError, match="stored report is damaged"):
         ledger.rows()
 
 
@@ -192,23 +193,23 @@ def test_a_worker_result_is_validated_at_the_edge(tmp_path: Path) -> None:
         jobs, ledger=tmp_path / "l.sqlite", client=None, scheduler=None, security=None, max_vms=1,
         plugin=FarmWorkerPlugin(), retry_failed=False, allowed_failures=None, progress=lambda *_: None,
     )  # fmt: skip
-    good = json.dumps(record("install").to_jsonrpc())
-    bad_record = json.dumps({**record("install").to_jsonrpc(), "id": 7})  # a request, not a notification
+    good = Report("a==1", (record("install"),)).to_json()
+    bad_record = json.dumps(
+        {"distribution": "b==1", "records": [{**record("install").to_jsonrpc(), "id": 7}]}
+    )  # a request, not a notification
     with Ledger(tmp_path / "l.sqlite") as ledger:
         for job in jobs:
             _add(ledger, job)
-        ok = batch._store(ledger, jobs[0], {"distribution": "a==1", "records": good, "worker": "tcp://w"})
+        ok = batch._store(ledger, jobs[0], {"report": good, "worker": "tcp://w"})
         assert ok is not None
         assert ok.ok
-        bad = batch._store(
-            ledger, jobs[1], {"distribution": "b==1", "records": bad_record, "worker": "tcp://w"}
-        )
+        bad = batch._store(ledger, jobs[1], {"report": bad_record, "worker": "tcp://w"})
         assert bad is not None
         assert not bad.ok
         junk = batch._store(ledger, jobs[2], ["not", "a", "result"])
         assert junk is not None
         assert not junk.ok
-        assert batch._store(ledger, jobs[0], {"distribution": "a==1", "records": good}) is None  # once
+        assert batch._store(ledger, jobs[0], {"report": good}) is None  # once
         rows = {r.spec: r for r in ledger.rows()}
     assert rows["a==1"].state == "done"
     assert rows["b==1"].state == "failed"
@@ -227,22 +228,22 @@ def test_status_and_report_read_a_ledger_without_a_cluster(tmp_path: Path) -> No
             _add(ledger, job)
         ledger.started(done.key, "tcp://127.0.0.1:4000")
         ledger.finished(
-            done.key, distribution="good==1.0", records=[record("install"), record("import")],
+            done.key, report=Report("good==1.0", (record("install"), record("import"))),
             phases={}, timed_out=False, serial_tail="", worker="tcp://127.0.0.1:4000",
         )  # fmt: skip
         ledger.failed(failed.key, "its worker died while running it, 2 times", attempts=2)
     code, out, _ = run_cli("farm", "status", "--ledger", str(path))
     assert code == 0
     assert out.splitlines()[0] == f"{path}: 3 job(s): pending 1, running 0, done 1, failed 1"
-    assert "crash==2.0 [python3.11]  after 2 attempt(s): its worker died while running it, 2 times" in out
-    assert "good==1.0 [python3.11]  passed on tcp://127.0.0.1:4000 (1 attempt(s))" in out
+    assert "crash==2.0 [py3.11]  after 2 attempt(s): its worker died while running it, 2 times" in out
+    assert "good==1.0 [py3.11]  passed on tcp://127.0.0.1:4000 (1 attempt(s))" in out
     code, out, err = run_cli("farm", "report", "--ledger", str(path), "--report", str(tmp_path / "reports"))
     assert code == 0
     assert sorted(p.name for p in (tmp_path / "reports").iterdir()) == [
-        "crash-2.0-python3.11.json",
-        "good-1.0-python3.11.json",
+        "crash-2.0-py3.11.json",
+        "good-1.0-py3.11.json",
     ]
-    report = json.loads((tmp_path / "reports" / "good-1.0-python3.11.json").read_text())
+    report = json.loads((tmp_path / "reports" / "good-1.0-py3.11.json").read_text())
     assert [r["params"]["task"] for r in report["records"]] == ["install", "import"]
     assert "1 job(s) not finished yet" in err
     assert run_cli("farm", "status", "--ledger", str(tmp_path / "none.sqlite"))[0] == 3
