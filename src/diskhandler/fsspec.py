@@ -130,6 +130,73 @@ class DiskImageFileSystem(AbstractFileSystem):  # type: ignore[misc]  # fsspec i
             return children
         return [self.info(child) for child in children]
 
+    def walk(
+        self,
+        path: str,
+        maxdepth: int | None = None,
+        topdown: bool = True,
+        on_error: str | Any = "omit",
+        **kwargs: Any,
+    ) -> Any:
+        """fsspec's walk, where a symlinked folder is listed but never entered twice in one branch.
+
+        Links to folders are followed (as fsspec's local filesystem does), so a guest link looping
+        back to an ancestor (``/a/loop -> /a``) would otherwise be walked until the guest path had 40
+        links in it: such a folder is shown, empty.
+        """
+        if maxdepth is not None and maxdepth < 1:
+            raise ValueError("maxdepth must be at least 1")
+        detail = kwargs.pop("detail", False)
+        yield from self._walk(self._strip_protocol(path), maxdepth, topdown, on_error, detail, frozenset())
+
+    def _walk(  # noqa: PLR0917  (private; the walk's state)
+        self,
+        path: str,
+        maxdepth: int | None,
+        topdown: bool,
+        on_error: str | Any,
+        detail: bool,
+        ancestors: frozenset[tuple[int, int]],
+    ) -> Any:
+        try:
+            listing = self.ls(path, detail=True)
+            st = self.ops.stat(path)
+        except OSError as exc:
+            if on_error == "raise":
+                raise
+            if callable(on_error):
+                on_error(exc)
+            return
+        ancestors = ancestors | {(st.st_dev, st.st_ino)}
+        dirs: dict[str, Any] = {}
+        files: dict[str, Any] = {}
+        for info in listing:
+            name = info["name"].rstrip("/").rsplit("/", 1)[-1]
+            if info["name"] == path:
+                files[""] = info
+            elif info["type"] == "directory":
+                dirs[name] = info
+            else:
+                files[name] = info
+        shown_dirs: Any = dirs if detail else list(dirs)
+        shown_files: Any = files if detail else list(files)
+        if topdown:
+            yield path, shown_dirs, shown_files
+        if maxdepth is None or maxdepth > 1:
+            for name in list(shown_dirs):
+                sub = posixpath.join(path, name)
+                try:
+                    key = self.ops.stat(sub)
+                except OSError:
+                    continue
+                if (key.st_dev, key.st_ino) in ancestors:
+                    continue  # a link back to a folder of this branch: shown, not entered
+                yield from self._walk(
+                    sub, None if maxdepth is None else maxdepth - 1, topdown, on_error, detail, ancestors
+                )
+        if not topdown:
+            yield path, shown_dirs, shown_files
+
     # -- files --------------------------------------------------------------------------------------------
 
     def _open(
@@ -248,6 +315,8 @@ class DiskImageFileSystem(AbstractFileSystem):  # type: ignore[misc]  # fsspec i
             if outfile is None:
                 os.makedirs(lpath, exist_ok=True)
             return
+        if kwargs.get("_in_tree") and not self.ops.isfile(rpath):
+            return  # a device node, FIFO, socket or dead link inside a tree: skipped, as download does
         if outfile is not None:
             with self.ops.open(rpath, "rb") as fin:
                 while chunk := fin.read(1 << 20):
@@ -257,6 +326,19 @@ class DiskImageFileSystem(AbstractFileSystem):  # type: ignore[misc]  # fsspec i
             raise IsADirectoryError(errno.EISDIR, "a directory on the host", lpath)
         os.makedirs(os.path.dirname(os.path.abspath(lpath)), exist_ok=True)  # as fsspec's own get_file
         self.ops.get_file(rpath, lpath, callback=_progress(callback))
+
+    def get(
+        self,
+        rpath: Any,
+        lpath: Any,
+        recursive: bool = False,
+        callback: Callback = DEFAULT_CALLBACK,
+        maxdepth: int | None = None,
+        **kwargs: Any,
+    ) -> None:
+        """fsspec's get; copying a tree skips what is neither a regular file nor a folder."""
+        super().get(rpath, lpath, recursive=recursive, callback=callback, maxdepth=maxdepth,
+                    _in_tree=recursive, **kwargs)  # fmt: skip
 
     # -- metadata -----------------------------------------------------------------------------------------
 

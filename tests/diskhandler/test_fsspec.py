@@ -195,3 +195,40 @@ class TestDiskImageOpen(DiskImageFixtures, AbstractOpenTests):  # type: ignore[m
 
 class TestDiskImagePipe(DiskImageFixtures, AbstractPipeTests):  # type: ignore[misc]
     pass
+
+
+def test_hostile_links_and_special_files(tmp_path: Path) -> None:
+    """Loops are walked once, links never reach the host, special files are skipped in a tree copy."""
+    files = tmp_path / "hostile"
+    (files / "a").mkdir(parents=True)
+    (files / "a" / "f").write_text("guest file")
+    os.symlink("/a", files / "a" / "loop")  # back to an ancestor
+    os.symlink("/etc/passwd", files / "a" / "host-passwd")  # the host has it, the guest does not
+    os.symlink("../../../../../../etc/passwd", files / "a" / "climb")
+    os.mkfifo(files / "a" / "fifo")
+    image = tmp_path / "hostile.vdi"
+    create_io_disk(image, 32 * MiB, format="vdi", filesystem="ext4", files=files, partition_table=None)
+    fs = DiskImageFileSystem(fo=str(image), skip_instance_cache=True)
+    try:
+        assert fs.find("/a") == ["/a/climb", "/a/f", "/a/fifo", "/a/host-passwd"]
+        assert fs.find("/a", withdirs=True) == [
+            "/a",
+            "/a/climb",
+            "/a/f",
+            "/a/fifo",
+            "/a/host-passwd",
+            "/a/loop",
+        ]
+        assert fs.info("/a/loop")["type"] == "directory"
+        assert fs.info("/a/host-passwd")["type"] == "other"
+        out = tmp_path / "out"
+        fs.get("/a", str(out), recursive=True)
+        assert sorted(p.relative_to(out).as_posix() for p in out.rglob("*")) == ["f", "loop"]
+        assert (out / "f").read_text() == "guest file"
+        with pytest.raises(FileNotFoundError):
+            fs.get("/a/host-passwd", str(tmp_path / "passwd"))
+        with pytest.raises(FilesystemError, match="not a regular file"):
+            fs.cat_file("/a/fifo")
+        assert not (tmp_path / "passwd").exists()
+    finally:
+        fs.close()
