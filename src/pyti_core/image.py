@@ -55,10 +55,12 @@ __all__ = [
     "IO_LABEL",
     "READY_MARKER",
     "RUN_EXIT_MARKER",
+    "GuestFile",
     "InitSystem",
     "PreparedImage",
     "build_default_image",
     "detect_init",
+    "hook_files",
     "hook_script",
     "prepare_image",
     "systemd_unit",
@@ -115,6 +117,8 @@ try_mount() {{  # mount $1 on $MNT; succeed only when it holds a job
 }}
 
 mkdir -p "$MNT"
+# under systemd, udev may still be naming disks: let its queue drain first (a no-op elsewhere)
+if command -v udevadm >/dev/null 2>&1 && [ -d /run/udev ]; then udevadm settle --timeout=30 2>/dev/null; fi
 found=
 dev=$(blkid -L "$LABEL" 2>/dev/null)
 if [ -z "$dev" ] && [ -e "/dev/disk/by-label/$LABEL" ]; then dev="/dev/disk/by-label/$LABEL"; fi
@@ -158,15 +162,25 @@ exit 0
 
 
 def systemd_unit() -> str:
-    """The systemd service that runs the hook once the local filesystems are up."""
+    """The systemd service that runs the hook once the system is up (``multi-user.target``).
+
+    What a real systemd needs: the service starts after the local filesystems and udev's coldplug (so
+    the IO disk's block device exists), with ``HOME`` and a UTF-8 locale set (a service gets neither
+    by default, and pip and pytest want both), its output on the journal and the serial console, no
+    start timeout (the job's own timeout is the host's), and it is skipped when the kernel command
+    line says ``pyti.agent=0``. The hook powers the guest off itself when the job is over.
+    """
     return f"""[Unit]
 Description=pyti agent: run the job on pyti's IO disk, then power off
-After=local-fs.target
+After=local-fs.target systemd-udev-trigger.service
 ConditionPathExists={AGENT_DIR}/run-agent
+ConditionKernelCommandLine=!pyti.agent=0
 
 [Service]
 Type=oneshot
 ExecStart={AGENT_DIR}/run-agent
+WorkingDirectory=/
+Environment=HOME=/root LANG=C.UTF-8
 TimeoutStartSec=infinity
 StandardOutput=journal+console
 StandardError=journal+console
@@ -193,6 +207,42 @@ case "$1" in
     *) echo "Usage: $0 start" >&2; exit 3 ;;
 esac
 """
+
+
+@attrs.frozen
+class GuestFile:
+    """One file (``text`` with ``mode``) or symlink (``link``) that pyti installs at ``path`` in a guest."""
+
+    path: str
+    text: str | None = None
+    mode: int = 0o644
+    link: str | None = None
+
+
+def hook_files(
+    init: InitSystem, *, label: str = IO_LABEL, mount_point: str = "/mnt/disk", sysv_base: str = "/etc"
+) -> tuple[GuestFile, ...]:
+    """What ``pyti image prepare`` installs for ``init``: the agent, the hook, and the unit or init script.
+
+    The same list goes into the system disks ``pyti image build --os`` makes. ``sysv_base`` is where a
+    SysV guest keeps ``init.d`` and ``rcN.d`` (``/etc`` or ``/etc/rc.d``).
+    """
+    if init not in ("systemd", "sysv"):
+        raise ValueError(f"init must be 'systemd' or 'sysv', got {init!r}")
+    files = [
+        GuestFile(f"{AGENT_DIR}/agent.py", Path(agent.__file__).read_text(encoding="utf-8")),
+        GuestFile(f"{AGENT_DIR}/run-agent", hook_script(label=label, mount_point=mount_point), 0o755),
+    ]
+    if init == "systemd":
+        unit = f"/etc/systemd/system/{SERVICE}.service"
+        files.append(GuestFile(unit, systemd_unit()))
+        files.append(GuestFile(f"/etc/systemd/system/multi-user.target.wants/{SERVICE}.service", link=unit))
+    else:
+        files.append(GuestFile(f"{sysv_base}/init.d/{SERVICE}", sysv_script(), 0o755))
+        files += [
+            GuestFile(f"{sysv_base}/rc{lv}.d/S99{SERVICE}", link=f"../init.d/{SERVICE}") for lv in _RUNLEVELS
+        ]
+    return tuple(files)
 
 
 @attrs.frozen
@@ -229,6 +279,12 @@ class _Guest:
         self.ops.upload(holder, parent, owner=(0, 0))  # DiskOperations copies a folder's symlinks as links
         self.written.append(guest_path)
 
+    def install(self, file: GuestFile, tmp: Path) -> None:
+        if file.link is not None:
+            self.link(file.link, file.path, tmp)
+        else:
+            self.put(file.text or "", file.path, file.mode, tmp)
+
 
 def detect_init(exists: Callable[[str], bool]) -> InitSystem | None:
     """``"systemd"`` when the guest has systemd's binary, ``"sysv"`` with ``/etc/init.d``, else None."""
@@ -260,7 +316,7 @@ def prepare_image(
     errors (``FileNotFoundError``, ``ImageInUseError`` while a VM runs on it, ...) as they are.
     """
     path = Path(image)
-    script = hook_script(label=label, mount_point=mount_point)
+    hook_script(label=label, mount_point=mount_point)  # refuses bad words before the image is opened
     if init is not None and init not in ("systemd", "sysv"):
         raise ValueError(f"init must be 'systemd' or 'sysv', got {init!r}")
     with DiskOperations(path, partition=partition) as ops, tempfile.TemporaryDirectory() as tmpdir:
@@ -283,16 +339,8 @@ def prepare_image(
                 f"no python3 in the guest ({', '.join(_PYTHONS)}): the agent needs Python 3.8 or newer; "
                 "install it in the image first",
             )
+        base = "/etc" if ops.exists("/etc/init.d") or not ops.exists("/etc/rc.d") else "/etc/rc.d"
         guest = _Guest(ops, path)
-        guest.put(Path(agent.__file__).read_text(encoding="utf-8"), f"{AGENT_DIR}/agent.py", 0o644, tmp)
-        guest.put(script, f"{AGENT_DIR}/run-agent", 0o755, tmp)
-        if chosen == "systemd":
-            unit = f"/etc/systemd/system/{SERVICE}.service"
-            guest.put(systemd_unit(), unit, 0o644, tmp)
-            guest.link(unit, f"/etc/systemd/system/multi-user.target.wants/{SERVICE}.service", tmp)
-        else:
-            base = "/etc" if ops.exists("/etc/init.d") or not ops.exists("/etc/rc.d") else "/etc/rc.d"
-            guest.put(sysv_script(), f"{base}/init.d/{SERVICE}", 0o755, tmp)
-            for level in _RUNLEVELS:
-                guest.link(f"../init.d/{SERVICE}", f"{base}/rc{level}.d/S99{SERVICE}", tmp)
+        for file in hook_files(chosen, label=label, mount_point=mount_point, sysv_base=base):
+            guest.install(file, tmp)
         return PreparedImage(image=path, init=chosen, python=python, files=tuple(guest.written))
