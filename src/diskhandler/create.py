@@ -18,7 +18,7 @@ from pathlib import Path
 from diskhandler.errors import FilesystemError, MissingDependencyError
 from diskhandler.formats import DiskImage, create_image
 
-__all__ = ["create_io_disk", "make_filesystem"]
+__all__ = ["copy_sparse", "create_io_disk", "make_filesystem"]
 
 _CHUNK = 1 << 20
 _ZERO_CHUNK = bytes(_CHUNK)
@@ -89,13 +89,15 @@ def make_filesystem(
                 mcopy = _tool("mcopy", "mtools")
                 items = [str(p) for p in sorted(source.iterdir())]
                 _run([mcopy, "-s", "-p", "-Q", "-i", str(flat), *items, "::/"], "mcopy of the files")
-        _copy_sparse(flat, volume)
+        copy_sparse(flat, volume)
 
 
-def _copy_sparse(flat: Path, volume: DiskImage) -> None:
-    """Copy ``flat`` onto ``volume``, writing only its data extents and, in them, non-zero chunks.
+def copy_sparse(flat: Path, volume: DiskImage) -> None:
+    """Copy the flat file ``flat`` onto ``volume``: its data extents only, and in them non-zero chunks.
 
-    The volume must read as zeros where nothing is written (a new image does).
+    The volume must read as zeros where nothing is written (a new image does), and be at least as large.
+    This is how a filesystem made by a host tool in a flat file, or a sparse raw disk, lands in any
+    format without allocating what is only zeros.
     """
     buf = bytearray(_CHUNK)
     view = memoryview(buf)
