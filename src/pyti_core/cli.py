@@ -258,6 +258,12 @@ def _cmd_run(args: argparse.Namespace, out: TextIO, err: TextIO) -> int:
             channel = attrs.evolve(channel or ChannelConfig(), stall_timeout=args.stall_timeout)
         except ConfigError as exc:
             raise _UsageError(f"run: --stall-timeout: {exc}") from None
+    if args.guest is not None:
+        if not args.guest.is_file():
+            raise _UsageError(f"run: --guest {args.guest}: no such disk image")
+        # read before anything is downloaded or booted: an image without pyti's hook is refused here;
+        # its own Python and glibc decide the wheels
+        guest = GuestSystem.from_image(args.guest)
     display = ProgressDisplay(err, live=args.live)
     try:
         if len(specs) == 1:
@@ -332,9 +338,59 @@ def _report_paths(report: Path, results: Sequence[RunResult]) -> list[Path]:
     ]
 
 
+_SIZE: Final = re.compile(r"(\d+)\s*([KMGT]?)(?:i?B)?", re.IGNORECASE)
+
+
+def _size(text: str) -> int:
+    """``2G``, ``1536M``, ``4GiB`` or a number of bytes."""
+    match = _SIZE.fullmatch(text.strip())
+    if match is None:
+        raise argparse.ArgumentTypeError(f"not a size: {text!r} (e.g. 2G, 1536M)")
+    return int(match.group(1)) << {"": 0, "K": 10, "M": 20, "G": 30, "T": 40}[match.group(2).upper()]
+
+
+def _cmd_image_build_system(args: argparse.Namespace, out: TextIO, err: TextIO) -> int:
+    from pyti_core.guest.system import (  # noqa: PLC0415
+        DEFAULT_SIZE,
+        build_system_disk,
+        default_cache_dir,
+        write_system_disk,
+    )
+
+    if args.output is None:
+        raise _UsageError("image build --os: say where the disk goes with --output FILE")
+    output = Path(args.output)
+    if output.exists() and not args.force:
+        raise _UsageError(f"image build: {output} exists; pass --force to replace it")
+    cache = args.cache_dir / "system" if args.cache_dir else default_cache_dir()
+    display = ProgressDisplay(err, live=False)
+    display("build", f"building (or reusing) the {args.os} system disk in {cache}")
+    started = time.monotonic()
+    build = build_system_disk(
+        args.os,
+        cache_dir=cache,
+        size=args.size or DEFAULT_SIZE,
+        rebuild=args.rebuild,
+        progress=lambda message: display("build", message),
+    )
+    display("write", f"writing {output} ({args.format or 'format from its suffix'})")
+    write_system_disk(build, output, args.format, overwrite=args.force)
+    out.write(
+        f"{output}: {build.release.name} ({build.release.suite}), kernel {build.kernel_release}, "
+        f"python3 {build.python_version}, {build.size >> 20} MiB disk, "
+        f"{output.stat().st_size / (1 << 20):.0f} MiB file, {time.monotonic() - started:.1f} s\n"
+        f"run with: pyti run SPEC --guest {output}\n"
+    )
+    return EXIT_OK
+
+
 def _cmd_image_build(args: argparse.Namespace, out: TextIO, err: TextIO) -> int:
     from pyti_core.image import build_default_image  # noqa: PLC0415
 
+    if args.os is not None:
+        return _cmd_image_build_system(args, out, err)
+    if args.output is not None or args.format is not None:
+        raise _UsageError("image build: --output and --format go with --os (a system disk)")
     err.write(
         "pyti: building (or reusing) the tiny Python guest; the first build downloads Debian packages\n"
     )
@@ -619,6 +675,13 @@ def build_parser() -> argparse.ArgumentParser:
         "--timeout", type=_positive_float, help=f"seconds for the guest's run (default {DEFAULT_TIMEOUT:g})"
     )
     p.add_argument("--uri", help="hypervisor URI (default: libvirt's QEMU driver inside this process)")
+    p.add_argument(
+        "--guest",
+        type=Path,
+        metavar="IMAGE",
+        help="boot this system disk through the BIOS instead of the tiny guest "
+        "(made by `pyti image build --os`, or any image `pyti image prepare` made ready)",
+    )
     p.add_argument("--cache-dir", type=Path, help="pyti's cache (guest build, pip cache)")
     p.add_argument("--work-dir", type=Path, help="where the run's files go (default: a temporary folder)")
     p.add_argument("--keep", action="store_true", help="keep the run's files (IO disk, serial log)")
@@ -647,8 +710,24 @@ def build_parser() -> argparse.ArgumentParser:
 
     image = sub.add_parser("image", help="system images: build the default one, prepare your own")
     isub = image.add_subparsers(dest="image_command", required=True, metavar="ACTION")
-    b = isub.add_parser("build", help="build (or find in the cache) the tiny Python guest")
+    b = isub.add_parser(
+        "build", help="build (or find in the cache) the tiny Python guest, or a system disk (--os)"
+    )
     b.add_argument("--cache-dir", type=Path, help="where the build is cached")
+    b.add_argument(
+        "--os",
+        choices=("debian-12", "debian-13"),
+        help="build a bootable system disk of this Debian release instead (systemd, GRUB, pyti's hook)",
+    )
+    b.add_argument("--output", type=Path, help="with --os: the disk image to write")
+    b.add_argument(
+        "--format",
+        choices=("vdi", "qcow2", "vmdk", "vhd", "raw"),
+        help="with --os: the image format (default: from the output's suffix)",
+    )
+    b.add_argument("--size", type=_size, help="with --os: the disk's virtual size (default 2G)")
+    b.add_argument("--rebuild", action="store_true", help="with --os: build afresh, ignoring the cache")
+    b.add_argument("--force", action="store_true", help="with --os: replace an existing output")
     pr = isub.add_parser(
         "prepare", help="install the agent and its boot hook into a disk image, without booting"
     )

@@ -28,8 +28,9 @@ stays usable as a normal system.
 from __future__ import annotations
 
 import os
+import re
 import tempfile
-from collections.abc import Callable
+from collections.abc import Callable, Mapping
 from pathlib import Path, PurePosixPath
 from typing import TYPE_CHECKING, Final, Literal
 
@@ -56,12 +57,14 @@ __all__ = [
     "READY_MARKER",
     "RUN_EXIT_MARKER",
     "GuestFile",
+    "ImageInfo",
     "InitSystem",
     "PreparedImage",
     "build_default_image",
     "detect_init",
     "hook_files",
     "hook_script",
+    "inspect_image",
     "prepare_image",
     "systemd_unit",
     "sysv_script",
@@ -73,6 +76,18 @@ SERVICE: Final = "pyti-agent"
 _SYSTEMD_BINARIES: Final = ("/lib/systemd/systemd", "/usr/lib/systemd/systemd")
 _PYTHONS: Final = ("/usr/bin/python3", "/bin/python3", "/usr/local/bin/python3")
 _RUNLEVELS: Final = ("2", "3", "4", "5")
+_LIBCS: Final = (
+    "/lib/x86_64-linux-gnu/libc.so.6",
+    "/usr/lib/x86_64-linux-gnu/libc.so.6",
+    "/lib64/libc.so.6",
+    "/usr/lib64/libc.so.6",
+)
+#: Guest files read by :func:`inspect_image` are refused above these sizes (the image is not trusted).
+_MAX_LIBC: Final = 32 << 20
+_MAX_OS_RELEASE: Final = 64 << 10
+_PYTHON_NAME: Final = re.compile(r"python3\.(\d{1,3})")
+_GLIBC_BANNER: Final = re.compile(rb"release version (\d{1,2})\.(\d{1,3})")
+_GLIBC_SYMBOL: Final = re.compile(rb"GLIBC_(\d{1,2})\.(\d{1,3})")
 _SHELL_SAFE: Final = frozenset("ABCDEFGHIJKLMNOPQRSTUVWXYZabcdefghijklmnopqrstuvwxyz0123456789-_./")
 
 InitSystem = Literal["systemd", "sysv"]
@@ -174,7 +189,7 @@ def systemd_unit() -> str:
 Description=pyti agent: run the job on pyti's IO disk, then power off
 After=local-fs.target systemd-udev-trigger.service
 ConditionPathExists={AGENT_DIR}/run-agent
-ConditionKernelCommandLine=!pyti.agent=0
+ConditionKernelCommandLine=!{CMDLINE_AGENT}=0
 
 [Service]
 Type=oneshot
@@ -220,7 +235,7 @@ class GuestFile:
 
 
 def hook_files(
-    init: InitSystem, *, label: str = IO_LABEL, mount_point: str = "/mnt/disk", sysv_base: str = "/etc"
+    init: InitSystem, *, label: str = IO_LABEL, mount_point: str = IO_MOUNT, sysv_base: str = "/etc"
 ) -> tuple[GuestFile, ...]:
     """What ``pyti image prepare`` installs for ``init``: the agent, the hook, and the unit or init script.
 
@@ -344,3 +359,131 @@ def prepare_image(
         for file in hook_files(chosen, label=label, mount_point=mount_point, sysv_base=base):
             guest.install(file, tmp)
         return PreparedImage(image=path, init=chosen, python=python, files=tuple(guest.written))
+
+
+@attrs.frozen
+class ImageInfo:
+    """What :func:`inspect_image` read from a disk image's root filesystem, without booting it.
+
+    ``hook`` says which of pyti's boot hooks is installed (``None``: none, ``pyti image prepare`` it);
+    ``python_version`` is the ``(major, minor)`` that ``python3`` runs and ``glibc`` the C library's
+    version, which decide the wheels a run downloads; ``os_release`` holds ``/etc/os-release``.
+    """
+
+    image: Path
+    init: InitSystem | None
+    hook: InitSystem | None
+    python: str | None
+    python_version: tuple[int, int] | None
+    glibc: tuple[int, int] | None
+    os_release: Mapping[str, str] = attrs.field(factory=dict)
+
+    @property
+    def prepared(self) -> bool:
+        """pyti's agent and a boot hook that runs it are installed."""
+        return self.hook is not None
+
+
+def inspect_image(image: str | os.PathLike[str], *, partition: int | None = None) -> ImageInfo:
+    """Read (never write) what pyti needs to know about a guest image before booting it.
+
+    ``partition`` picks the root filesystem's partition as in :func:`prepare_image`. The image is not
+    trusted: files it holds are size-checked before they are read, and nothing in it is run. Raises
+    :class:`ImagePrepareError` when the filesystem is not a Linux root filesystem, and diskhandler's
+    errors (``FileNotFoundError``, an unreadable image, ...) as they are.
+    """
+    path = Path(image)
+    with (
+        DiskOperations(path, readonly=True, partition=partition) as ops,
+        tempfile.TemporaryDirectory() as tmp,
+    ):
+        if not ops.exists("/etc") or not (ops.exists("/bin") or ops.exists("/usr/bin")):
+            raise ImagePrepareError(
+                path, "the filesystem has no /etc and /bin: not a Linux root filesystem (pick a partition)"
+            )
+        init = detect_init(ops.exists)
+        hook: InitSystem | None = None
+        if ops.exists(f"{AGENT_DIR}/run-agent") and ops.exists(f"{AGENT_DIR}/agent.py"):
+            if ops.exists(f"/etc/systemd/system/multi-user.target.wants/{SERVICE}.service"):
+                hook = "systemd"
+            elif any(
+                ops.exists(f"{b}/rc{lv}.d/S99{SERVICE}") for b in ("/etc", "/etc/rc.d") for lv in _RUNLEVELS
+            ):
+                hook = "sysv"
+        python = next((p for p in _PYTHONS if ops.exists(p)), None)
+        return ImageInfo(
+            image=path,
+            init=init,
+            hook=hook,
+            python=python,
+            python_version=_python_version(ops, python) if python else None,
+            glibc=_glibc_version(ops, Path(tmp)),
+            os_release=_os_release(ops, Path(tmp)),
+        )
+
+
+def _python_version(ops: DiskOperations, python: str) -> tuple[int, int] | None:
+    """The ``python3.N`` beside ``python`` that it is (the same file once links are followed)."""
+    folder = str(PurePosixPath(python).parent)
+    try:
+        target = ops.stat(python)
+        names = ops.listdir(folder)
+    except OSError:
+        return None
+    for name in names:
+        match = _PYTHON_NAME.fullmatch(name)
+        if match is None:
+            continue
+        try:
+            st = ops.stat(f"{folder}/{name}")
+        except OSError:
+            continue
+        if (st.st_dev, st.st_ino) == (target.st_dev, target.st_ino):
+            return (3, int(match.group(1)))
+    return None
+
+
+def _small_file(ops: DiskOperations, guest: str, tmp: Path, limit: int) -> bytes | None:
+    try:
+        st = ops.stat(guest)
+    except OSError:
+        return None
+    if not 0 < st.st_size <= limit:
+        return None
+    out = tmp / PurePosixPath(guest).name
+    try:
+        ops.get_file(guest, out)
+        return out.read_bytes()[:limit]
+    except OSError:
+        return None
+    finally:
+        out.unlink(missing_ok=True)
+
+
+def _glibc_version(ops: DiskOperations, tmp: Path) -> tuple[int, int] | None:
+    """glibc's version from its banner (``... release version 2.36.``), else its newest symbol version."""
+    for guest in _LIBCS:
+        data = _small_file(ops, guest, tmp, _MAX_LIBC)
+        if data is None:
+            continue
+        banner = _GLIBC_BANNER.search(data)
+        if banner is not None:
+            return (int(banner.group(1)), int(banner.group(2)))
+        versions = [(int(a), int(b)) for a, b in _GLIBC_SYMBOL.findall(data)]
+        if versions:
+            return max(versions)
+    return None
+
+
+def _os_release(ops: DiskOperations, tmp: Path) -> dict[str, str]:
+    for guest in ("/etc/os-release", "/usr/lib/os-release"):
+        data = _small_file(ops, guest, tmp, _MAX_OS_RELEASE)
+        if data is None:
+            continue
+        out = {}
+        for line in data.decode("utf-8", "replace").splitlines():
+            key, sep, value = line.partition("=")
+            if sep and key.strip().isidentifier():
+                out[key.strip()] = value.strip().strip("\"'")
+        return out
+    return {}

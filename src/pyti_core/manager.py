@@ -75,7 +75,14 @@ from pyti_core.channel import (
     TaskStarted,
     TestReport,
 )
-from pyti_core.errors import ConfigError, GuestBootError, GuestRunError, PytiError, RawDataError
+from pyti_core.errors import (
+    ConfigError,
+    GuestBootError,
+    GuestRunError,
+    ImagePrepareError,
+    PytiError,
+    RawDataError,
+)
 from pyti_core.guest import protocol
 from pyti_core.guest.bytecode import use_compiled_pip, use_compiled_pip_in_job
 from pyti_core.guest.protocol import CHANNEL_PORT, READY_MARKER, RUN_EXIT_MARKER
@@ -207,6 +214,32 @@ class GuestSystem:
 
         tiny = build_tiny_linux(cache_dir, python=True)
         return cls(kernel=tiny.kernel, initrd=tiny.initrd, cmdline=tiny.cmdline)
+
+    @classmethod
+    def from_image(cls, image: str | os.PathLike[str], *, boot_timeout: float = 240.0) -> GuestSystem:
+        """A system disk that boots by itself through the BIOS: one ``pyti image build --os`` made, or
+        any image ``pyti image prepare`` has put pyti's agent and boot hook into.
+
+        The image is read (never written, never booted) first: without pyti's hook it would boot and
+        never run the job, so :class:`~pyti_core.errors.ImagePrepareError` says to run
+        ``pyti image prepare IMAGE``; without ``python3`` it is refused too. The wheels of a run are
+        chosen for the Python and glibc found in it. ``boot_timeout`` is generous: a whole system
+        with systemd boots in 20-60 s under TCG.
+        """
+        from pyti_core.image import inspect_image  # noqa: PLC0415 (diskhandler's FUSE view)
+
+        path = Path(image)
+        info = inspect_image(path)
+        if not info.prepared:
+            raise ImagePrepareError(
+                path,
+                "pyti's agent and boot hook are not installed, so the guest would boot but never run "
+                f"the job: run `pyti image prepare {path}` first (found init: {info.init or 'none'})",
+            )
+        if info.python_version is None:
+            raise ImagePrepareError(path, "no python3 in the guest: the agent needs Python 3.8 or newer")
+        target = GuestTarget(python_version=info.python_version, glibc=info.glibc or DEBIAN_12.glibc)
+        return cls(system_disk=path, boot_timeout=boot_timeout, target=target)
 
     @property
     def io_device(self) -> str:
