@@ -22,6 +22,10 @@ APT_PACKAGES=(
   lvm2
   # vmanager's tests boot a BIOS live ISO of the tiny guest (isolinux.bin, ldlinux.c32, the ISO writer)
   isolinux syslinux-common genisoimage
+  # system disks (pyti image build --os): mmdebstrap makes the Debian tree with a private apt
+  # configuration checked against Debian's keyring; grub-pc-bin gives GRUB's BIOS boot images
+  # (grub-mkimage, boot.img) that pyti writes into the disk itself
+  mmdebstrap grub-pc-bin debian-archive-keyring
 )
 
 SUDO=()
