@@ -629,7 +629,7 @@ def mount_vdfuse(
     raised here with their diskhandler type.
 
     Raises:
-        MissingDependencyError: no ``/dev/fuse`` or no libfuse2.
+        MissingDependencyError: no ``/dev/fuse``, or neither libfuse3 nor libfuse2.
         ImageInUseError: a writable view of an image a VM or another writer holds.
         ImageFormatError, PartitionTableError: the image or its partition table is damaged.
         FilesystemError: the mount failed or did not come up within ``timeout`` seconds.
