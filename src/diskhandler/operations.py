@@ -44,7 +44,7 @@ from typing import IO, TYPE_CHECKING, Any, Self
 from diskhandler import _locking
 from diskhandler.errors import FilesystemError, GuestLinkWarning, GuestPathError, ImageWarning
 from diskhandler.filesystems import FilesystemMount, MountMethod, detect_filesystem, mount_filesystem
-from diskhandler.formats import DiskImage, open_image
+from diskhandler.formats import DiskImage, ParentPolicy, open_image
 
 if TYPE_CHECKING:
     from diskhandler.vdfuse import VDFuseMount
@@ -85,6 +85,8 @@ class DiskOperations:
             the largest partition or logical volume with a filesystem diskhandler can open (the whole
             disk for a disk without either).
         method: ``"fuse"`` (userspace drivers, the default) or ``"kernel"`` (a loop mount, root only).
+        parents: where the image's parents, backing files and extents may be, as for
+            :func:`~diskhandler.open_image`: ``"any"`` (default), ``"same-dir"``, ``"none"`` or a folder.
 
     Nothing happens until :meth:`mount` (or entering a ``with`` block); :meth:`close_connection`
     unmounts, flushes every layer and releases the image.
@@ -98,6 +100,7 @@ class DiskOperations:
         format: str | None = None,
         partition: int | str | None = None,
         method: MountMethod = "fuse",
+        parents: ParentPolicy = "any",
     ) -> None:
         path = Path(image)
         if path.suffix.lower() == ".vbox":
@@ -108,6 +111,7 @@ class DiskOperations:
         self.readonly = readonly
         self.format = format
         self.method: MountMethod = method
+        self.parents: ParentPolicy = parents
         self._partition_wanted = partition
         self.partition: int | str | None = None
         self.filesystem: str | None = None
@@ -166,7 +170,7 @@ class DiskOperations:
         check_fuse_available()
         if not self.readonly:
             _locking.check_not_in_use(self.image)
-        with open_image(self.image, format=self.format) as disk:
+        with open_image(self.image, format=self.format, parents=self.parents) as disk:
             number, view_name, fstype = _choose_volume(disk, partition)
         import tempfile  # noqa: PLC0415  (lazy: keeps ``import diskhandler`` fast)
 
@@ -175,7 +179,7 @@ class DiskOperations:
         (workdir / "root").mkdir()
         try:
             self._view = mount_vdfuse(
-                self.image, workdir / "view", readonly=self.readonly, format=self.format
+                self.image, workdir / "view", readonly=self.readonly, format=self.format, parents=self.parents
             )
             device = workdir / "view" / (view_name or ENTIRE_DISK)
             self._fs = mount_filesystem(

@@ -54,14 +54,19 @@ from diskhandler.errors import (
     ChainError,
     DiskHandlerError,
     FilesystemError,
+    ImageFileError,
     ImageFormatError,
     ImageInUseError,
+    ImagePathError,
     MissingDependencyError,
+    ParentPolicyError,
     PartitionTableError,
     ReadOnlyImageError,
+    SpecialFileError,
     UnsupportedImageError,
 )
-from diskhandler.formats import DiskImage, open_image
+from diskhandler.formats import DiskImage, ParentPolicy, open_image
+from diskhandler.formats._files import PARENT_POLICIES
 
 __all__ = ["ENTIRE_DISK", "VDFuseMount", "VDFuseOperations", "check_fuse_available", "main", "mount_vdfuse"]
 
@@ -391,10 +396,11 @@ def _serve(
     image_format: str | None,
     on_ready: Callable[[], None] | None,
     lifeline_fd: int | None = None,
+    parents: ParentPolicy = "any",
 ) -> None:
     binding = _import_binding()
 
-    disk = open_image(image, writable=not readonly, format=image_format)
+    disk = open_image(image, writable=not readonly, format=image_format, parents=parents)
     try:
         partitions = _partitions_of(disk)
     except BaseException:
@@ -446,6 +452,10 @@ _ERROR_TYPES: dict[str, type[DiskHandlerError]] = {
         ImageInUseError,
         MissingDependencyError,
         FilesystemError,
+        ParentPolicyError,
+        ImageFileError,
+        SpecialFileError,
+        ImagePathError,
     )
 }
 
@@ -454,6 +464,8 @@ def _describe_error(exc: BaseException) -> dict[str, Any]:
     info: dict[str, Any] = {"type": type(exc).__name__, "message": str(exc)}
     if isinstance(exc, OSError):
         info["errno"] = exc.errno
+        info["strerror"] = exc.strerror
+        info["filename"] = None if exc.filename is None else str(exc.filename)
     for attr in ("path", "holder", "field"):
         value = getattr(exc, attr, None)
         if value is not None:
@@ -470,7 +482,11 @@ def _rebuild_error(info: dict[str, Any], image: Path) -> Exception:
         err: Exception = ImageInUseError(path, info.get("holder"))
         err.args = (message,)
         return err
-    if kind in ("ImageFormatError", "UnsupportedImageError", "ChainError"):
+    if kind in ("ImageFileError", "SpecialFileError", "ImagePathError"):
+        return _ERROR_TYPES[kind](
+            int(info.get("errno") or errno.EIO), info.get("strerror") or message, info.get("filename")
+        )
+    if kind in ("ImageFormatError", "UnsupportedImageError", "ChainError", "ParentPolicyError"):
         cls = _ERROR_TYPES[kind]
         assert issubclass(cls, ImageFormatError)
         err = cls(path, info.get("field"), "")
@@ -498,6 +514,13 @@ def main(argv: Sequence[str] | None = None) -> int:
     parser.add_argument("-r", "--readonly", action="store_true", help="read-only: writes fail with EROFS")
     parser.add_argument("-f", "--foreground", action="store_true", help="stay in the foreground")
     parser.add_argument("--format", default=None, help="the image format (detected when omitted)")
+    parser.add_argument(
+        "--parents",
+        default="any",
+        metavar="any|same-dir|none|FOLDER",
+        help="where the image's parents, backing files and extents may be (default: any, as qemu;"
+        " same-dir or none for an image you did not make)",
+    )
     parser.add_argument("--ready-fd", type=int, default=None, help=argparse.SUPPRESS)
     parser.add_argument("--lifeline-fd", type=int, default=None, help=argparse.SUPPRESS)
     args = parser.parse_args(argv)
@@ -510,6 +533,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         image_format=args.format,
         ready_fd=args.ready_fd,
         lifeline_fd=args.lifeline_fd,
+        parents=args.parents if args.parents in PARENT_POLICIES else Path(args.parents),
     )
 
 
@@ -522,6 +546,7 @@ def _run_server(
     image_format: str | None,
     ready_fd: int | None,
     lifeline_fd: int | None = None,
+    parents: ParentPolicy = "any",
 ) -> int:
     """Serve the view until unmounted; report readiness (or the error) on ``ready_fd``."""
 
@@ -547,6 +572,7 @@ def _run_server(
             image_format=image_format,
             on_ready=lambda: report(READY),
             lifeline_fd=lifeline_fd,
+            parents=parents,
         )
     except (DiskHandlerError, OSError) as exc:
         import json  # noqa: PLC0415  (lazy: only errors travel as JSON)
@@ -617,6 +643,7 @@ def mount_vdfuse(
     format: str | None = None,
     timeout: float = 60.0,
     spawn: bool | None = None,
+    parents: ParentPolicy = "any",
 ) -> VDFuseMount:
     """Mount the vdfuse view of ``image`` at ``mountpoint`` and return once it is live.
 
@@ -649,9 +676,13 @@ def mount_vdfuse(
             if spawn is None:
                 spawn = threading.active_count() > 1
             if spawn:
-                process = _spawn(img, mp, readonly, format, write_end, lifeline=lifeline.read_fd)
+                process = _spawn(
+                    img, mp, readonly, format, write_end, lifeline=lifeline.read_fd, parents=parents
+                )
             else:
-                process = _fork(img, mp, readonly, format, write_end, lifeline=lifeline.read_fd)
+                process = _fork(
+                    img, mp, readonly, format, write_end, lifeline=lifeline.read_fd, parents=parents
+                )
         finally:
             os.close(write_end)
             lifeline.child_started()
@@ -680,7 +711,14 @@ def mount_vdfuse(
 
 
 def _spawn(
-    img: Path, mp: Path, readonly: bool, format: str | None, write_end: int, *, lifeline: int
+    img: Path,
+    mp: Path,
+    readonly: bool,
+    format: str | None,
+    write_end: int,
+    *,
+    lifeline: int,
+    parents: ParentPolicy = "any",
 ) -> ChildProcess:
     argv = [sys.executable, "-m", "diskhandler.vdfuse", "-f", "--ready-fd", str(write_end)]
     argv += ["--lifeline-fd", str(lifeline)]
@@ -688,6 +726,7 @@ def _spawn(
         argv.append("-r")
     if format:
         argv += ["--format", format]
+    argv += ["--parents", os.fspath(parents)]
     argv += ["--", str(img), str(mp)]
     return subprocess.Popen(
         argv,
@@ -700,7 +739,14 @@ def _spawn(
 
 
 def _fork(
-    img: Path, mp: Path, readonly: bool, format: str | None, write_end: int, *, lifeline: int
+    img: Path,
+    mp: Path,
+    readonly: bool,
+    format: str | None,
+    write_end: int,
+    *,
+    lifeline: int,
+    parents: ParentPolicy = "any",
 ) -> ChildProcess:
     _import_binding()  # before forking, so the child need not
     return fork_child(
@@ -712,6 +758,7 @@ def _fork(
             image_format=format,
             ready_fd=write_end,
             lifeline_fd=lifeline,
+            parents=parents,
         ),
         keep_fds=(write_end, lifeline),
     )

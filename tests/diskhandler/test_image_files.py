@@ -304,3 +304,41 @@ def test_too_many_extent_files_is_a_typed_error(tmp_path: Path) -> None:
     assert excinfo.value.errno == errno.EMFILE
     with open_image(desc) as image:
         assert image.size == 200 * 512
+
+
+# -- the policy and the typed errors through DiskOperations and the vdfuse child ------------------
+
+needs_fuse = pytest.mark.skipif(not os.path.exists("/dev/fuse"), reason="needs /dev/fuse")
+
+
+@pytest.mark.fuse
+@needs_fuse
+@pytest.mark.parametrize("spawn", [False, True], ids=["fork", "spawn"])
+def test_vdfuse_child_raises_the_same_typed_errors(tmp_path: Path, spawn: bool) -> None:
+    from diskhandler.vdfuse import mount_vdfuse  # noqa: PLC0415
+
+    child, _base = _chain_outside(tmp_path)
+    mountpoint = tmp_path / "mnt"
+    mountpoint.mkdir()
+    with pytest.raises(ParentPolicyError, match="outside") as policy:
+        mount_vdfuse(child, mountpoint, parents="same-dir", spawn=spawn)
+    assert policy.value.path == child
+    fifo = tmp_path / "fifo"
+    os.mkfifo(fifo)
+    special = tmp_path / "special.qcow2"
+    qemu_img("create", "-f", "qcow2", "-u", "-b", fifo, "-F", "raw", special, "1M")
+    with pytest.raises(SpecialFileError, match="FIFO") as info:
+        mount_vdfuse(special, mountpoint, readonly=True, spawn=spawn)
+    assert info.value.filename == str(fifo)
+    view = mount_vdfuse(child, mountpoint, readonly=True, parents=tmp_path, spawn=spawn)
+    view.unmount()
+
+
+@pytest.mark.fuse
+@needs_fuse
+def test_disk_operations_take_the_policy(tmp_path: Path) -> None:
+    from diskhandler import DiskOperations  # noqa: PLC0415
+
+    child, _base = _chain_outside(tmp_path)
+    with pytest.raises(ParentPolicyError):
+        DiskOperations(child, parents="none").mount()
