@@ -1221,7 +1221,21 @@ class _HostTree:
         planned: dict[tuple[str, ...], tuple[str, str]] = {}
         for rel, kind, _size in entries:
             if kind in ("dir", "file"):
-                planned[tuple(rel.split("/"))] = (kind, "")
+                parts = tuple(rel.split("/"))
+                # The plan must be what the host will hold: a directory of the copy where the host has
+                # a link (or a file), or a file where it has a directory, stops the download before
+                # anything is written - links judged against the plan would otherwise lead elsewhere.
+                existing = self._lookup(parts, {})
+                if existing is not None and (existing[0] == "dir") != (kind == "dir"):
+                    here = {"link": "a symbolic link", "dir": "a directory"}.get(existing[0], "a file")
+                    guest = "directory" if kind == "dir" else "file"
+                    raise FilesystemError(
+                        errno.EEXIST,
+                        f"is {here} on the host where the guest has a {guest}; a download never writes"
+                        " through a link: remove it or choose another destination",
+                        str(self.root / rel),
+                    )
+                planned[parts] = (kind, "")
         refused: list[tuple[str, str]] = []
         candidates: dict[str, str] = {}
         for rel, target in links.items():

@@ -315,7 +315,7 @@ needs_fuse = pytest.mark.skipif(not os.path.exists("/dev/fuse"), reason="needs /
 @needs_fuse
 @pytest.mark.parametrize("spawn", [False, True], ids=["fork", "spawn"])
 def test_vdfuse_child_raises_the_same_typed_errors(tmp_path: Path, spawn: bool) -> None:
-    from diskhandler.vdfuse import mount_vdfuse  # noqa: PLC0415
+    from diskhandler.vdfuse import mount_vdfuse
 
     child, _base = _chain_outside(tmp_path)
     mountpoint = tmp_path / "mnt"
@@ -337,7 +337,7 @@ def test_vdfuse_child_raises_the_same_typed_errors(tmp_path: Path, spawn: bool) 
 @pytest.mark.fuse
 @needs_fuse
 def test_disk_operations_take_the_policy(tmp_path: Path) -> None:
-    from diskhandler import DiskOperations  # noqa: PLC0415
+    from diskhandler import DiskOperations
 
     child, _base = _chain_outside(tmp_path)
     with pytest.raises(ParentPolicyError):

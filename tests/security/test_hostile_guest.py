@@ -74,6 +74,7 @@ def _guest_tree(root: Path, host: Host) -> None:
     (t / "c").symlink_to("b/" + host.folder.name)  # would reach the host canary folder through b
     (t / "d").symlink_to("dir/../a/a/a/../..")
     (t / "e").symlink_to("dir/..")  # inside: tree itself
+    (t / "ab").symlink_to("dir/..")  # the same, sorted before "dir"
     (t / "ok-file").symlink_to("dir/inner.txt")  # inside
     (t / "ok-dir").symlink_to("dir")  # inside
     (t / "ok-via").symlink_to("ok-dir/inner.txt")  # inside, through another kept link
@@ -154,7 +155,7 @@ def test_tree_download_keeps_only_links_that_stay_inside(hostile: tuple[Path, Ho
     host.assert_untouched()
     _all_links_stay_inside(out)
     kept = sorted(p.name for p in out.iterdir() if p.is_symlink())
-    assert kept == ["a", "e", "ok-dir", "ok-file", "ok-via"]
+    assert kept == ["a", "ab", "e", "ok-dir", "ok-file", "ok-via"]
     assert sorted(p.name for p in (out / "dir").iterdir()) == ["inner.txt", "up1"]
     assert (out / "ok-via").read_bytes() == b"inner\n"
     assert (out / "file.txt").read_bytes() == b"a guest file\n"
@@ -279,3 +280,18 @@ def test_walk_and_find_end_on_a_directory_linked_into_itself(hostile: tuple[Path
     assert walked == ["/tree/loopdir"]
     assert "/tree/loopdir" in found
     assert "/tree/loopdir/again" not in found
+
+
+def test_a_destination_link_where_a_guest_directory_goes_stops_the_download_before_any_write(
+    hostile: tuple[Path, Host], tmp_path: Path
+) -> None:
+    """``ab -> dir/..`` stays inside only while ``dir`` is a directory: with the user's own link
+    ``dir -> elsewhere`` already in the destination it would lead out, so nothing is written at all."""
+    image, host = hostile
+    out = tmp_path / "out"
+    out.mkdir()
+    (out / "dir").symlink_to(host.folder / "sub")
+    with DiskOperations(image, readonly=True) as d, pytest.raises(FilesystemError, match="dir"):
+        d.download("/tree", out)
+    assert sorted(p.name for p in out.iterdir()) == ["dir"]
+    host.assert_untouched()
