@@ -502,3 +502,19 @@ def test_parent_files_go_through_the_policy_and_the_special_file_check(tmp_path:
     os.mkfifo(base)  # a FIFO where the parent was: refused at once, never a hang
     with pytest.raises(SpecialFileError):
         open_image(child)
+
+
+def test_the_largest_disk_with_the_smallest_blocks(tmp_path: Path) -> None:
+    """64 TiB in 1 MiB blocks: a 512 MiB BAT, read a page at a time as reads reach it, never whole."""
+    path = tmp_path / "huge.vhdx"
+    size = 64 << 40
+    create_image(path, size, block_size=MiB).close()
+    with open_image(path, writable=True) as image:
+        image.write_at(size - 4096, b"end!")
+        image.write_at(0, b"start")
+    with _vhdx(path) as image:
+        assert image.read_at(size - 4096, 4) == b"end!"
+        assert image.read_at(0, 5) == b"start"
+        assert image.read_at(size // 2, 4) == bytes(4)
+        assert len(image._bat.pages) <= 3  # the pages of the three blocks read, not 16384 of them
+    qemu_check(path, "vhdx")

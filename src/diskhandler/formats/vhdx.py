@@ -28,6 +28,7 @@ import os
 import sys
 import uuid
 from array import array
+from collections.abc import Callable
 from pathlib import Path, PurePosixPath, PureWindowsPath
 from typing import Any, ClassVar, Self
 
@@ -48,6 +49,8 @@ DEFAULT_DIFF_BLOCK_SIZE = 2 * MiB  # and for differencing disks
 DEFAULT_LOG_SIZE = MiB
 MAX_LOG_SIZE = 64 * MiB
 MAX_BAT_BYTES = 1 << 30  # 2^27 entries: 64 TiB at 1 MiB blocks needs 2^26 (+ bitmap entries)
+_PAGE = 4096  # BAT entries read and checked together (32 KiB)
+_CACHED_PAGES = 2048  # at most 64 MiB of BAT in memory
 CREATOR = "pyti diskhandler"
 _LITTLE = sys.byteorder == "little"
 _ZERO_STATES = (L.PAYLOAD_UNDEFINED, L.PAYLOAD_ZERO, L.PAYLOAD_UNMAPPED, L.PAYLOAD_UNMAPPED_V095)
@@ -95,6 +98,53 @@ class _Reader:
                 zero_fill(view[lo - offset : hi - offset])
             else:
                 view[lo - offset : hi - offset] = w.data[lo - w.offset : hi - w.offset]
+
+
+class _Bat:
+    """The BAT, read and checked a page at a time as reads reach it.
+
+    A 64 TiB disk of 1 MiB blocks has a 512 MiB BAT: loading and checking it whole at open would take a
+    minute and the memory with it. Pages of :data:`_PAGE` entries are read on first use, checked
+    (:func:`_check_entries`), and kept up to :data:`_CACHED_PAGES` at a time.
+    """
+
+    def __init__(
+        self, reader: _Reader, offset: int, entries: int, check: Callable[[int, array[int]], None]
+    ) -> None:
+        self.reader = reader
+        self.offset = offset
+        self.entries = entries
+        self.check = check
+        self.pages: dict[int, array[int]] = {}
+
+    def page(self, number: int) -> array[int]:
+        table = self.pages.get(number)
+        if table is None:
+            first = number * _PAGE
+            count = min(_PAGE, self.entries - first)
+            table = _u64_array(self.reader.read(self.offset + 8 * first, 8 * count, "BAT"))
+            self.check(first, table)
+            if len(self.pages) >= _CACHED_PAGES:
+                self.pages.pop(next(iter(self.pages)))
+            self.pages[number] = table
+        return table
+
+    def __getitem__(self, index: int) -> int:
+        return self.page(index // _PAGE)[index % _PAGE]
+
+    def __setitem__(self, index: int, value: int) -> None:
+        self.page(index // _PAGE)[index % _PAGE] = value
+
+    def sector(self, index: int) -> tuple[int, bytes]:
+        """File offset and bytes of the 4 KiB sector of the BAT holding entry ``index``."""
+        per = L.LOG_SECTOR // 8
+        first = index // per * per
+        table = self.page(first // _PAGE)
+        at = first % _PAGE
+        part = array("Q", table[at : at + per])
+        if not _LITTLE:  # pragma: no cover
+            part.byteswap()
+        return self.offset + first * 8, part.tobytes().ljust(L.LOG_SECTOR, b"\0")
 
 
 def _pick_header(reader: _Reader, path: Path) -> tuple[int, L.Header]:
@@ -314,7 +364,7 @@ class VHDXImage(BlockMappedImage):
         header: L.Header,
         header_slot: int,
         meta: _Metadata,
-        bat: array[int],
+        bat: _Bat,
         bat_offset: int,
         log_region: tuple[int, int],
         reader: _Reader,
@@ -407,9 +457,16 @@ class VHDXImage(BlockMappedImage):
             raise ImageFormatError(
                 path, "BAT", f"{entries} entries are needed but the BAT region holds {bat_region[1] // 8}"
             )
-        bat = _u64_array(reader.read(bat_region[0], entries * 8, "BAT"))
-        used_end = max(_check_bat(bat, path, meta, chunk_ratio), bat_region[0] + bat_region[1])
-        used_end = max(used_end, meta_region[0] + meta_region[1], header.log_offset + header.log_length)
+        file_end = max(file_size, bat_region[0] + bat_region[1], meta_region[0] + meta_region[1])
+        if header.log_guid != _NULL_GUID or writable:
+            file_end = max(file_end, header.log_offset + header.log_length)
+
+        def check(first: int, table: array[int]) -> None:
+            _check_entries(first, table, path, meta, chunk_ratio, file_end)
+
+        bat = _Bat(reader, bat_region[0], entries, check)
+        bat.page(0)  # a damaged first page says so at open
+        used_end = file_end
         parent: DiskImage | None = None
         if meta.has_parent:
             parent = _open_parent(path, meta, guard)
@@ -653,13 +710,7 @@ class VHDXImage(BlockMappedImage):
     def _bat_update(self, bat_index: int, value: int) -> tuple[int, bytes]:
         """The 4 KiB BAT sector holding entry ``bat_index`` once it is ``value`` (memory updated now)."""
         self._bat[bat_index] = value
-        per = L.LOG_SECTOR // 8
-        first = bat_index // per * per
-        sector = array("Q", self._bat[first : first + per])
-        if not _LITTLE:  # pragma: no cover
-            sector.byteswap()
-        raw = sector.tobytes().ljust(L.LOG_SECTOR, b"\0")
-        return self._bat_offset + first * 8, raw
+        return self._bat.sector(bat_index)
 
     def _set_bat(self, bat_index: int, value: int) -> None:
         self._log_and_apply([self._bat_update(bat_index, value)])
@@ -780,30 +831,39 @@ def _write_headers(fd: int, current_slot: int, header: L.Header, **changes: byte
     return new
 
 
-def _check_bat(bat: array[int], path: Path, meta: _Metadata, chunk_ratio: int) -> int:
-    """Every entry's state is known for its kind, and present blocks lie past the header section.
-
-    Returns the end of the last block the BAT points at (new blocks go after it)."""
+def _check_entries(  # noqa: PLR0917  (the page callback of _Bat)
+    first: int, table: array[int], path: Path, meta: _Metadata, chunk_ratio: int, file_end: int
+) -> None:
+    """BAT entries ``first``.. : each state known for its kind, and every present block inside the
+    file past the header section (new blocks go at the end of the file, never onto one the BAT names)."""
     reserved = (1 << L.BAT_OFFSET_SHIFT) - 1 - L.BAT_STATE_MASK
-    end = 0
-    for i, entry in enumerate(bat):
+    present = (L.PAYLOAD_FULLY_PRESENT, L.PAYLOAD_PARTIALLY_PRESENT)
+    for n, entry in enumerate(table):
+        if entry == 0:
+            continue
+        i = first + n
         state = entry & L.BAT_STATE_MASK
         is_bitmap = i % (chunk_ratio + 1) == chunk_ratio
         if is_bitmap:
             ok = state == L.SB_NOT_PRESENT or (state == L.SB_PRESENT and meta.has_parent)
+            size = MiB
         else:
             ok = state in (0, 1, 2, 3, 5, 6) or (state == L.PAYLOAD_PARTIALLY_PRESENT and meta.has_parent)
+            size = meta.block_size
         if not ok:
             raise ImageFormatError(path, f"BAT entry {i}", f"state {state} is not valid here")
-        if state in (L.PAYLOAD_FULLY_PRESENT, L.PAYLOAD_PARTIALLY_PRESENT) and (
-            entry >> L.BAT_OFFSET_SHIFT < 1 or entry & reserved
-        ):
-            raise ImageFormatError(path, f"BAT entry {i}", "a present block must lie past the header section")
-        if state in (L.PAYLOAD_FULLY_PRESENT, L.PAYLOAD_PARTIALLY_PRESENT):
-            end = max(end, ((entry >> L.BAT_OFFSET_SHIFT) << 20) + meta.block_size)
-        elif is_bitmap and state == L.SB_PRESENT:
-            end = max(end, ((entry >> L.BAT_OFFSET_SHIFT) << 20) + MiB)
-    return end
+        if state in present or (is_bitmap and state == L.SB_PRESENT):
+            at = (entry >> L.BAT_OFFSET_SHIFT) << 20
+            if at < L.HEADER_SECTION_SIZE or entry & reserved:
+                raise ImageFormatError(
+                    path, f"BAT entry {i}", "a present block must lie past the header section"
+                )
+            if at + size > file_end:
+                raise ImageFormatError(
+                    path,
+                    f"BAT entry {i}",
+                    f"block at {at} ends past the end of the {file_end}-byte file (truncated?)",
+                )
 
 
 def _open_parent(child: Path, meta: _Metadata, guard: ChainGuard) -> DiskImage:
@@ -904,17 +964,20 @@ def _write_new(
         ).to_bytes()
         blob += data
     pwrite_all(fd, bytes(table) + bytes(blob), meta_at)
-    # BAT
-    bat = array("Q", bytes(8 * entries))
+    # BAT: zeros (not present) from the file extension; a fixed image's entries written a page at a time
     file_end = data_at
     if fixed:
-        for p in range(payload):
-            bat[p + p // chunk_ratio] = ((file_end >> 20) << L.BAT_OFFSET_SHIFT) | L.PAYLOAD_FULLY_PRESENT
-            file_end += block_size
-    if not _LITTLE:  # pragma: no cover
-        bat.byteswap()
-    pwrite_all(fd, bat.tobytes(), bat_at)
-    os.ftruncate(fd, file_end)
+        for first in range(0, entries, _PAGE):
+            page = array("Q", bytes(8 * min(_PAGE, entries - first)))
+            for n in range(len(page)):
+                i = first + n
+                if i % (chunk_ratio + 1) != chunk_ratio:
+                    page[n] = ((file_end >> 20) << L.BAT_OFFSET_SHIFT) | L.PAYLOAD_FULLY_PRESENT
+                    file_end += block_size
+            if not _LITTLE:  # pragma: no cover
+                page.byteswap()
+            pwrite_all(fd, page.tobytes(), bat_at + 8 * first)
+    os.ftruncate(fd, max(file_end, bat_at + bat_len))
     # region tables
     rt = bytearray(L.REGION_TABLE_SIZE)
     rt[: L.RegionTableHeader.SIZE] = L.RegionTableHeader(L.REGION_SIGNATURE, 0, 2, 0).to_bytes()
