@@ -275,6 +275,10 @@ class Lifeline:
     def __init__(self) -> None:
         self.read_fd, self._write_fd = os.pipe2(os.O_CLOEXEC)
         _WRITE_ENDS.add(self)
+        # Dropped without close() (a mount object forgotten while mounted): the write end closes
+        # with it, and the child stops as if the owner had gone, instead of running until exit.
+        self._on_drop = weakref.finalize(self, _close_quietly, self._write_fd)
+        self._on_drop.atexit = False  # at exit the owner unmounts in order; the kernel closes the rest
 
     def child_started(self) -> None:
         """Close the owner's copy of the read end (the child has its own)."""
@@ -303,14 +307,13 @@ class Lifeline:
         """Close both ends (a no-op when closed)."""
         self.child_started()
         if self._write_fd >= 0:
-            os.close(self._write_fd)
+            self._on_drop()  # closes the write end, once
             self._write_fd = -1
         _WRITE_ENDS.discard(self)
 
     def _forget(self) -> None:
         """In a forked child: close the owner's write end without touching the owner's copy."""
-        with contextlib.suppress(OSError):
-            os.close(self._write_fd)
+        self._on_drop()  # the child's copy of the write end (the owner's stays open)
         self._write_fd = -1
         _WRITE_ENDS.discard(self)
 
@@ -327,6 +330,11 @@ def _decode(line: bytes) -> dict[str, Any]:
     if verb not in ("guard", "release"):
         raise ValueError(f"unknown lifeline message {verb!r}")
     return {verb: None if pid == "-" else int(pid), "mountpoint": os.fsdecode(bytes.fromhex(mountpoint))}
+
+
+def _close_quietly(fd: int) -> None:
+    with contextlib.suppress(OSError):
+        os.close(fd)
 
 
 class _Guarded:

@@ -168,3 +168,23 @@ def test_lifeline_messages_carry_any_mount_point(mountpoint: str) -> None:
         assert line.count(b"\n") == 1
         assert line.endswith(b"\n")
         assert _decode(line[:-1]) == message
+
+
+def test_a_dropped_mount_stops_its_server(tmp_path: Path) -> None:
+    """A vdfuse mount object forgotten while mounted does not run until the interpreter exits."""
+    import gc
+
+    from diskhandler.vdfuse import mount_vdfuse
+
+    image = _ext4_image(tmp_path, "vdi")
+    mp = tmp_path / "mnt"
+    mp.mkdir()
+    mount = mount_vdfuse(image, mp)
+    process = mount.process
+    assert _mounted(str(mp))
+    del mount
+    gc.collect()
+    process.wait(DEADLINE)  # reaped here: the server is this process's child
+    assert not _mounted(str(mp))
+    assert _lock_free(image, "vdi")
+    qemu_check(image, "vdi")
