@@ -718,7 +718,9 @@ def _read_tail(path: Path, limit: int = _SERIAL_KEEP) -> str:
 def _download_results(io_disk: Path, layout: GuestLayout, dest: Path) -> None:
     from diskhandler import DiskOperations, GuestLinkWarning  # noqa: PLC0415
 
-    with DiskOperations(io_disk, readonly=True) as ops:
+    # raw and self-contained, whatever its first bytes say: the guest owns them, and could write a qcow2
+    # header there naming a host file as its backing file (qemu's old format-probing hole)
+    with DiskOperations(io_disk, readonly=True, format="raw", parents="none") as ops:
         guest_results = "/" + layout.results
         if ops.exists(guest_results):
             # Links and special files the guest left are skipped by the download: the guest's doing,

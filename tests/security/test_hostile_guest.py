@@ -295,3 +295,25 @@ def test_a_destination_link_where_a_guest_directory_goes_stops_the_download_befo
         d.download("/tree", out)
     assert sorted(p.name for p in out.iterdir()) == ["dir"]
     host.assert_untouched()
+
+
+def test_an_io_disk_rewritten_as_qcow2_never_reads_a_host_file(tmp_path: Path) -> None:
+    """The guest owns its raw IO disk's bytes: it can write a qcow2 header there whose backing file is
+    a host file. Reading the results back must not probe the format (qemu's old format-probing hole):
+    the IO disk is raw because the host made it raw."""
+    from pyti_core import manager  # noqa: PLC0415
+    from pyti_core.tasks import GuestLayout  # noqa: PLC0415
+
+    secret_tree = tmp_path / "secret-tree"
+    (secret_tree / GuestLayout().results).mkdir(parents=True)
+    (secret_tree / GuestLayout().results / "records.jsonl").write_bytes(b"HOST SECRET\n")
+    secret = tmp_path / "host-secret.img"
+    with secret.open("wb") as f:
+        f.truncate(8 * MiB)
+    run("mke2fs", "-q", "-F", "-t", "ext2", "-d", secret_tree, secret)
+    io_disk = tmp_path / "io.img"
+    run("qemu-img", "create", "-f", "qcow2", "-b", secret, "-F", "raw", io_disk)
+    dest = tmp_path / "results"
+    with pytest.raises((FilesystemError, OSError)):
+        manager._download_results(io_disk, GuestLayout(), dest)
+    assert not (dest / "records.jsonl").exists()
