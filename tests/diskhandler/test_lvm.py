@@ -447,3 +447,28 @@ def test_metadata_text_wrapping_round_the_circular_buffer(lvm_whole_disk: bytes,
     path.write_bytes(bytes(data))
     with open_image(path) as disk, pytest.raises(LvmMetadataError, match="text checksum"):
         list_logical_volumes(disk)
+
+
+@needs_lvm
+def test_vdfuse_view_shows_volumes_as_vg_lv_files(
+    lvm_disk: tuple[Path, dict[str, list[tuple[int, int, int]]]], tmp_path: Path
+) -> None:
+    from diskhandler.vdfuse import VDFuseOperations, _partitions_of
+
+    raw, extents = lvm_disk
+    work = tmp_path / "disk.img"
+    shutil.copyfile(raw, work)
+    disk = open_image(work, writable=True)
+    ops = VDFuseOperations(disk, _partitions_of(disk))
+    try:
+        names = ops.readdir("/", 0)
+        assert {"Partition1", "Partition2", "Partition3", "vg0-root", "vg0-data", "vg0-fast"} <= set(names)
+        assert "vg0-nothing" not in names  # a layout diskhandler cannot read is not shown
+        fh = ops.open("/vg0-data", os.O_RDWR)
+        assert ops.write("/vg0-data", b"through the view", 5 * MiB, fh) == 16
+        assert ops.read("/vg0-data", 16, 5 * MiB, fh) == b"through the view"
+        ops.release("/vg0-data", fh)
+    finally:
+        disk.close()
+    lv = _get_lv(work, extents["data"], tmp_path / "data.bin").read_bytes()
+    assert lv[5 * MiB : 5 * MiB + 16] == b"through the view"
