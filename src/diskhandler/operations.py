@@ -811,13 +811,19 @@ class DiskOperations:
                     os.close(fd)
 
     def get_file(
-        self, src: str, dst: str | os.PathLike[str], *, callback: ProgressCallback = no_progress
+        self,
+        src: str,
+        dst: str | os.PathLike[str],
+        *,
+        callback: ProgressCallback = no_progress,
+        max_bytes: int | None = None,
     ) -> None:
         """Copy one regular guest file to the host path ``dst`` (into it, when ``dst`` is a directory).
 
         A symbolic link ``src`` is followed inside the guest (chroot semantics). When ``dst`` is a
         directory, the file name comes from the guest: a link already there under that name is
-        replaced, never written through.
+        replaced, never written through. A file larger than ``max_bytes`` raises
+        :class:`FilesystemError` (``EFBIG``) before anything is written.
         """
         host = self._resolve(src)
         try:
@@ -827,6 +833,7 @@ class DiskOperations:
         if not stat.S_ISREG(st.st_mode):
             kind = "a directory" if stat.S_ISDIR(st.st_mode) else "not a regular file"
             raise FilesystemError(errno.EISDIR if kind == "a directory" else errno.EINVAL, f"{kind}", src)
+        _check_size(st.st_size, max_bytes, src)
         out = Path(dst)
         fd = os.open(host, os.O_RDONLY | os.O_NOFOLLOW | os.O_NONBLOCK | os.O_CLOEXEC)
         try:
@@ -890,7 +897,12 @@ class DiskOperations:
                 self.put_file(host_src, guest, owner=owner, mode=mode, callback=progress.child())
 
     def download(
-        self, src: str, dst: str | os.PathLike[str], *, callback: ProgressCallback = no_progress
+        self,
+        src: str,
+        dst: str | os.PathLike[str],
+        *,
+        callback: ProgressCallback = no_progress,
+        max_bytes: int | None = None,
     ) -> None:
         """Copy a guest file or directory tree to the host.
 
@@ -902,6 +914,10 @@ class DiskOperations:
         skipped. Nothing is ever written through a symbolic link below ``dst``: an existing link where
         a file goes is replaced, one where a directory goes is an error. ``get_file`` reads through a
         link inside the guest instead, when its content is what you want.
+
+        ``max_bytes`` bounds the bytes the copy may write on the host (the guest's files' sizes, sparse
+        files counted in full); a larger tree raises :class:`FilesystemError` (``EFBIG``) before anything
+        is written.
         """
         host = self._resolve(src)
         try:
@@ -909,10 +925,11 @@ class DiskOperations:
         except FileNotFoundError:
             raise FileNotFoundError(errno.ENOENT, "no such file in the guest", src) from None
         if not stat.S_ISDIR(st.st_mode):
-            self.get_file(src, dst, callback=callback)
+            self.get_file(src, dst, callback=callback, max_bytes=max_bytes)
             return
         entries, skipped = _walk_guest(Path(host))
         total = sum(size for _rel, kind, size in entries if kind == "file")
+        _check_size(total, max_bytes, src)
         progress = _Progress(callback, total)
         out = Path(dst)
         out.mkdir(parents=True, exist_ok=True)
@@ -1293,6 +1310,16 @@ def _copy_fd(src: int, dst: int, total: int, callback: ProgressCallback) -> None
             view = view[n:]
         done += len(chunk)
         callback(done, max(total, done))
+
+
+def _check_size(size: int, max_bytes: int | None, src: str) -> None:
+    if max_bytes is not None and size > max_bytes:
+        raise FilesystemError(
+            errno.EFBIG,
+            f"the guest's files hold {size} bytes, more than the {max_bytes} this copy may write"
+            " (a sparse file from a crafted filesystem?)",
+            src,
+        )
 
 
 def _unlistable(exc: OSError, path: str) -> FilesystemError:

@@ -727,7 +727,9 @@ def _download_results(io_disk: Path, layout: GuestLayout, dest: Path) -> None:
             # logged, not the caller's warning to handle (their records are then simply missing).
             with warnings.catch_warnings(record=True) as caught:
                 warnings.simplefilter("always", GuestLinkWarning)
-                ops.download(guest_results, dest)
+                # the files cannot legitimately hold more than the disk: a sparse file claiming
+                # terabytes must not fill the host's disk with zeros
+                ops.download(guest_results, dest, max_bytes=io_disk.stat().st_size)
             for warning in caught:
                 if issubclass(warning.category, GuestLinkWarning):
                     _log.warning("%s", warning.message)

@@ -9,6 +9,7 @@ A canary folder on the host must stay exactly as it was, whatever is downloaded 
 
 from __future__ import annotations
 
+import errno
 import os
 import socket
 import stat
@@ -107,6 +108,9 @@ def _guest_tree(root: Path, host: Host) -> None:
     (root / "up-tree").symlink_to("tree/b")
     (root / "etc").mkdir()
     (root / "etc" / "passwd").write_bytes(b"guest passwd\n")
+    (root / "big").mkdir()
+    with (root / "big" / "sparse.bin").open("wb") as f:  # 4 GiB claimed, nothing stored
+        f.truncate(4 << 30)
 
 
 def _build(tmp: Path, host: Host) -> Path:
@@ -301,8 +305,8 @@ def test_an_io_disk_rewritten_as_qcow2_never_reads_a_host_file(tmp_path: Path) -
     """The guest owns its raw IO disk's bytes: it can write a qcow2 header there whose backing file is
     a host file. Reading the results back must not probe the format (qemu's old format-probing hole):
     the IO disk is raw because the host made it raw."""
-    from pyti_core import manager  # noqa: PLC0415
-    from pyti_core.tasks import GuestLayout  # noqa: PLC0415
+    from pyti_core import manager
+    from pyti_core.tasks import GuestLayout
 
     secret_tree = tmp_path / "secret-tree"
     (secret_tree / GuestLayout().results).mkdir(parents=True)
@@ -317,3 +321,16 @@ def test_an_io_disk_rewritten_as_qcow2_never_reads_a_host_file(tmp_path: Path) -
     with pytest.raises((FilesystemError, OSError)):
         manager._download_results(io_disk, GuestLayout(), dest)
     assert not (dest / "records.jsonl").exists()
+
+
+def test_a_sparse_file_cannot_fill_the_host_disk(hostile: tuple[Path, Host], tmp_path: Path) -> None:
+    image, _host = hostile
+    with DiskOperations(image, readonly=True) as d:
+        assert d.stat("/big/sparse.bin").st_size == 4 << 30
+        with pytest.raises(FilesystemError, match="more than the") as info:
+            d.download("/big", tmp_path / "big", max_bytes=image.stat().st_size)
+        assert info.value.errno == errno.EFBIG
+        with pytest.raises(FilesystemError, match="more than the"):
+            d.get_file("/big/sparse.bin", tmp_path / "one", max_bytes=1 << 20)
+    assert not (tmp_path / "one").exists()
+    assert not (tmp_path / "big").exists()
