@@ -38,6 +38,7 @@ This is the one module of pyti that imports Dask (``pip install 'pyti[farm]'``).
 from __future__ import annotations
 
 import asyncio
+import atexit
 import concurrent.futures
 import contextlib
 import fcntl
@@ -377,6 +378,10 @@ class _Runtime:
             time.sleep(0.2)
         with contextlib.suppress(Exception):
             self.sweep()
+            if self.plugin.uri is None and not self.running:
+                # nothing left in it: the slot's libvirt root goes when the process exits (libvirt's
+                # driver keeps it open until then); a process that dies keeps it for the next one
+                atexit.register(shutil.rmtree, self.libvirt_root(), ignore_errors=True)
         if self.lock_fd is not None:
             with contextlib.suppress(OSError):
                 os.close(self.lock_fd)
