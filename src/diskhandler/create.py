@@ -151,7 +151,7 @@ def create_io_disk(
     Args:
         path: the new image (it must not exist).
         size: the virtual disk size in bytes.
-        format: ``vdi``, ``vhd``, ``vmdk``, ``qcow2`` or ``raw``.
+        format: ``vdi``, ``vhd``, ``vhdx``, ``vmdk``, ``qcow2`` or ``raw``.
         filesystem: ``ext4`` (or ``ext2``/``ext3``) or ``vfat``.
         files: a host folder whose contents become the filesystem's root.
         partition_table: ``"mbr"``, ``"gpt"`` or ``None`` (the filesystem fills the whole disk).

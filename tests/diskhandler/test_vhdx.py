@@ -11,6 +11,7 @@ import os
 import random
 import shutil
 import struct
+import subprocess
 import uuid
 from pathlib import Path
 
@@ -31,6 +32,7 @@ from diskhandler import (
 )
 from diskhandler.formats import _vhdx_layout as L
 from diskhandler.formats.vhdx import VHDXImage
+from diskhandler.partitions import list_partitions
 from tests.diskhandler.imagetools import (
     assert_reads_like_qemu,
     compare_with_raw,
@@ -518,3 +520,29 @@ def test_the_largest_disk_with_the_smallest_blocks(tmp_path: Path) -> None:
         assert image.read_at(size // 2, 4) == bytes(4)
         assert len(image._bat.pages) <= 3  # the pages of the three blocks read, not 16384 of them
     qemu_check(path, "vhdx")
+
+
+def test_io_disk_in_vhdx_end_to_end(tmp_path: Path) -> None:
+    """create_io_disk makes an ext4 VHDX; DiskOperations reads and writes it; qemu and e2fsck agree."""
+    from diskhandler import DiskOperations
+    from diskhandler.create import create_io_disk
+
+    files = tmp_path / "files"
+    files.mkdir()
+    (files / "in.txt").write_text("into the guest\n")
+    image = tmp_path / "io.vhdx"
+    create_io_disk(image, 32 * MiB, format="vhdx", files=files, partition_table="gpt")
+    with DiskOperations(image) as ops:
+        ops.get_file("/in.txt", tmp_path / "back.txt")
+        (tmp_path / "out.txt").write_bytes(b"out of the guest\n" * 5000)
+        ops.put_file(tmp_path / "out.txt", "/out.txt")
+    assert (tmp_path / "back.txt").read_text() == "into the guest\n"
+    qemu_check(image, "vhdx")
+    flat = qemu_flatten(image, "vhdx", tmp_path / "flat.raw")
+    fs = tmp_path / "fs.ext4"
+    with open_image(flat) as disk:
+        (part,) = list_partitions(disk)
+        fs.write_bytes(part.read_at(0, part.size))
+    subprocess.run(["e2fsck", "-fn", str(fs)], check=True, capture_output=True)
+    cat = subprocess.run(["debugfs", "-R", "cat /out.txt", str(fs)], check=True, capture_output=True)
+    assert cat.stdout == b"out of the guest\n" * 5000
