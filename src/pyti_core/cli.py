@@ -34,6 +34,7 @@ from typing import TYPE_CHECKING, Final, TextIO
 import attrs
 
 from pyti_core.errors import ConfigError, PytiError, TaskError, vmanager_errors
+from pyti_core.tables import failure_line, format_table
 
 if TYPE_CHECKING:
     from distributed.security import Security
@@ -148,57 +149,6 @@ def _terminal_width() -> int:
         return os.get_terminal_size(sys.stderr.fileno()).columns
     except (OSError, ValueError):
         return 80
-
-
-def _mib(kb: int) -> str:
-    return f"{kb / 1024:.1f} MiB" if kb else "-"
-
-
-def _why(text: str, limit: int = 200) -> str:
-    """The line that says why a task did not pass: pyti's own first line, else the output's last."""
-    lines = [line.strip() for line in text.splitlines() if line.strip()]
-    if not lines:
-        return "(no output)"
-    line = lines[0] if lines[0].startswith(("pyti", "[pyti")) else lines[-1]
-    return line if len(line) <= limit else line[: limit - 3] + "..."
-
-
-def format_table(result: RunResult) -> str:
-    """The per-task table ``pyti run`` prints: status, test counts, time, peak memory, CPU."""
-    header = ("task", "status", "passed", "failed", "errors", "skipped", "time", "peak mem", "CPU user+sys")
-    rows: list[tuple[str, ...]] = [header]
-    for r in result.report.records:
-        t = r.tests
-        counts = (str(t.passed), str(t.failed), str(t.errors), str(t.skipped)) if t else ("-",) * 4
-        rows.append(
-            (
-                r.task,
-                r.status,
-                *counts,
-                f"{r.duration_s:.1f} s",
-                _mib(r.max_rss_kb),
-                f"{r.cpu_user_s:.1f} + {r.cpu_system_s:.1f} s",
-            )
-        )
-    widths = [max(len(row[i]) for row in rows) for i in range(len(header))]
-    left = {0, 1}
-    lines = [result.distribution]
-    for row in rows:
-        cells = [c.ljust(widths[i]) if i in left else c.rjust(widths[i]) for i, c in enumerate(row)]
-        lines.append("  ".join(cells).rstrip())
-    if result.phases:
-        lines.append("phases: " + ", ".join(f"{k} {v:.1f} s" for k, v in result.phases.items()))
-    bad = [r for r in result.report.records if not r.ok]
-    for r in bad:
-        lines.append(f"  {r.task}: {_why(r.stderr or r.stdout)}")
-    if not result.report.records:
-        lines.append("result: FAILED (no task reported)")
-    elif bad:
-        what = ", ".join(f"{r.task} {r.status}" for r in bad)
-        lines.append(f"result: FAILED ({len(bad)} of {len(result.report.records)} tasks: {what})")
-    else:
-        lines.append(f"result: passed ({len(result.report.records)} tasks)")
-    return "\n".join(lines) + "\n"
 
 
 # -- commands ---------------------------------------------------------------------------------------------
@@ -326,12 +276,20 @@ def _spec(text: str) -> str | Path:
     return text
 
 
+def _report_stem(result: RunResult) -> str:
+    """``six-1.16.0``, and with a named guest ``six-1.16.0-py3.9`` / ``six-1.16.0-pypy3``."""
+    stem = result.distribution.replace("==", "-")
+    if result.guest:
+        stem += "-" + (result.guest if result.guest.startswith("pypy") else "py" + result.guest)
+    return re.sub(r"[^A-Za-z0-9._-]+", "-", stem).strip("-.")
+
+
 def _report_paths(report: Path, results: Sequence[RunResult]) -> list[Path]:
-    """One run: the file itself. Several: a folder of ``<name>-<version>.json`` files."""
+    """One run: the file itself. Several: a folder of ``<name>-<version>[-<guest>].json`` files."""
     if len(results) == 1:
         return [report]
     report.mkdir(parents=True, exist_ok=True)
-    names = [re.sub(r"[^A-Za-z0-9._-]+", "-", r.distribution.replace("==", "-")).strip("-.") for r in results]
+    names = [_report_stem(r) for r in results]
     return [
         report / f"{n or 'run'}-{i + 1}.json" if names.count(n) > 1 else report / f"{n}.json"
         for i, n in enumerate(names)
@@ -478,9 +436,9 @@ def _cmd_farm_run(args: argparse.Namespace, out: TextIO, err: TextIO) -> int:
         out.write(f"{verdict:7} {name} [{row.environment}]  ({row.attempts} attempt(s))\n")
         bad = [r for r in row.records if not r.ok]
         for r in bad[:3]:
-            out.write(f"          {r.task} {r.status}: {_why(r.stderr or r.stdout)}\n")
+            out.write(f"          {r.task} {r.status}: {failure_line(r.stderr or r.stdout)}\n")
         if row.state == "failed":
-            out.write(f"          {_why(row.reason or '')}\n")
+            out.write(f"          {failure_line(row.reason or '')}\n")
     passed = sum(1 for r in rows if r.ok)
     out.write(f"{passed} of {len(rows)} job(s) passed; ledger {args.ledger}\n")
     if args.report is not None:
@@ -548,7 +506,7 @@ def _cmd_farm_status(args: argparse.Namespace, out: TextIO, err: TextIO) -> int:
                 since = time.strftime("%H:%M:%S", time.localtime(r.started_at or r.submitted_at))
                 out.write(f"  {name}  on {r.worker} since {since} (attempt {r.attempts})\n")
             elif state == "failed":
-                out.write(f"  {name}  after {r.attempts} attempt(s): {_why(r.reason or '')}\n")
+                out.write(f"  {name}  after {r.attempts} attempt(s): {failure_line(r.reason or '')}\n")
             elif state == "done":
                 verdict = "passed" if r.ok else "failed"
                 out.write(f"  {name}  {verdict} on {r.worker} ({r.attempts} attempt(s))\n")

@@ -58,7 +58,8 @@ import tempfile
 import time
 import uuid
 import warnings
-from collections.abc import Callable, Iterable, Mapping, Sequence
+import xml.etree.ElementTree as ET
+from collections.abc import Callable, Iterable, Iterator, Mapping, Sequence
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, Final, Literal
 
@@ -87,7 +88,7 @@ from pyti_core.guest import protocol
 from pyti_core.guest.bytecode import use_compiled_pip, use_compiled_pip_in_job
 from pyti_core.guest.protocol import CHANNEL_PORT, READY_MARKER, RUN_EXIT_MARKER
 from pyti_core.packages import DEBIAN_12, Distribution, GuestTarget, bundled_pip_wheel, prepare_distribution
-from pyti_core.rawdata import MAX_RECORD_BYTES, RawDataRecord, Report, parse_record
+from pyti_core.rawdata import MAX_RECORD_BYTES, Environment, RawDataRecord, Report, parse_record
 from pyti_core.tasks import GuestLayout, Recipe, get_recipe, stage_io_folder
 
 if TYPE_CHECKING:
@@ -99,6 +100,7 @@ __all__ = [
     "PHASES",
     "GuestSystem",
     "ProgressCallback",
+    "RunMatrix",
     "RunResult",
     "hypervisor_uri",
     "run",
@@ -139,6 +141,9 @@ class RunResult:
     had to stop the VM at the job timeout, ``stalled`` that it stopped it because the guest stopped
     responding on the live channel. ``channel`` tells what went over the live channel (``None`` when
     it was off). ``work_dir`` is where the run's files were kept (``keep=True``), else ``None``.
+    ``guest`` is the name of the guest system it ran on (``"3.11"``, ``"pypy3"``; empty for an unnamed
+    one); ``environment`` is where it ran, as measured in the guest. In Jupyter it renders as the table
+    ``pyti run`` prints.
     """
 
     distribution: str
@@ -149,11 +154,60 @@ class RunResult:
     work_dir: Path | None = None
     stalled: bool = False
     channel: ChannelStats | None = None
+    guest: str = ""
 
     @property
     def ok(self) -> bool:
         """True when the job has records and every one of them passed."""
         return bool(self.report.records) and self.report.ok
+
+    @property
+    def environment(self) -> Environment | None:
+        return self.report.environment
+
+    def __str__(self) -> str:
+        from pyti_core.tables import format_table  # noqa: PLC0415 (tables imports this module)
+
+        return format_table(self)
+
+    def _repr_html_(self) -> str:
+        from pyti_core.tables import run_table  # noqa: PLC0415
+
+        return run_table(self).html()
+
+
+@attrs.frozen
+class RunMatrix:
+    """The runs of one ``pyti run`` across several environments (and distributions), in order.
+
+    Iterate it for the :class:`RunResult` objects; ``ok`` is true when every run passed. ``str()`` and
+    Jupyter show the table ``pyti run`` prints: a row per task, a column per environment.
+    """
+
+    results: tuple[RunResult, ...] = attrs.field(converter=tuple)
+
+    @property
+    def ok(self) -> bool:
+        return bool(self.results) and all(r.ok for r in self.results)
+
+    def __iter__(self) -> Iterator[RunResult]:
+        return iter(self.results)
+
+    def __len__(self) -> int:
+        return len(self.results)
+
+    def __getitem__(self, index: int) -> RunResult:
+        return self.results[index]
+
+    def __str__(self) -> str:
+        from pyti_core.tables import matrix_table  # noqa: PLC0415
+
+        return matrix_table(self.results).text()
+
+    def _repr_html_(self) -> str:
+        from pyti_core.tables import matrix_table  # noqa: PLC0415
+
+        return matrix_table(self.results).html()
 
 
 def _positive(_: object, attribute: attrs.Attribute[Any], value: float) -> None:
@@ -180,6 +234,7 @@ class GuestSystem:
     * ``memory`` (MiB), ``vcpus``, ``accel`` (``"auto"``, ``"kvm"``, ``"tcg"``): the VM's hardware.
     * ``boot_timeout``: seconds from the VM's start to the ready marker.
     * ``layout``: paths in the guest; ``target``: the guest's Python and platform, for the download.
+    * ``name``: what tables and report file names call it (``"3.11"``, ``"pypy3"``).
     """
 
     kernel: Path | None = attrs.field(default=None, converter=_opt_path)
@@ -193,6 +248,7 @@ class GuestSystem:
     boot_timeout: float = attrs.field(default=90.0, validator=_positive)
     layout: GuestLayout = attrs.field(factory=GuestLayout)
     target: GuestTarget = DEBIAN_12
+    name: str = ""
 
     def __attrs_post_init__(self) -> None:
         if self.kernel is None and self.system_disk is None:
@@ -436,6 +492,7 @@ def run_prepared(
     except BaseException:
         _remove_socket_dir(socket_dir, work_dir)
         raise
+    accelerator = _accelerator(vm)
     try:
         outcome = _boot_and_wait(vm, guest, serial_path, timeout, phases, report_progress, live)
         t0 = time.monotonic()
@@ -465,7 +522,8 @@ def run_prepared(
         _discard_vm(vm, work_dir)
         _remove_socket_dir(socket_dir, work_dir)
         phases["rollback"] = time.monotonic() - t0
-    report = Report(distribution.requirement, tuple(records))
+    environment, records = _with_environment(records, accelerator)
+    report = Report(distribution.requirement, tuple(records), environment)
     return RunResult(
         distribution=distribution.requirement,
         report=report,
@@ -474,6 +532,7 @@ def run_prepared(
         timed_out=outcome.timed_out,
         stalled=outcome.stalled is not None,
         channel=live.stats if live is not None else None,
+        guest=guest.name,
     )
 
 
@@ -511,6 +570,33 @@ def _event_relay(
             on_event(event)
 
     return relay
+
+
+def _accelerator(vm: VirtualMachine) -> str:
+    """``"kvm"`` or ``"tcg"`` from the domain's type (libvirt's ``qemu`` type is TCG); else the type."""
+    from vmanager import VManagerError  # noqa: PLC0415
+
+    try:
+        root = ET.fromstring(vm.xml_desc())
+    except (VManagerError, ET.ParseError):
+        return ""
+    kind = root.get("type", "")
+    return {"qemu": "tcg", "kvm": "kvm"}.get(kind, kind)
+
+
+def _with_environment(
+    records: Sequence[RawDataRecord], accelerator: str
+) -> tuple[Environment | None, list[RawDataRecord]]:
+    """The run's environment (the first record's, as measured in the guest, plus the host's
+    ``accelerator``) and the records, each carrying it; records the host made up get it too."""
+    measured = next((r.environment for r in records if r.environment is not None), None)
+    if measured is None:
+        return None, list(records)
+    environment = attrs.evolve(measured, accelerator=accelerator)
+    return environment, [
+        attrs.evolve(r, environment=attrs.evolve(r.environment or environment, accelerator=accelerator))
+        for r in records
+    ]
 
 
 def hypervisor_uri(uri: str | None = None) -> str:

@@ -35,6 +35,7 @@ __all__ = [
     "MAX_JSON_DEPTH",
     "MAX_RECORD_BYTES",
     "METHOD",
+    "Environment",
     "RawDataRecord",
     "Report",
     "Status",
@@ -74,6 +75,71 @@ class TestCounts:
         return attrs.asdict(self)
 
 
+_ENV_TEXT: Final = (
+    "implementation",
+    "python_version",
+    "os_name",
+    "os_version",
+    "os_pretty_name",
+    "kernel",
+    "init",
+)
+_ENV_NUMBERS: Final = ("cpus", "memory_mib")
+_ENV_MAX_TEXT: Final = 256
+
+
+@attrs.frozen
+class Environment:
+    """Where a run's tasks ran, measured inside the guest (``accelerator`` comes from the host).
+
+    ``implementation`` is ``sys.implementation.name`` (``"cpython"``, ``"pypy"``), ``python_version``
+    the full version (``"3.11.2"``), ``os_name``/``os_version``/``os_pretty_name`` come from os-release
+    (NAME, VERSION_ID or VERSION_CODENAME, PRETTY_NAME), ``kernel`` is the kernel release, ``init`` the
+    name of PID 1, ``cpus`` and ``memory_mib`` what the guest sees, ``accelerator`` ``"kvm"`` or
+    ``"tcg"`` (empty when unknown). Unknown strings are empty, unknown numbers 0.
+    """
+
+    implementation: str = ""
+    python_version: str = ""
+    os_name: str = ""
+    os_version: str = ""
+    os_pretty_name: str = ""
+    kernel: str = ""
+    init: str = ""
+    cpus: int = 0
+    memory_mib: int = 0
+    accelerator: str = ""
+
+    @property
+    def label(self) -> str:
+        """A short name for tables and file names: ``py3.11.2``, ``pypy3.9.16``."""
+        prefix = "pypy" if self.implementation == "pypy" else "py"
+        return f"{prefix}{self.python_version}" if self.python_version else "unknown"
+
+    def to_dict(self) -> dict[str, Any]:
+        return attrs.asdict(self)
+
+    @classmethod
+    def from_dict(cls, obj: object, *, record: int | None = None, where: str = "environment") -> Environment:
+        """Validate a decoded ``environment`` object; unknown keys are ignored."""
+        if not isinstance(obj, Mapping):
+            raise RawDataError(f"{where} must be an object", record=record)
+        values: dict[str, Any] = {}
+        for key in (*_ENV_TEXT, "accelerator"):
+            value = obj.get(key, "")
+            if not isinstance(value, str) or len(value) > _ENV_MAX_TEXT:
+                raise RawDataError(
+                    f"{where}.{key} must be a string of at most {_ENV_MAX_TEXT} characters", record=record
+                )
+            values[key] = value
+        for key in _ENV_NUMBERS:
+            value = obj.get(key, 0)
+            if isinstance(value, bool) or not isinstance(value, int) or not 0 <= value < 1 << 40:
+                raise RawDataError(f"{where}.{key} must be an integer >= 0", record=record)
+            values[key] = value
+        return cls(**values)
+
+
 @attrs.frozen
 class RawDataRecord:
     """One task's result, as measured inside the guest."""
@@ -90,6 +156,7 @@ class RawDataRecord:
     cpu_user_s: float
     cpu_system_s: float
     tests: TestCounts | None = None
+    environment: Environment | None = None
 
     @property
     def ok(self) -> bool:
@@ -112,6 +179,8 @@ class RawDataRecord:
         }
         if self.tests is not None:
             out["tests"] = self.tests.to_dict()
+        if self.environment is not None:
+            out["environment"] = self.environment.to_dict()
         return out
 
     def to_jsonrpc(self) -> dict[str, Any]:
@@ -212,6 +281,12 @@ class RawDataRecord:
                     )
                 counts[key] = value
             tests = TestCounts(**counts)
+        env_raw = p.get("environment")
+        environment = (
+            None
+            if env_raw is None
+            else Environment.from_dict(env_raw, record=record, where="params.environment")
+        )
         return cls(
             task_id=name("task_id"),
             task=name("task"),
@@ -225,6 +300,7 @@ class RawDataRecord:
             cpu_user_s=number("cpu_user_s"),
             cpu_system_s=number("cpu_system_s"),
             tests=tests,
+            environment=environment,
         )
 
 
@@ -344,20 +420,28 @@ def parse_records(lines: Iterable[bytes | str], *, max_bytes: int = MAX_RECORD_B
 
 @attrs.frozen
 class Report:
-    """A distribution's records: what ``pyti run --report`` writes."""
+    """One run's records (one distribution in one environment): what ``pyti run --report`` writes.
+
+    ``environment`` is where the run happened (measured in the guest, plus the host's accelerator);
+    ``None`` when the guest never ran the agent. It is written first, before the records.
+    """
 
     distribution: str
     records: tuple[RawDataRecord, ...]
+    environment: Environment | None = None
 
     @property
     def ok(self) -> bool:
         return all(r.ok for r in self.records)
 
+    def to_dict(self) -> dict[str, Any]:
+        out: dict[str, Any] = {"distribution": self.distribution}
+        out["environment"] = self.environment.to_dict() if self.environment is not None else None
+        out["records"] = [r.to_jsonrpc() for r in self.records]
+        return out
+
     def to_json(self) -> str:
-        return json.dumps(
-            {"distribution": self.distribution, "records": [r.to_jsonrpc() for r in self.records]},
-            indent=2,
-        )
+        return json.dumps(self.to_dict(), indent=2)
 
     @classmethod
     def from_json(cls, data: bytes | str) -> Report:
@@ -367,7 +451,9 @@ class Report:
         records = obj.get("records")
         if not isinstance(records, list):
             raise RawDataError('report "records" must be a list')
+        env_raw = obj.get("environment")
         return cls(
             obj["distribution"],
             tuple(RawDataRecord.from_jsonrpc(r, record=i) for i, r in enumerate(records)),
+            None if env_raw is None else Environment.from_dict(env_raw),
         )

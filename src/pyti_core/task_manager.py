@@ -116,6 +116,7 @@ def failure_result(
     duration_s: float,
     phases: dict[str, float] | None = None,
     serial_log: str = "",
+    guest: str = "",
 ) -> RunResult:
     """A :class:`RunResult` holding one record of task ``pyti``: a job that did not produce its own."""
     record = RawDataRecord(
@@ -136,6 +137,7 @@ def failure_result(
         report=Report(distribution, (record,)),
         phases=dict(phases or {}),
         serial_log=serial_log,
+        guest=guest,
     )
 
 
@@ -454,6 +456,7 @@ class TaskManager:
             duration_s=time.monotonic() - job.t0,
             phases=job.phases,
             serial_log=serial,
+            guest=self._guest.name if self._guest is not None else "",
         )
 
     # -- the watchdog -------------------------------------------------------------------------------

@@ -3,6 +3,8 @@
 from __future__ import annotations
 
 import json
+import os
+import platform
 import sys
 import textwrap
 import time
@@ -127,6 +129,34 @@ def test_run_job_writes_valid_records(tmp_path: Path) -> None:
     lines = (tmp_path / "results" / "records.jsonl").read_text().splitlines()
     records = parse_records(lines)
     assert [(r.task_id, r.status) for r in records] == [("a", "passed"), ("b", "failed")]
+    # every record says where it ran, measured where the agent runs (here: this host)
+    env = records[0].environment
+    assert env is not None
+    assert records[1].environment == env
+    assert env.implementation == sys.implementation.name
+    assert env.python_version == platform.python_version()
+    assert env.kernel == platform.uname().release
+    assert env.cpus == os.cpu_count()
+    assert env.memory_mib > 0
+    assert env.init == Path("/proc/1/comm").read_text().strip()
+    assert env.accelerator == ""  # the host adds it
+    release = dict(
+        line.split("=", 1) for line in Path("/etc/os-release").read_text().splitlines() if "=" in line
+    )
+    assert env.os_name == release["NAME"].strip('"')
+
+
+def test_os_release_quotes_comments_and_fallbacks(tmp_path: Path) -> None:
+    (tmp_path / "os-release").write_text(
+        "# a comment\nNAME=\"Debian GNU/Linux\"\nPRETTY_NAME='Debian GNU/Linux trixie/sid'\n"
+        "VERSION_CODENAME=forky\nbroken line\n"
+    )
+    assert agent._os_release((str(tmp_path / "missing"), str(tmp_path / "os-release"))) == {
+        "NAME": "Debian GNU/Linux",
+        "PRETTY_NAME": "Debian GNU/Linux trixie/sid",
+        "VERSION_CODENAME": "forky",
+    }
+    assert agent._os_release((str(tmp_path / "missing"),)) == {}
 
 
 def test_agent_uses_only_the_standard_library() -> None:

@@ -12,7 +12,7 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 
 from pyti_core.errors import RawDataError
-from pyti_core.rawdata import RawDataRecord, Report, TestCounts, parse_record, parse_records
+from pyti_core.rawdata import Environment, RawDataRecord, Report, TestCounts, parse_record, parse_records
 
 
 def _params(**over: Any) -> dict[str, Any]:
@@ -111,6 +111,52 @@ def test_report_round_trip_and_validation() -> None:
         Report.from_json('{"distribution": "x", "records": 3}')
     with pytest.raises(RawDataError, match="record 0"):
         Report.from_json('{"distribution": "x", "records": [{}]}')
+
+
+ENV: dict[str, Any] = {
+    "implementation": "pypy",
+    "python_version": "3.9.16",
+    "os_name": "Debian GNU/Linux",
+    "os_version": "12",
+    "os_pretty_name": "Debian GNU/Linux 12 (bookworm)",
+    "kernel": "6.1.0-57-cloud-amd64",
+    "init": "init",
+    "cpus": 1,
+    "memory_mib": 479,
+    "accelerator": "tcg",
+}
+
+
+def test_environment_round_trips_in_records_and_reports() -> None:
+    record = parse_record(_line(environment=ENV))
+    assert record.environment == Environment(**ENV)
+    assert record.environment.label == "pypy3.9.16"
+    assert parse_record(json.dumps(record.to_jsonrpc())) == record
+    report = Report("x==1", (record,), record.environment)
+    text = report.to_json()
+    assert list(json.loads(text)) == ["distribution", "environment", "records"]  # environment at the top
+    assert Report.from_json(text) == report
+    bare = Report("x==1", ())
+    assert json.loads(bare.to_json())["environment"] is None
+    assert Report.from_json(bare.to_json()) == bare
+    # a guest may add keys; they are ignored, never trusted
+    assert parse_record(_line(environment={**ENV, "extra": [1]})).environment == Environment(**ENV)
+
+
+@pytest.mark.parametrize(
+    ("env", "message"),
+    [
+        ([], "params.environment must be an object"),
+        ({**ENV, "cpus": "1"}, "params.environment.cpus must be an integer"),
+        ({**ENV, "cpus": True}, "params.environment.cpus must be an integer"),
+        ({**ENV, "memory_mib": -1}, "params.environment.memory_mib must be an integer"),
+        ({**ENV, "kernel": "x" * 257}, "params.environment.kernel must be a string of at most 256"),
+        ({**ENV, "init": None}, "params.environment.init must be a string"),
+    ],
+)
+def test_a_bad_environment_is_rejected(env: object, message: str) -> None:
+    with pytest.raises(RawDataError, match=message):
+        parse_record(_line(environment=env))
 
 
 @settings(max_examples=300, deadline=None)

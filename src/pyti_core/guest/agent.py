@@ -27,6 +27,7 @@ import contextlib
 import datetime
 import json
 import os
+import platform
 import re
 import signal
 import subprocess
@@ -44,7 +45,7 @@ except ImportError:  # pragma: no cover (on the host: the package's copy)
     except ImportError:
         livechannel = None
 
-__all__ = ["main", "parse_junit", "parse_unittest", "run_job", "run_task"]
+__all__ = ["environment", "main", "parse_junit", "parse_unittest", "run_job", "run_task"]
 
 METHOD = "rawdata.report"  # pyti_core.rawdata.METHOD
 RECORDS_FILE = "results/records.jsonl"  # pyti_core.guest.protocol.RECORDS_FILE
@@ -107,6 +108,61 @@ def parse_unittest(stderr: str) -> dict[str, int] | None:
     }
 
 
+def _os_release(paths: tuple[str, ...] = ("/etc/os-release", "/usr/lib/os-release")) -> dict[str, str]:
+    """The ``KEY=value`` pairs of os-release(5), quotes removed; empty when there is none."""
+    for path in paths:
+        try:
+            with open(path, encoding="utf-8", errors="replace") as f:
+                text = f.read(65536)
+        except OSError:
+            continue
+        out: dict[str, str] = {}
+        for line in text.splitlines():
+            key, sep, value = line.strip().partition("=")
+            if sep and key and not key.startswith("#"):
+                value = value.strip()
+                if len(value) >= 2 and value[0] == value[-1] and value[0] in "\"'":
+                    value = value[1:-1]
+                out[key] = value
+        return out
+    return {}
+
+
+def _read_first_line(path: str) -> str:
+    try:
+        with open(path, encoding="utf-8", errors="replace") as f:
+            return f.readline(4096).strip()
+    except OSError:
+        return ""
+
+
+def _memory_mib() -> int:
+    try:
+        with open("/proc/meminfo") as f:
+            for line in f:
+                if line.startswith("MemTotal:"):
+                    return int(line.split()[1]) // 1024
+    except (OSError, ValueError, IndexError):
+        pass
+    return 0
+
+
+def environment() -> dict[str, Any]:
+    """Where the tasks run, measured here (``environment`` of every record; see docs/rawdata.md)."""
+    release = _os_release()
+    return {
+        "implementation": sys.implementation.name,
+        "python_version": platform.python_version(),
+        "os_name": release.get("NAME", ""),
+        "os_version": release.get("VERSION_ID") or release.get("VERSION_CODENAME", ""),
+        "os_pretty_name": release.get("PRETTY_NAME", ""),
+        "kernel": platform.uname().release,
+        "init": _read_first_line("/proc/1/comm"),
+        "cpus": os.cpu_count() or 0,
+        "memory_mib": _memory_mib(),
+    }
+
+
 def _runner(argv: list[str], cwd: str | None, env: dict[str, str], timeout: float, out: str) -> None:
     """In the forked runner: run the task, wait for it (so wait4 of us covers its tree), report."""
     status: dict[str, Any] = {"exit_code": None, "timed_out": False, "error": None}
@@ -137,9 +193,14 @@ def _runner(argv: list[str], cwd: str | None, env: dict[str, str], timeout: floa
 
 
 def run_task(
-    task: dict[str, Any], io_dir: str, output_cap: int = DEFAULT_OUTPUT_CAP, live: Any = None
+    task: dict[str, Any],
+    io_dir: str,
+    output_cap: int = DEFAULT_OUTPUT_CAP,
+    live: Any = None,
+    env_info: dict[str, Any] | None = None,
 ) -> dict[str, Any]:
-    """Run one task; return its JSON-RPC 2.0 raw-data record (``live``: the job's live channel)."""
+    """Run one task; return its JSON-RPC 2.0 raw-data record (``live``: the job's live channel;
+    ``env_info``: the environment every record carries)."""
     argv = [str(a) for a in task["argv"]]
     cwd = task.get("cwd")
     if cwd is not None and not os.path.isabs(cwd):
@@ -201,6 +262,8 @@ def run_task(
         counts = parse_unittest(stderr.decode("utf-8", errors="replace"))
     if counts is not None:
         params["tests"] = counts
+    if env_info is not None:
+        params["environment"] = env_info
     return {"jsonrpc": "2.0", "method": METHOD, "params": params}
 
 
@@ -215,10 +278,11 @@ def run_job(io_dir: str) -> int:
     # The live channel (when the job has one) only tells the host what happens: the records below are
     # the results, and nothing here waits for the channel.
     live = livechannel.AgentLive(job.get("channel")) if livechannel is not None else None
+    env_info = environment()
     try:
         with open(records, "a") as out:
             for task in job["tasks"]:
-                record = run_task(task, io_dir, cap, live)
+                record = run_task(task, io_dir, cap, live, env_info)
                 out.write(json.dumps(record) + "\n")
                 out.flush()
                 os.fsync(out.fileno())
