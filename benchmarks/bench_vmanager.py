@@ -4,9 +4,11 @@ Part 1 (libvirt's test driver, ``test:///default``): median latency of each Virt
 against the libvirt call(s) that do the same thing, measured in the same run; the ratio should stay
 <= 1.2x for the operations that matter (start, stop, snapshot, rollback, delete).
 
-Part 2 (the tiny Linux guest under QEMU/TCG on the embedded driver): start to the ready marker,
-snapshot of the running guest, snapshot rollback (until the guest answers on its console) against overlay
-rollback (discard + boot to the marker), ACPI shutdown and hard stop.
+Part 2 (the tiny Linux guest under QEMU/TCG on the embedded driver, same run): snapshot and rollback
+of a running guest (until it answers on its console again) on a qcow2 disk (internal snapshots) and on a
+VDI disk (external snapshots: overlays + saved memory; the first one also moves the guest off the VDI
+by block copy), against overlay rollback (discard + boot); offline snapshot and rollback of the VDI;
+start to the ready marker, ACPI shutdown and hard stop.
 
     python benchmarks/bench_vmanager.py [-n 300] [--runs 3] [--skip-qemu]
 """
@@ -14,7 +16,6 @@ rollback (discard + boot to the marker), ACPI shutdown and hard stop.
 from __future__ import annotations
 
 import argparse
-import os
 import statistics
 import subprocess
 import sys
@@ -114,6 +115,8 @@ def bench_qemu(runs: int) -> None:
     subprocess.run(["mkfs.ext4", "-q", "-F", str(raw_disk), "64M"], check=True, capture_output=True)
     disk = tmp / "system.qcow2"
     subprocess.run(["qemu-img", "convert", "-O", "qcow2", str(raw_disk), str(disk)], check=True)
+    vdi = tmp / "system.vdi"
+    subprocess.run(["qemu-img", "convert", "-O", "vdi", str(raw_disk), str(vdi)], check=True)
     results: dict[str, list[float]] = {}
 
     def record(key: str, start: float) -> None:
@@ -140,6 +143,9 @@ def bench_qemu(runs: int) -> None:
             VMConfig(**kwargs("bench-ovl", raw_disk)),
             overlay_dir=tmp / "ovl",  # type: ignore[arg-type]
         )
+        ext = VirtualMachine(
+            "bench-vdi", conn, VMConfig(**kwargs("bench-vdi", vdi), overlay_dir=tmp / "layers")
+        )  # type: ignore[arg-type]
         try:
             for i in range(runs):
                 t = time.monotonic()
@@ -175,9 +181,29 @@ def bench_qemu(runs: int) -> None:
                 t = time.monotonic()
                 ovl.discard_overlay()
                 record("overlay discard alone (VM off)", t)
+
+                ext.start()
+                ext.wait_for_output(READY_MARKER, 120)
+                answer(ext)
+                t = time.monotonic()
+                ext.snapshot(f"r{i}")
+                record("VDI external snapshot (running)" + (", 1st: + block copy" if i == 0 else ""), t)
+                answer(ext)
+                t = time.monotonic()
+                ext.rollback(f"r{i}")
+                answer(ext)
+                record("VDI external rollback, until the guest answers", t)
+                ext.stop()
+                t = time.monotonic()
+                ext.snapshot(f"o{i}")
+                record("VDI external snapshot (VM off)", t)
+                t = time.monotonic()
+                ext.rollback(f"o{i}")
+                record("VDI external rollback (VM off)", t)
         finally:
             vm.undefine()
             ovl.undefine()
+            ext.undefine()
     print(
         f"\n== tiny Linux guest on qemu:///embed, accelerator {detect_accelerator()} ({runs} runs, seconds)"
     )
@@ -195,9 +221,6 @@ def main() -> int:
     parser.add_argument("--runs", type=int, default=3, help="runs of the real guest")
     parser.add_argument("--skip-qemu", action="store_true", help="only the test-driver part")
     args = parser.parse_args()
-    if "LIBVIRT_LOG_OUTPUTS" not in os.environ:
-        # libvirt reads this when it is loaded: keep the embedded driver's warnings off the table.
-        os.environ["LIBVIRT_LOG_OUTPUTS"] = f"3:file:{tempfile.gettempdir()}/bench-vmanager-libvirt.log"
     bench_test_driver(args.n)
     if not args.skip_qemu:
         bench_qemu(args.runs)

@@ -59,3 +59,44 @@ def test_for_vm_follows_the_leaf_of_a_snapshot_chain(tmp_path: Path, test_uri: s
         assert (tmp_path / "got.txt").read_text() == "leaf\n"
     finally:
         vm.undefine()
+
+
+@pytest.mark.fuse
+@pytest.mark.qemu
+def test_for_vm_sees_the_current_state_through_external_snapshots(tmp_path: Path, libvirt_root: Path) -> None:
+    """A VDI under vmanager's external snapshots: DiskOperations reads and writes the VM's state *now*
+    (the top qcow2 overlay, the VDI below it), and the VDI itself is never written."""
+    import hashlib
+    import shutil
+
+    from vmanager import default_uri
+
+    if shutil.which("qemu-system-x86_64") is None or shutil.which("qemu-img") is None:
+        pytest.skip("QEMU is not installed")
+    seed = tmp_path / "seed"
+    seed.mkdir()
+    (seed / "state.txt").write_text("base\n")
+    disk = create_io_disk(tmp_path / "system.vdi", 32 * MiB, "vdi", files=seed)
+    pristine = hashlib.sha256(disk.read_bytes()).hexdigest()
+    config = VMConfig(name="xext", memory=64, hd_location=disk, overlay_dir=tmp_path / "layers", accel="tcg")
+    vm = VirtualMachine("xext", default_uri(), config=config)
+    try:
+        vm.snapshot("clean")  # shut off: external, the VDI is now a read-only backing file
+        (tmp_path / "new.txt").write_text("after the snapshot\n")
+        with DiskOperations.for_vm(vm) as ops:
+            ops.mount()
+            ops.upload(tmp_path / "new.txt", "/state.txt")
+        with DiskOperations.for_vm(vm, readonly=True) as ops:
+            ops.mount()
+            ops.download("/state.txt", tmp_path / "got.txt")
+        assert (tmp_path / "got.txt").read_text() == "after the snapshot\n"
+        assert hashlib.sha256(disk.read_bytes()).hexdigest() == pristine
+        vm.rollback("clean")
+        with DiskOperations.for_vm(vm, readonly=True) as ops:
+            ops.mount()
+            ops.download("/state.txt", tmp_path / "got.txt")
+        assert (tmp_path / "got.txt").read_text() == "base\n"
+    finally:
+        vm.undefine()
+    assert list((tmp_path / "layers").iterdir()) == []
+    assert hashlib.sha256(disk.read_bytes()).hexdigest() == pristine

@@ -55,6 +55,8 @@ class SerialConsole:
 
     def reset(self) -> None:
         """Close the stream and forget unread output (the guest went away or was replaced)."""
+        if self._stream is None and not self._buf:
+            return  # nothing was read since the last reset
         if self._stream is not None:
             self._stream.close()
             self._stream = None

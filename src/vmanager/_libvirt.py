@@ -402,7 +402,7 @@ class Connection:
     opened; the caller keeps ownership and :meth:`close` leaves it open. Nothing is closed by ``__del__``.
     """
 
-    __slots__ = ("_closed", "_owned", "family", "raw", "uri")
+    __slots__ = ("_closed", "_owned", "_running_xml", "family", "raw", "uri")
 
     def __init__(self, uri: str | None = None) -> None:
         uri = default_uri() if uri is None else uri
@@ -426,6 +426,7 @@ class Connection:
         # the process-wide embedded driver is shared and stays open (see _open_embedded)
         self._owned = root is None
         self._closed = False
+        self._running_xml: dict[int, str] = {}
 
     @classmethod
     def wrap(cls, raw: RawConnection) -> Connection:
@@ -441,6 +442,7 @@ class Connection:
         self.raw = raw
         self._owned = False
         self._closed = False
+        self._running_xml = {}
         return self
 
     @property
@@ -503,18 +505,42 @@ class Connection:
         except libvirt.libvirtError as exc:
             raise self._err(exc, "define", name) from exc
 
-    def domains(self, *, active_only: bool = False) -> list[Domain]:
+    def domain_xmls(self, *, active_only: bool = False) -> list[str]:
+        """The XML of every domain (of every running one with ``active_only``).
+
+        A running domain's XML is remembered by its domain ID (a new ID at every start), so checking
+        the running domains before each start costs one listing, not one XML per domain.
+        """
         try:
             raws = self.raw.listAllDomains(LIST_ACTIVE if active_only else 0)
-            return [Domain(raw, raw.name(), self.uri) for raw in raws]
         except libvirt.libvirtError as exc:
-            if exc.get_error_code() == libvirt.VIR_ERR_NO_DOMAIN:  # one vanished while we listed
-                return self.domains(active_only=active_only)
             raise self._err(exc, "list domains") from exc
+        out = []
+        cache = self._running_xml
+        seen = {}
+        for raw in raws:
+            try:
+                ident = raw.ID()
+                text = cache.get(ident) if ident > 0 else None
+                if text is None:
+                    text = raw.XMLDesc(0)
+                if ident > 0:
+                    seen[ident] = text
+            except libvirt.libvirtError as exc:
+                if exc.get_error_code() != libvirt.VIR_ERR_NO_DOMAIN:  # else it vanished while we looked
+                    raise self._err(exc, "list domains") from exc
+                continue
+            out.append(text)
+        if active_only:
+            self._running_xml = seen
+        return out
 
     def domain_names(self) -> list[str]:
         """The names of every domain on this connection, defined or running, sorted."""
-        return sorted(d.name for d in self.domains())
+        try:
+            return sorted(str(raw.name()) for raw in self.raw.listAllDomains(0))
+        except libvirt.libvirtError as exc:
+            raise self._err(exc, "list domains") from exc
 
     def capabilities(self) -> str:
         try:
@@ -575,7 +601,7 @@ class Domain:
     def state(self) -> int:
         """libvirt's ``virDomainState`` code."""
         try:
-            return int(self.raw.state()[0])
+            return self.raw.state()[0]  # type: ignore[no-any-return]
         except libvirt.libvirtError as exc:
             raise self._err(exc, "state") from exc
 
@@ -729,6 +755,14 @@ class DomainSnapshot:
         try:
             return str(self.raw.getXMLDesc(0))
         except libvirt.libvirtError as exc:
+            raise self._err(exc, "read snapshot") from exc
+
+    def parent_name(self) -> str | None:
+        try:
+            return str(self.raw.getParent(0).getName())
+        except libvirt.libvirtError as exc:
+            if exc.get_error_code() == libvirt.VIR_ERR_NO_DOMAIN_SNAPSHOT:
+                return None
             raise self._err(exc, "read snapshot") from exc
 
     def children_names(self) -> list[str]:

@@ -133,7 +133,7 @@ def _memory(value: object) -> int:
     if isinstance(value, bool):
         raise ConfigError("memory", f"expected MiB as an int or numeric string, got {value!r}")
     if isinstance(value, str):
-        text = value.strip()
+        text = value.strip(" \t")  # str.strip() would also take control characters such as \x1f
         if not (text.isascii() and text.isdigit()):
             raise ConfigError("memory", f"expected MiB as an int or numeric string, got {value!r}")
         value = int(text)
@@ -145,8 +145,8 @@ def _memory(value: object) -> int:
 
 
 def _vcpus(value: object) -> int:
-    if isinstance(value, str) and value.strip().isascii() and value.strip().isdigit():
-        value = int(value)
+    if isinstance(value, str) and value.strip(" \t").isascii() and value.strip(" \t").isdigit():
+        value = int(value.strip(" \t"))
     if isinstance(value, bool) or not isinstance(value, int) or not 1 <= value <= _MAX_VCPUS:
         raise ConfigError("vcpus", f"expected an int 1 .. {_MAX_VCPUS}, got {value!r}")
     return value

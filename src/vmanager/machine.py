@@ -53,12 +53,13 @@ from .errors import (
     VMStateError,
     VMTimeoutError,
 )
-from .state import ACTIVE, STOPPED, RunState, state_of
+from .state import ACTIVE, STATES, STOPPED, RunState
 
 __all__ = ["VirtualMachine"]
 
 _NAME_RE: Final = re.compile(r"[A-Za-z0-9][A-Za-z0-9._+-]{0,63}")
 _DESCRIPTION_MAX: Final = 64 << 10
+_STATES: Final = STATES
 
 Hypervisor = str | lv.Connection | Any | None
 
@@ -265,16 +266,13 @@ class VirtualMachine(PyTICompat):
         mine = _domain_info.disk_uses(xml)
         if not mine:
             return
-        for other in self.connection.domains(active_only=active_only):
-            if other.name == self.name:
+        for text in self.connection.domain_xmls(active_only=active_only):
+            other = _domain_info.parse(text).findtext("name", "")
+            if other == self.name:
                 continue
-            try:
-                theirs = _domain_info.disk_uses(other.xml_desc())
-            except DomainNotFoundError:
-                continue  # the other domain vanished while we looked
-            for path, writes in theirs.items():
+            for path, writes in _domain_info.disk_uses(text).items():
                 if path in mine and (mine[path] or writes):
-                    raise DiskInUseError(path, self.name, other.name)
+                    raise DiskInUseError(path, self.name, other)
 
     # -- state ------------------------------------------------------------------------------------
 
@@ -300,7 +298,10 @@ class VirtualMachine(PyTICompat):
     @property
     def state(self) -> RunState:
         """The current run state, asked from the hypervisor."""
-        return state_of(self._dom.state())
+        try:
+            return _STATES[self._dom.state()]
+        except IndexError:
+            return RunState.NOSTATE
 
     @property
     def is_running(self) -> bool:

@@ -184,15 +184,22 @@ def test_injected_raw_libvirt_connection(test_uri: str) -> None:
 
 
 def test_snapshot_tree_current_and_rollback_run_state(vm: VirtualMachine) -> None:
-    vm.snapshot("off-1", description="shut off")
+    taken = [vm.snapshot("off-1", description="shut off & <quoted>")]
     vm.start()
     first = vm.snapshot("run-1", description="running")
     assert first.is_current
     assert first.parent == "off-1"
+    taken.append(first)
     vm.pause()
-    vm.snapshot("paused-1")
+    taken.append(vm.snapshot("paused-1"))
     vm.resume()
-    vm.snapshot("run-2")
+    taken.append(vm.snapshot("run-2"))
+    # what snapshot() returns is what libvirt recorded (children and current aside, which move on)
+    for snap in taken:
+        info = vm.snapshot_info(snap.name)
+        assert (snap.name, snap.description, snap.parent, snap.created, snap.state) == (
+            info.name, info.description, info.parent, info.created, info.state
+        )  # fmt: skip
 
     snaps = {s.name: s for s in vm.snapshots()}
     assert [s.name for s in vm.snapshots()] == ["off-1", "run-1", "paused-1", "run-2"]
@@ -203,7 +210,7 @@ def test_snapshot_tree_current_and_rollback_run_state(vm: VirtualMachine) -> Non
     assert snaps["run-1"].state is RunState.RUNNING
     assert snaps["paused-1"].state is RunState.PAUSED
     assert [s.name for s in vm.snapshots() if s.is_current] == ["run-2"]
-    assert snaps["off-1"].description == "shut off"
+    assert snaps["off-1"].description == "shut off & <quoted>"
 
     vm.rollback("off-1")  # from running to a shut-off snapshot
     assert vm.state is RunState.SHUTOFF
