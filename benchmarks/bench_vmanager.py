@@ -46,9 +46,9 @@ def paired_us(
 
 
 def bench_test_driver(n: int) -> None:
-    import libvirt  # noqa: PLC0415 - the raw reference
+    from vmanager import Connection, VirtualMachine, VMConfig  # noqa: PLC0415 - first: it routes libvirt's log
 
-    from vmanager import Connection, VirtualMachine, VMConfig  # noqa: PLC0415
+    import libvirt  # noqa: PLC0415 - the raw reference
 
     uri = "test:///default"
     conn = Connection(uri)

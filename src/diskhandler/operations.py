@@ -138,6 +138,11 @@ class DiskOperations:
         * an object with a ``disks()`` method returning a mapping of target names to image paths or a
           sequence of image paths.
 
+        A VM under overlays or external snapshots (``vmanager``'s overlay rollback, or snapshots of
+        a VDI/VMDK/VHD/raw disk) names the top qcow2 overlay: that is the image opened, and its backing
+        chain (of any format) is followed, so the files seen are the VM's current state and writes go
+        to the overlay, never to the frozen disk below.
+
         Further keyword arguments go to the constructor.
         """
         return cls(_disk_of_vm(vm, target), **kwargs)
