@@ -46,9 +46,9 @@ def paired_us(
 
 
 def bench_test_driver(n: int) -> None:
-    from vmanager import Connection, VirtualMachine, VMConfig  # noqa: PLC0415 - first: it routes libvirt's log
+    import libvirt  # noqa: PLC0415 - the raw reference (loaded by vmanager first, see main)
 
-    import libvirt  # noqa: PLC0415 - the raw reference
+    from vmanager import Connection, VirtualMachine, VMConfig  # noqa: PLC0415
 
     uri = "test:///default"
     conn = Connection(uri)
@@ -221,6 +221,8 @@ def main() -> int:
     parser.add_argument("--runs", type=int, default=3, help="runs of the real guest")
     parser.add_argument("--skip-qemu", action="store_true", help="only the test-driver part")
     args = parser.parse_args()
+    import vmanager  # noqa: F401, PLC0415 - loads libvirt first, its log lines routed to logging
+
     bench_test_driver(args.n)
     if not args.skip_qemu:
         bench_qemu(args.runs)
