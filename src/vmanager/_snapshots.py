@@ -332,6 +332,7 @@ def _unblock_memory_save(vm: VirtualMachine, xml: str) -> str:
                 "snapshot shut off"
             )
         dest = _layer_path(vm, disk.target, "copy")
+        dest.parent.mkdir(parents=True, exist_ok=True)
         dom.block_copy(
             disk.target,
             f"<disk type='file'><source file={quoteattr(str(dest))}/><driver type='qcow2'/></disk>",
@@ -459,17 +460,19 @@ def rollback(vm: VirtualMachine, name: str | None) -> None:
     if vm.connection.family != "qemu" or not is_external(text):
         _revert(vm, snap, target)
         return
-    before = _vmanager_files(vm)
     if vm.connection.lib_version() >= LIBVIRT_EXTERNAL_REVERT:
+        # libvirt reverts external snapshots itself and owns the overlays it makes for that; vmanager
+        # removes none of them behind its back (undefine() still removes the files vmanager made)
         _revert(vm, snap, target)
-    else:
-        record = _records(vm).get(snap.name)
-        if record is None:
-            raise UnsupportedOperationError(
-                f"VM {vm.name!r}: snapshot {snap.name!r} is external but was not taken by vmanager, and "
-                f"libvirt {'.'.join(map(str, vm.connection.lib_version()))} cannot revert it (9.9 can)"
-            )
-        _revert_external(vm, snap, text, target, record)
+        return
+    record = _records(vm).get(snap.name)
+    if record is None:
+        raise UnsupportedOperationError(
+            f"VM {vm.name!r}: snapshot {snap.name!r} is external but was not taken by vmanager, and "
+            f"libvirt {'.'.join(map(str, vm.connection.lib_version()))} cannot revert it (9.9 can)"
+        )
+    before = _vmanager_files(vm)
+    _revert_external(vm, snap, text, target, record)
     _remove_unneeded(vm, before)
 
 

@@ -149,7 +149,13 @@ def test_io_disk_keeps_its_data_across_a_running_rollback(live_iso: Path, in_tmp
     make_ext4(in_tmp / "disk.vdi", "vdi")
     io = in_tmp / "io.img"
     io.write_bytes(bytes(1 << 20))
-    config = {"disk_location": "live.iso", "hd_location": "disk.vdi", "disks": [Disk(io, snapshot=False)]}
+    layers = in_tmp / "layers"  # not there yet: vmanager makes it
+    config = {
+        "disk_location": "live.iso",
+        "hd_location": "disk.vdi",
+        "disks": [Disk(io, snapshot=False)],
+        "overlay_dir": layers,
+    }
     shutil.copy(live_iso, in_tmp / "live.iso")
     vm = VirtualMachine("hey", config=config)
     try:
@@ -168,3 +174,4 @@ def test_io_disk_keeps_its_data_across_a_running_rollback(live_iso: Path, in_tmp
         vm.undefine()
         vm.close()
     assert io.read_bytes()[:9] == b"IO-RESULT"
+    assert list(layers.iterdir()) == []
