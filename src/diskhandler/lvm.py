@@ -61,6 +61,7 @@ MDA_HEADER_SIZE = 512
 INITIAL_CRC = 0xF597A6CF
 MAX_METADATA_TEXT = 4 << 20
 MAX_DEPTH = 32
+_MAX_NUMBER_DIGITS = 20  # 2**64 has 20 digits
 MAX_AREAS = 16
 MAX_SEGMENTS = 65536
 _LINEAR = "linear"
@@ -126,7 +127,10 @@ def parse_config(text: bytes, path: Path | None = None) -> dict[str, Value]:
         if kind == "string":
             return re.sub(rb"\\(.)", rb"\1", raw[1:-1]).decode("utf-8", "replace")
         if kind == "number":
-            return int(float(raw)) if b"." in raw else int(raw)
+            whole = raw.split(b".", 1)[0].lstrip(b"-")
+            if len(whole) > _MAX_NUMBER_DIGITS:  # LVM's numbers are 64-bit; a guest may write any text
+                raise fail(f"a number of {len(whole)} digits (at most {_MAX_NUMBER_DIGITS})")
+            return int(raw.split(b".", 1)[0]) if b"." in raw else int(raw)
         if raw == b"[":
             if depth > MAX_DEPTH:
                 raise fail("lists nest too deep")

@@ -472,3 +472,19 @@ def test_vdfuse_view_shows_volumes_as_vg_lv_files(
         disk.close()
     lv = _get_lv(work, extents["data"], tmp_path / "data.bin").read_bytes()
     assert lv[5 * MiB : 5 * MiB + 16] == b"through the view"
+
+
+@pytest.mark.parametrize(
+    "text",
+    [
+        b"a = " + b"9" * 5000,  # past Python's int/str digit limit: a bare ValueError
+        b"a = -" + b"7" * 4300,
+        b"a = " + b"9" * 400 + b".5",  # a float of infinity: int() of it is an OverflowError
+        b"a = [" + b"1" * 30 + b"]",
+    ],
+    ids=["5000-digits", "negative-4300-digits", "infinite-float", "30-digits-in-a-list"],
+)
+def test_absurd_numbers_in_metadata_are_metadata_errors(text: bytes) -> None:
+    """A guest owns its disk: its LVM metadata may hold any number text."""
+    with pytest.raises(LvmMetadataError, match="number"):
+        parse_config(text)
