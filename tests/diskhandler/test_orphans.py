@@ -15,6 +15,7 @@ import subprocess
 import sys
 import time
 from pathlib import Path
+from typing import Any
 
 import pytest
 
@@ -32,7 +33,7 @@ OWNER = """
 import json, os, sys, time
 from pathlib import Path
 how, image, payload = sys.argv[1:4]
-if how in ("diskoperations", "threaded", "kernel"):
+if how in ("diskoperations", "threaded", "kernel", "forks"):
     from diskhandler import DiskOperations
     if how == "threaded":  # a second thread: the vdfuse server is spawned, not forked
         import threading
@@ -42,6 +43,12 @@ if how in ("diskoperations", "threaded", "kernel"):
     d.put_file(payload, "/payload.bin")
     info = {"pids": [p for p in (d._view.process.pid, d._fs.pid) if p is not None],
             "mounts": [str(d._view.mountpoint), str(d._fs.mountpoint)]}
+    if how == "forks":  # a forked copy of the owner outlives it; it must not keep the mount alive
+        sleeper = os.fork()
+        if sleeper == 0:
+            time.sleep(600)
+            os._exit(0)
+        info["sleeper"] = sleeper
 else:  # a filesystem driver mounted on its own, on a raw ext4 image
     from diskhandler.filesystems import mount_filesystem
     mp = Path(sys.argv[4])
@@ -97,6 +104,7 @@ def _ext4_image(tmp_path: Path, fmt: str) -> Path:
         ("diskoperations", "SIGKILL"),
         ("diskoperations", "abort"),
         ("threaded", "SIGKILL"),
+        ("forks", "SIGKILL"),
         pytest.param(
             "kernel",
             "SIGKILL",
@@ -117,6 +125,7 @@ def test_owner_death_leaves_nothing_behind(tmp_path: Path, how: str, death: str)
         stdout=subprocess.PIPE,
         stderr=subprocess.PIPE,
     )
+    info: dict[str, Any] = {}
     try:
         line = owner.stdout.readline() if owner.stdout else b""
         assert line, owner.stderr.read().decode() if owner.stderr else ""
@@ -142,6 +151,8 @@ def test_owner_death_leaves_nothing_behind(tmp_path: Path, how: str, death: str)
         if owner.poll() is None:
             owner.kill()
             owner.wait()
+        if "sleeper" in info:
+            os.kill(info["sleeper"], signal.SIGKILL)
         if owner.stdout:
             owner.stdout.close()
         if owner.stderr:
