@@ -261,3 +261,50 @@ def test_the_guest_modules_use_only_the_standard_library() -> None:
             if line.startswith(("import ", "from "))
         }
         assert imports <= set(sys.stdlib_module_names) | {"__future__"} | allowed, (module, imports)
+
+
+def _old_pythons() -> list[str]:
+    found = []
+    for minor in (8, 9, 10):
+        exe = shutil.which(f"python3.{minor}")
+        if exe is None or "/shims/" in exe:  # a pyenv shim refuses versions not selected
+            candidates = sorted(Path.home().glob(f".pyenv/versions/3.{minor}.*/bin/python3"))
+            exe = str(candidates[-1]) if candidates else None
+        if exe is not None:
+            found.append(exe)
+    return found
+
+
+@pytest.mark.parametrize(
+    "python", _old_pythons() or [pytest.param("", marks=pytest.mark.skip("no 3.8-3.10"))]
+)
+def test_the_agent_and_its_channel_run_on_the_oldest_guest_pythons(io_dir: Path, python: str) -> None:
+    listener = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+    host_path = io_dir.parent / "host.sock"
+    listener.bind(str(host_path))
+    listener.listen(1)
+    device = io_dir.parent / "port.sock"
+    pumping = bridge(listener, device)
+    recorder = Recorder()
+    host = LiveChannel(host_path, ChannelConfig(heartbeat=0.2, stall_timeout=10), on_event=recorder).start()
+    job = {
+        "distribution": "demo",
+        "tasks": [{"id": "1", "name": "hello", "argv": [python, "-c", "print('hi')"]}],
+        "channel": {"device": str(device), "heartbeat_s": 0.2},
+    }
+    (io_dir / "job.json").write_text(json.dumps(job))
+    try:
+        proc = subprocess.run(
+            [python, str(io_dir / "agent.py"), str(io_dir)], timeout=120, capture_output=True, check=False
+        )
+        assert proc.returncode == 0, proc.stderr.decode()
+        assert wait(lambda: any(isinstance(e, AgentExit) for e in recorder.events))
+    finally:
+        host.close()
+        pumping.join(5)
+    hello = recorder.events[0]
+    assert isinstance(hello, AgentHello)
+    version = subprocess.run([python, "-c", "import platform; print(platform.python_version())"],
+                             capture_output=True, text=True, check=True).stdout.strip()  # fmt: skip
+    assert hello.python == version
+    assert [e.task_id for e in recorder.events if isinstance(e, TaskFinished)] == ["1"]
