@@ -64,7 +64,9 @@ def main(argv: list[str] | None = None) -> int:
         description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
     )
     parser.add_argument("--tests", type=int, default=100, help="tests in the project (default 100)")
-    parser.add_argument("--runs", type=int, default=3, help="runs with and without the channel (default 3)")
+    parser.add_argument(
+        "--runs", type=int, default=3, help="runs with and without the channel (default 3; 0: latency only)"
+    )
     args = parser.parse_args(argv)
 
     scratch = Path(tempfile.mkdtemp(prefix="pyti-bench-channel-"))
@@ -123,6 +125,8 @@ def main(argv: list[str] | None = None) -> int:
               f"(median)\n")  # fmt: skip
 
         # -- part 2: cost ------------------------------------------------------------------------------
+        if args.runs < 1:
+            return 0
         print("part 2: a whole run with the channel on and off (alternating)")
         print(f"{'run':>4} {'channel':>8} {'total s':>8} {'tasks s':>8} {'pytest s':>9}")
         totals: dict[bool, list[float]] = {True: [], False: []}
