@@ -199,3 +199,20 @@ def test_a_dropped_mount_stops_its_server(tmp_path: Path) -> None:
     assert not _mounted(str(mp))
     assert _lock_free(image, "vdi")
     qemu_check(image, "vdi")
+
+
+def test_a_standalone_driver_and_its_watcher_stop_together(tmp_path: Path) -> None:
+    from diskhandler.filesystems import mount_filesystem
+
+    image = _ext4_image(tmp_path, "raw")
+    mp = tmp_path / "mnt"
+    mp.mkdir()
+    fs = mount_filesystem(image, mp, "ext")
+    watcher = fs._watcher
+    assert watcher is not None
+    assert watcher.poll() is None
+    (mp / "x").write_bytes(b"x")
+    fs.unmount()
+    assert watcher.poll() is not None
+    assert not _mounted(str(mp))
+    run("e2fsck", "-fn", image)
