@@ -34,7 +34,7 @@ from typing import TYPE_CHECKING, Final, TextIO
 import attrs
 
 from pyti_core.errors import ConfigError, PytiError, TaskError, vmanager_errors
-from pyti_core.tables import failure_line, format_table
+from pyti_core.tables import failure_line, format_table, printable
 
 if TYPE_CHECKING:
     from distributed.security import Security
@@ -92,7 +92,7 @@ class ProgressDisplay:
 
     def __call__(self, phase: str, message: str) -> None:
         elapsed = time.monotonic() - self._t0
-        text = f"{self.prefix}[{elapsed:6.1f} s] {phase}: {message}"
+        text = f"{self.prefix}[{elapsed:6.1f} s] {phase}: {printable(message)}"
         with self._lock:
             if self.live:
                 if self._counts:
@@ -117,15 +117,16 @@ class ProgressDisplay:
             if not failed or not (self.live or event.message):
                 return
             where = f"{job}: " if job else ""
+            # word, node id and message come from the guest: no escape sequence reaches the terminal
+            said = printable(event.message or "")
             if self.live:  # the failure stays above the status line
-                message = f": {event.message}" if event.message else ""
-                self.stream.write(
-                    f"\r\x1b[K{self.prefix}{where}{event.word or 'FAILED'} {event.nodeid}{message}\n"
-                )
+                message = f": {said}" if said else ""
+                word, nodeid = printable(event.word or "FAILED"), printable(event.nodeid)
+                self.stream.write(f"\r\x1b[K{self.prefix}{where}{word} {nodeid}{message}\n")
                 if self._dirty:
                     self.stream.write(self._line[: max(20, _terminal_width() - 1)])
             else:
-                self.stream.write(f"{self.prefix}{where}    {event.message}\n")
+                self.stream.write(f"{self.prefix}{where}    {said}\n")
             self.stream.flush()
 
     def job(self, job: str, phase: str, message: str) -> None:

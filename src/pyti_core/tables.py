@@ -18,7 +18,15 @@ if TYPE_CHECKING:
     from pyti_core.manager import RunResult
     from pyti_core.rawdata import Environment, RawDataRecord
 
-__all__ = ["Table", "describe_environment", "failure_line", "format_table", "matrix_table", "run_table"]
+__all__ = [
+    "Table",
+    "describe_environment",
+    "failure_line",
+    "format_table",
+    "matrix_table",
+    "printable",
+    "run_table",
+]
 
 
 @attrs.frozen
@@ -33,14 +41,14 @@ class Table:
     left: frozenset[int] = frozenset({0})
 
     def text(self) -> str:
-        """The table as the terminal shows it."""
-        rows = [self.header, *self.rows]
+        """The table as the terminal shows it (every cell :func:`printable`: much of it is the guest's)."""
+        rows = [tuple(printable(c) for c in row) for row in (self.header, *self.rows)]
         widths = [max(len(row[i]) for row in rows) for i in range(len(self.header))]
-        lines = [self.title]
+        lines = [printable(self.title)]
         for row in rows:
             cells = [c.ljust(widths[i]) if i in self.left else c.rjust(widths[i]) for i, c in enumerate(row)]
             lines.append("  ".join(cells).rstrip())
-        lines.extend(self.notes)
+        lines.extend(printable(note) for note in self.notes)
         return "\n".join(lines) + "\n"
 
     def html(self) -> str:
@@ -67,12 +75,32 @@ def _mib(kb: int) -> str:
     return f"{kb / 1024:.1f} MiB" if kb else "-"
 
 
+def printable(text: str) -> str:
+    """``text`` safe to print on a terminal: control and format characters shown as ``\\xNN``.
+
+    A guest's output may hold escape sequences (``ESC ]52`` writes the clipboard, ``ESC [2J`` clears
+    the screen) and bidirectional overrides that make a line read otherwise than it is; none of them
+    reaches the terminal.
+    """
+    if text.isprintable():
+        return text
+    return "".join(c if c.isprintable() else _escape(c) for c in text)
+
+
+def _escape(c: str) -> str:
+    code = ord(c)
+    return f"\\x{code:02x}" if code < 0x100 else f"\\u{code:04x}" if code < 0x10000 else f"\\U{code:08x}"
+
+
 def failure_line(text: str, limit: int = 200) -> str:
-    """The line that says why a task did not pass: pyti's own first line, else the output's last."""
+    """The line that says why a task did not pass: pyti's own first line, else the output's last.
+
+    It comes from the guest: it is made :func:`printable` before it is cut to ``limit``.
+    """
     lines = [line.strip() for line in text.splitlines() if line.strip()]
     if not lines:
         return "(no output)"
-    line = lines[0] if lines[0].startswith(("pyti", "[pyti")) else lines[-1]
+    line = printable(lines[0] if lines[0].startswith(("pyti", "[pyti")) else lines[-1])
     return line if len(line) <= limit else line[: limit - 3] + "..."
 
 
@@ -92,7 +120,7 @@ def describe_environment(env: Environment | None) -> str:
     ]
     if env.accelerator:
         parts.append(env.accelerator.upper())
-    return ", ".join(parts)
+    return printable(", ".join(parts))  # every name in it was measured by the guest
 
 
 def _verdict(records: Sequence[RawDataRecord]) -> str:

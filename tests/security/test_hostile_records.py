@@ -196,3 +196,46 @@ def test_collector_reports_a_hostile_record_of_a_task_as_its_error(tmp_path: Pat
     assert [(r.task_id, r.status) for r in records] == [("1", "error"), ("2", "error"), ("3", "passed")]
     assert "duration_s" in records[0].stderr
     assert "started_at" in records[1].stderr
+
+
+def test_guest_text_reaches_the_terminal_without_its_control_characters() -> None:
+    from pyti_core.tables import Table, failure_line, printable
+
+    hostile = "FAILED \x1b]52;c;ZXZpbA==\x07 \x1b[2J\x1b[1;1H \u202eexe.txt \x9b31m \x00 done"
+    line = failure_line("out\n" + hostile)
+    for bad in ("\x1b", "\x07", "\u202e", "\x9b", "\x00"):
+        assert bad not in line
+    assert line.startswith("FAILED \\x1b]52;c;ZXZpbA==\\x07")
+    assert "\\u202eexe.txt" in line
+    assert printable("é ✓ \U0001f600\tplain") == "é ✓ \U0001f600\\x09plain"
+    text = Table("t\x1b[2J", ("task", "x"), (("a\x1bb", "1"),), notes=("n\x07",)).text()
+    assert "\x1b" not in text
+    assert "\x07" not in text
+
+
+def test_live_test_reports_reach_the_terminal_without_escape_sequences() -> None:
+    import io
+
+    from pyti_core.channel import TestReport
+    from pyti_core.cli import ProgressDisplay
+
+    report = TestReport(
+        0.0,
+        0.0,
+        task_id="3",
+        nodeid="test_x.py::test_\x1b]0;owned\x07",
+        outcome="failed",
+        word="FAILED\x1b[8m",
+        when="call",
+        duration_s=0.1,
+        message="boom \x1b]52;c;ZXZpbA==\x07",
+    )
+    for live in (True, False):
+        out = io.StringIO()
+        display = ProgressDisplay(out, live=live)
+        display("tasks", "running \x1b[2J")
+        display.event(report)
+        written = out.getvalue().replace("\r\x1b[K", "")  # the display's own line clearing
+        assert "\x1b" not in written
+        assert "\x07" not in written
+        assert "\\x1b]52" in written
