@@ -719,8 +719,12 @@ def _quiet_libvirt() -> None:
 
 
 def _message(exc: BaseException) -> str:
-    """The error's own message (no traceback); multi-line only when it carries a log tail."""
-    return str(exc).strip() or type(exc).__name__
+    """The error's own message (no traceback); multi-line only when it carries a log tail.
+
+    A log tail is the guest's console: each line is made :func:`printable`.
+    """
+    text = str(exc).strip() or type(exc).__name__
+    return "\n".join(printable(line) for line in text.split("\n"))
 
 
 def main(

@@ -239,3 +239,13 @@ def test_live_test_reports_reach_the_terminal_without_escape_sequences() -> None
         assert "\x1b" not in written
         assert "\x07" not in written
         assert "\\x1b]52" in written
+
+
+def test_a_guest_console_tail_in_an_error_reaches_the_terminal_without_escapes() -> None:
+    from pyti_core import cli
+    from pyti_core.errors import GuestBootError
+
+    exc = GuestBootError("the guest did not boot", serial_log="login: \x1b]52;c;ZXZpbA==\x07\nend")
+    text = cli._message(exc)
+    assert "\x1b" not in text
+    assert text.splitlines()[-1] == "end"
