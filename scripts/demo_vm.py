@@ -44,14 +44,18 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument(
         "--uri", default=None, help="hypervisor URI (default: qemu:///embed in the user cache)"
     )
+    parser.add_argument(
+        "--format",
+        default="qcow2",
+        choices=["qcow2", "vdi", "vmdk", "vpc", "raw"],
+        help="the system disk's format: qcow2 gets internal snapshots, the others external ones",
+    )
     args = parser.parse_args(argv)
-
-    # libvirt's embedded driver logs warnings to stderr; it reads this once, when it is first loaded.
     cache = Path(os.environ.get("XDG_CACHE_HOME") or Path.home() / ".cache") / "pyti"
     cache.mkdir(parents=True, exist_ok=True)
-    os.environ.setdefault("LIBVIRT_LOG_OUTPUTS", f"3:file:{cache / 'libvirt-demo.log'}")
 
-    # Imported only now: libvirt reads LIBVIRT_LOG_OUTPUTS when it is loaded.
+    # libvirt's own log lines (e.g. "tainted: high-privileges") are records of the vmanager.libvirt
+    # logger; nothing configures logging here, so they stay quiet.
     from pyti_core.guest.tinylinux import READY_MARKER, build_tiny_linux  # noqa: PLC0415
     from vmanager import (  # noqa: PLC0415
         Connection,
@@ -70,12 +74,15 @@ def main(argv: list[str] | None = None) -> int:
 
     workdir = args.keep_dir or Path(tempfile.mkdtemp(prefix="pyti-demo-"))
     workdir.mkdir(parents=True, exist_ok=True)
-    disk = workdir / "system.qcow2"
-    with step("create a 64 MiB qcow2 system disk with ext4"):
-        raw = workdir / "system.raw"
+    disk = workdir / f"system.{args.format}"
+    with step(f"create a 64 MiB {args.format} system disk with ext4"):
+        raw = workdir / "system.img"
         subprocess.run(["mkfs.ext4", "-q", "-F", str(raw), "64M"], check=True, capture_output=True)
-        subprocess.run(["qemu-img", "convert", "-O", "qcow2", str(raw), str(disk)], check=True)
-        raw.unlink()
+        if args.format == "raw":
+            raw.rename(disk)
+        else:
+            subprocess.run(["qemu-img", "convert", "-O", args.format, str(raw), str(disk)], check=True)
+            raw.unlink()
 
     config = VMConfig(
         name="pyti-demo",
@@ -85,6 +92,7 @@ def main(argv: list[str] | None = None) -> int:
         initrd=guest.initrd,
         cmdline=guest.cmdline,
         serial_log=workdir / "serial.log",
+        overlay_dir=workdir / "layers",  # external snapshots' overlays and saved memory
     )
     uri = args.uri or default_uri()
     print(f"   hypervisor: {uri}")
