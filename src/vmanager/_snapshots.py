@@ -592,7 +592,7 @@ def _is_ours(vm: VirtualMachine, path: Path) -> bool:
     return path.name.startswith(f"{vm.name}@") and path.name.endswith((LAYER_SUFFIX, MEMORY_SUFFIX))
 
 
-def _backing_chain(path: Path) -> list[Path]:
+def backing_chain(path: Path) -> list[Path]:
     """``path`` and every backing file below it (``qemu-img info --backing-chain``)."""
     qemu_img = shutil.which("qemu-img")
     if qemu_img is None or not path.exists():
@@ -632,7 +632,7 @@ def _needed(vm: VirtualMachine) -> tuple[set[Path], set[Path]]:
         for source in ET.fromstring(snap.xml_desc()).iterfind("disks/disk/source"):
             named.add(Path(source.get("file", "")))
     for top in tops:
-        needed.update(_backing_chain(top))
+        needed.update(backing_chain(top))
     return needed, named | needed
 
 

@@ -25,6 +25,7 @@ Snapshots live in :mod:`vmanager._snapshots`, the console in :mod:`vmanager._con
 from __future__ import annotations
 
 import html
+import os
 import re
 import stat
 import time
@@ -225,6 +226,15 @@ class VirtualMachine(PyTICompat):
     def _check_same_hardware(self, dom: lv.Domain, config: VMConfig) -> None:
         live, chains = _domain_info.hardware(dom.xml_desc(inactive=True))
         wanted, _ = _domain_info.hardware(self._render(config, {}))
+        if self.connection.is_local:
+            # a disk under overlays or external snapshots: its file is further down the backing chain,
+            # which the inactive definition does not list; read it from the images themselves
+            for target, _device, path in wanted.disks:
+                top = next((p for t, _d, p in live.disks if t == target), None)
+                if top and path not in chains.get(target, set()):
+                    chains[target] = chains.get(target, set()) | {
+                        os.path.abspath(p) for p in _snapshots.backing_chain(Path(top))
+                    }
         differences = wanted.differences(live, chains)
         if differences:
             raise ConfigError(

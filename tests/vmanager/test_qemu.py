@@ -13,9 +13,11 @@ import subprocess
 from collections.abc import Iterator
 from pathlib import Path
 
+import attrs
 import pytest
 
 from vmanager import (
+    ConfigError,
     Connection,
     Disk,
     DiskNotFoundError,
@@ -226,6 +228,10 @@ def test_external_snapshot_tree_of_any_format_shut_off(
         original = _first_block(disk, tmp_path)
         vm.snapshot("a", "first")
         top_a = vm.disks()["vda"]
+        # the same config attaches again: the disk is further down the chain now, still the same disk
+        assert VirtualMachine("ext", qemu_conn, config).disks() == vm.disks()
+        with pytest.raises(ConfigError, match="memory"):
+            VirtualMachine("ext", qemu_conn, attrs.evolve(config, memory=512))
         assert top_a.parent == layers
         assert vm.disks()["vdb"] == io  # the IO disk is never overlaid
         # a "guest" writes (the VM is off: nothing else has the file open)
