@@ -48,6 +48,7 @@ import logging
 import os
 import shutil
 import signal
+import socket
 import tempfile
 import threading
 import time
@@ -81,6 +82,7 @@ from pyti_core.tasks import Recipe, get_recipe
 if TYPE_CHECKING:
     from distributed import Worker
 
+    from pyti_core.packages import Distribution
     from vmanager import Connection
 
 __all__ = [
@@ -91,6 +93,7 @@ __all__ = [
     "FarmProgress",
     "FarmRun",
     "FarmWorkerPlugin",
+    "fetch_job",
     "make_jobs",
     "run_job",
     "run_many",
@@ -112,6 +115,7 @@ EVENT_TOPIC: Final = "pyti-farm"
 TEST_HOOKS_ENV: Final = "PYTI_FARM_TEST_HOOKS"
 KILL_WORKER_RECIPE: Final = "pyti-test-kill-worker"
 _DASK_KEY_PREFIX: Final = "pyti-farm-"
+_FETCH_KEY_PREFIX: Final = "pyti-fetch-"
 _SERIAL_TAIL: Final = 64 << 10
 _FAILURE_CAP: Final = 64 << 10
 
@@ -348,6 +352,7 @@ class _Runtime:
                         vm.undefine()
                     finally:
                         vm.close()
+        shutil.rmtree(self.slot_dir / "fetched", ignore_errors=True)
         jobs = self.slot_dir / "jobs"
         if jobs.is_dir():
             for folder in jobs.iterdir():
@@ -468,11 +473,70 @@ def _runtime(worker: Worker) -> _Runtime:
     return plugin.runtime
 
 
-def run_job(job: FarmJob) -> dict[str, Any]:
-    """Run one job on this Dask worker; return its result as JSON-ready data (records as JSON lines).
+def _host_id() -> str:
+    """This machine: its name and boot id (a fetched distribution's paths are valid only here)."""
+    boot = ""
+    with contextlib.suppress(OSError):
+        boot = Path("/proc/sys/kernel/random/boot_id").read_text().strip()
+    return f"{socket.gethostname()}/{boot}"
 
-    Never raises for what a run can go through (download failure, boot failure, hypervisor error):
-    those come back as one ``error`` record of task ``pyti``, as the TaskManager reports them.
+
+def fetch_job(job: FarmJob) -> dict[str, Any] | None:
+    """Fetch a job's distribution for the guest on this worker, ahead of its VM and without a VM slot.
+
+    A worker has one thread more than its VMs, so it downloads the next jobs while its guests run, as
+    the TaskManager does. Returns what :func:`run_job` needs, or ``None`` when the fetch failed: the run
+    then fetches again itself, and reports the error as the job's result.
+    """
+    worker = get_worker()
+    runtime = _runtime(worker)
+    folder = runtime.slot_dir / "fetched" / f"{job.key[:16]}-{uuid.uuid4().hex[:6]}"
+    t = time.monotonic()
+    try:
+        distribution = _fetch(job, runtime, _guest_for(job, runtime), folder)
+    except Exception:
+        shutil.rmtree(folder, ignore_errors=True)
+        return None
+    return {
+        "distribution": distribution,
+        "folder": str(folder),
+        "host": _host_id(),
+        "seconds": time.monotonic() - t,
+    }
+
+
+def _guest_for(job: FarmJob, runtime: _Runtime) -> GuestSystem:
+    guest = job.guest or runtime.default_guest()
+    have = ".".join(map(str, guest.target.python_version))
+    if job.python is not None and have != job.python:
+        raise FarmError(f"this worker's guest runs Python {have}, not {job.python}")
+    return guest
+
+
+def _fetch(job: FarmJob, runtime: _Runtime, guest: GuestSystem, folder: Path) -> Distribution:
+    from pyti_core.packages import bundled_pip_wheel, prepare_distribution  # noqa: PLC0415
+
+    cache = runtime.plugin.cache_dir
+    spec: str | Path = Path(job.spec) if job.spec.startswith("/") else job.spec
+    return prepare_distribution(
+        spec,
+        folder,
+        requirements=job.recipe.requirements,
+        target=guest.target,
+        cache_dir=cache / "pip" if cache is not None else None,
+        index_url=job.index_url,
+        no_index=job.no_index,
+        find_links=[Path(p) for p in job.find_links],
+        pip_wheel=bundled_pip_wheel(),
+    )
+
+
+def run_job(job: FarmJob, fetched: Mapping[str, Any] | None = None) -> dict[str, Any]:
+    """Run one job on this Dask worker; return its result as JSON-ready data (the report as JSON).
+
+    ``fetched`` is what :func:`fetch_job` returned (used when it was fetched on this machine). Never
+    raises for what a run can go through (download failure, boot failure, hypervisor error): those come
+    back as one ``error`` record of task ``pyti``, as the TaskManager reports them.
     """
     worker = get_worker()
     runtime = _runtime(worker)
@@ -496,7 +560,7 @@ def run_job(job: FarmJob) -> dict[str, Any]:
     phases: dict[str, float] = {}
     found: dict[str, str] = {"distribution": job.spec}  # name==version once downloaded
     try:
-        result = _run_in_vm(job, runtime, folder, name, dask_key, phases, found, progress)
+        result = _run_in_vm(job, runtime, folder, name, dask_key, phases, found, progress, fetched)
     except GuestRunError as exc:  # GuestBootError too: the serial log says why
         result = _failure(found["distribution"], "error", str(exc), started, t0, phases, exc.serial_log)
     except (PytiError, OSError) as exc:
@@ -508,6 +572,8 @@ def run_job(job: FarmJob) -> dict[str, Any]:
     finally:
         runtime.running.pop(dask_key, None)
         shutil.rmtree(folder, ignore_errors=True)
+        if fetched and fetched.get("host") == _host_id():
+            shutil.rmtree(str(fetched["folder"]), ignore_errors=True)
     if dask_key in runtime.cancelled:
         runtime.cancelled.discard(dask_key)
         result = _failure(result.distribution, "error", "cancelled", started, t0, phases, result.serial_log)
@@ -529,33 +595,24 @@ def _run_in_vm(  # noqa: PLR0917 (private helper called once)
     phases: dict[str, float],
     found: dict[str, str],
     progress: Callable[[str, str], None],
+    fetched: Mapping[str, Any] | None,
 ) -> RunResult:
-    """Fetch the distribution for the guest, then :func:`~pyti_core.manager.run_prepared` it."""
+    """Fetch the distribution for the guest (unless done already here), then
+    :func:`~pyti_core.manager.run_prepared` it.
+    """
     from pyti_core.manager import run_prepared  # noqa: PLC0415
-    from pyti_core.packages import bundled_pip_wheel, prepare_distribution  # noqa: PLC0415
 
-    guest = job.guest or runtime.default_guest()
-    if job.python is not None and ".".join(map(str, guest.target.python_version)) != job.python:
-        raise FarmError(
-            f"this worker's guest runs Python {'.'.join(map(str, guest.target.python_version))}, "
-            f"not {job.python}"
-        )
-    cache = runtime.plugin.cache_dir
-    t = time.monotonic()
-    progress("download", f"fetching {job.spec} for the guest")
-    spec: str | Path = Path(job.spec) if job.spec.startswith("/") else job.spec
-    distribution = prepare_distribution(
-        spec,
-        folder / "dist",
-        requirements=job.recipe.requirements,
-        target=guest.target,
-        cache_dir=cache / "pip" if cache is not None else None,
-        index_url=job.index_url,
-        no_index=job.no_index,
-        find_links=[Path(p) for p in job.find_links],
-        pip_wheel=bundled_pip_wheel(),
-    )
-    phases["download"] = time.monotonic() - t
+    guest = _guest_for(job, runtime)
+    distribution: Distribution | None = None
+    if fetched and fetched.get("host") == _host_id() and Path(str(fetched["folder"])).is_dir():
+        distribution = fetched["distribution"]
+        phases["download"] = float(fetched["seconds"])
+        progress("download", f"fetched ahead in {phases['download']:.1f} s")
+    if distribution is None:
+        t = time.monotonic()
+        progress("download", f"fetching {job.spec} for the guest")
+        distribution = _fetch(job, runtime, guest, folder / "dist")
+        phases["download"] = time.monotonic() - t
     found["distribution"] = f"{distribution.name}=={distribution.version}"
     if dask_key in runtime.cancelled:
         raise FarmError("cancelled before its VM started")
@@ -858,7 +915,7 @@ class _Batch:
         with dask.config.set(settings):
             cluster = LocalCluster(
                 n_workers=n_workers,
-                threads_per_worker=1,
+                threads_per_worker=2,  # one VM, and one thread fetching the next job meanwhile
                 processes=True,
                 host="127.0.0.1",
                 dashboard_address=None,
@@ -879,10 +936,15 @@ class _Batch:
         with self._cluster() as client:
             client.subscribe_topic(EVENT_TOPIC, self._on_event)
             futures: dict[distributed.Future[dict[str, Any]], FarmJob] = {}
+            fetches = []
             for job in todo:
+                # the download first, on a worker's spare thread; then the VM run, which needs vm=1
+                fetch = client.submit(fetch_job, job, key=_FETCH_KEY_PREFIX + job.key, pure=False)
+                fetches.append(fetch)
                 future = client.submit(
                     run_job,
                     job,
+                    fetch,
                     key=_DASK_KEY_PREFIX + job.key,
                     resources={RESOURCE: 1},
                     pure=False,
@@ -903,7 +965,7 @@ class _Batch:
                     client.unsubscribe_topic(EVENT_TOPIC)
                 if not finished:
                     with contextlib.suppress(Exception):
-                        client.cancel(list(futures), force=True)
+                        client.cancel([*futures, *fetches], force=True)
 
     def _collect(
         self, ledger: Ledger, client: Client, future: distributed.Future[dict[str, Any]], job: FarmJob
@@ -995,9 +1057,10 @@ async def serve_worker(
     ready: Callable[[str], None] | None = None,
 ) -> None:
     """Run a Dask worker for ``scheduler`` with ``vms`` VM slots until ``stop`` is set (or the
-    scheduler closes it): ``nthreads=vms`` and the resource ``vm=vms``, pyti's :class:`FarmWorkerPlugin`,
-    listening on ``host`` (127.0.0.1 unless told otherwise). With ``nanny`` (the default) a worker
-    process that dies is restarted. ``ready(address)`` is called once it is registered.
+    scheduler closes it): ``nthreads=vms + 1`` (one fetches the next jobs), the resource ``vm=vms``,
+    pyti's :class:`FarmWorkerPlugin`, listening on ``host`` (127.0.0.1 unless told otherwise). With
+    ``nanny`` (the default) a worker process that dies is restarted. ``ready(address)`` is called once
+    it is registered.
     """
     from distributed import Nanny, Worker  # noqa: PLC0415
 
@@ -1006,7 +1069,7 @@ async def serve_worker(
     kind: Any = Nanny if nanny else Worker
     server = kind(
         scheduler,
-        nthreads=vms,
+        nthreads=vms + 1,  # its VMs, and one thread fetching the next jobs meanwhile
         resources={RESOURCE: vms},
         host=host,
         name=name,
