@@ -546,3 +546,23 @@ def test_io_disk_in_vhdx_end_to_end(tmp_path: Path) -> None:
     subprocess.run(["e2fsck", "-fn", str(fs)], check=True, capture_output=True)
     cat = subprocess.run(["debugfs", "-R", "cat /out.txt", str(fs)], check=True, capture_output=True)
     assert cat.stdout == b"out of the guest\n" * 5000
+
+
+def test_a_hostile_log_cannot_make_the_scan_quadratic(tmp_path: Path) -> None:
+    """Every 4 KiB of an 8 MiB log starts an entry that is valid but for its checksum and claims the
+    whole log: checking each would mean 16 GiB of checksums. The scan gives up with a typed error."""
+    path = tmp_path / "hostile.vhdx"
+    create_image(path, 8 * MiB, log_size=8 * MiB).close()
+    guid = uuid.uuid4().bytes_le
+    entry = L.LogEntryHeader(b"loge", 12345, 8 * MiB, 0, 1, 0, 0, guid, 0, 0).to_bytes()
+    log = bytearray(8 * MiB)
+    for at in range(0, len(log), L.LOG_SECTOR):
+        log[at : at + len(entry)] = entry
+    patch_file(path, MiB, bytes(log))
+    data = path.read_bytes()
+    for offset in (L.HEADER1_OFFSET, L.HEADER2_OFFSET):
+        raw = bytearray(data[offset : offset + L.HEADER_SIZE])
+        raw[48:64] = guid
+        patch_file(path, offset, L.sealed(bytes(raw)))
+    with pytest.raises(ImageFormatError, match="bounded time"):
+        open_image(path)

@@ -63,18 +63,26 @@ class _Log:
         self.length = len(data)
         self.guid = log_guid
         self.path = path
+        self.seen: dict[int, _Entry | None] = {}
+        # checksumming is the costly part of a scan: a hostile log of entries that are valid but for
+        # their checksum could make it quadratic; this bounds it (a real log needs about one pass)
+        self.budget = 4 * self.length + (256 << 20)
 
     def sectors(self, start: int, count: int) -> bytes:
         """``count`` sectors from ``start``, wrapping around the end of the ring."""
-        out = bytearray()
-        pos = start
-        for _ in range(count):
-            out += self.data[pos : pos + LOG_SECTOR]
-            pos = (pos + LOG_SECTOR) % self.length
-        return bytes(out)
+        end = start + count * LOG_SECTOR
+        if end <= self.length:
+            return self.data[start:end]
+        return self.data[start:] + self.data[: end - self.length]
 
     def entry(self, start: int) -> _Entry | None:
-        """The valid entry at ``start``, or None (2.3.1: every field checked, checksum last)."""
+        """The valid entry at ``start``, or None (each place is examined once)."""
+        if start not in self.seen:
+            self.seen[start] = self._entry(start)
+        return self.seen[start]
+
+    def _entry(self, start: int) -> _Entry | None:
+        """2.3.1: every field checked, the checksum last."""
         first = self.data[start : start + LOG_SECTOR]
         if first[:4] != LOG_ENTRY_SIGNATURE:
             return None
@@ -97,6 +105,11 @@ class _Log:
         dsect = _descriptor_sectors(count)
         if dsect > nsect:
             return None
+        self.budget -= length
+        if self.budget < 0:
+            raise ImageFormatError(
+                self.path, "log", "the log is too damaged to find its active sequence in bounded time"
+            )
         raw = self.sectors(start, nsect)
         if checksum(raw) != head.checksum:
             return None
