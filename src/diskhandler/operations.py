@@ -1204,10 +1204,12 @@ class _HostTree:
         if target.startswith("/"):
             return "absolute link"
         resolved = list(rel.split("/")[:-1])
-        pending = [c for c in reversed(target.split("/")) if c not in ("", ".")]
+        pending = _steps(target)
         hops = 0
         while pending:
             name = pending.pop()
+            if name == ".":  # "a/." and "a/" ask that a be a directory: checked below, as for ".."
+                continue
             if name == "..":
                 if not resolved:
                     return f"link to {target!r} leaves the destination"
@@ -1223,7 +1225,7 @@ class _HostTree:
                     return f"link to {target!r} loops"
                 if text.startswith("/"):
                     return f"link to {target!r} goes through an absolute link"
-                pending.extend(c for c in reversed(text.split("/")) if c not in ("", "."))
+                pending.extend(_steps(text))
                 continue
             if pending and kind != "dir":
                 return f"link to {target!r} leads through a file"
@@ -1315,6 +1317,14 @@ def _copy_fd(src: int, dst: int, total: int, callback: ProgressCallback) -> None
             view = view[n:]
         done += len(chunk)
         callback(done, max(total, done))
+
+
+def _steps(text: str) -> list[str]:
+    """A relative link text's components, last first (a stack): empty ones dropped, except that a
+    trailing ``/`` becomes ``.`` - the kernel wants a directory before it, as it does before ``.``."""
+    parts = text.split("/")
+    steps = [c for c in parts[:-1] if c] + [parts[-1] or "."]
+    return steps[::-1]
 
 
 def _check_size(size: int, max_bytes: int | None, src: str) -> None:

@@ -19,6 +19,8 @@ from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
+from hypothesis import HealthCheck, given, settings
+from hypothesis import strategies as st
 
 from diskhandler import DiskOperations, FilesystemError, GuestLinkWarning, ImageWarning
 from tests.diskhandler.imagetools import run
@@ -334,3 +336,71 @@ def test_a_sparse_file_cannot_fill_the_host_disk(hostile: tuple[Path, Host], tmp
             d.get_file("/big/sparse.bin", tmp_path / "one", max_bytes=1 << 20)
     assert not (tmp_path / "one").exists()
     assert not (tmp_path / "big").exists()
+
+
+# -- the link rule as a property, without a guest: any tree of links, judged, then made for real ------
+
+_NAMES = ["a", "b", "c"]
+_STEPS = st.sampled_from(["..", ".", "a", "b", "c", "x", ""])
+
+
+@st.composite
+def _trees(draw: st.DrawFn) -> tuple[list[tuple[str, str, int]], dict[str, str]]:
+    paths: dict[str, str] = {}  # rel path -> "dir" | "file" | "link"
+    for _ in range(draw(st.integers(1, 14))):
+        parents = [p for p, kind in paths.items() if kind == "dir"]
+        parent = draw(st.sampled_from(["", *parents]))
+        rel = f"{parent}/{draw(st.sampled_from(_NAMES))}" if parent else draw(st.sampled_from(_NAMES))
+        if rel not in paths:
+            paths[rel] = draw(st.sampled_from(["dir", "dir", "file", "link", "link", "link"]))
+    links = {
+        rel: ("/" if draw(st.booleans()) and draw(st.booleans()) else "")
+        + "/".join(draw(st.lists(_STEPS, min_size=1, max_size=6)))
+        for rel, kind in paths.items()
+        if kind == "link"
+    }
+    entries = sorted(((rel, kind, 0) for rel, kind in paths.items()), key=lambda e: e[0].count("/"))
+    return entries, {k: v for k, v in links.items() if v}
+
+
+@settings(max_examples=300, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture])
+@given(tree=_trees())
+def test_kept_links_always_lead_to_an_entry_inside(
+    tmp_path_factory: pytest.TempPathFactory, tree: tuple[list[tuple[str, str, int]], dict[str, str]]
+) -> None:
+    from diskhandler.operations import _HostTree
+
+    entries, links = tree
+    entries = [e for e in entries if e[1] != "link" or e[0] in links]
+    top = tmp_path_factory.mktemp("rule")
+    out = top / "out"
+    out.mkdir()
+    (top / "outside").mkdir()
+    with _HostTree(out) as host_tree:
+        kept, _refused = host_tree.plan_links(entries, links)
+        for rel, kind, _size in entries:
+            if kind == "dir":
+                host_tree.mkdir(rel)
+            elif kind == "file":
+                (out / rel).write_bytes(b"")
+            elif rel in kept:
+                host_tree.symlink(links[rel], rel)
+    real_out = out.resolve()
+    for rel in kept:
+        path = out / rel
+        assert os.path.exists(path), f"{rel} -> {links[rel]} dangles"
+        assert Path(os.path.realpath(path)).is_relative_to(real_out), f"{rel} -> {links[rel]} leads out"
+    assert sorted(p.name for p in top.iterdir()) == ["out", "outside"]
+    assert not any((top / "outside").iterdir())
+
+
+def test_a_link_asking_a_file_to_be_a_directory_dangles_and_is_skipped(tmp_path: Path) -> None:
+    """Found by the property above: ``b -> a/.`` (or ``a/``) with ``a`` a file leads nowhere."""
+    from diskhandler.operations import _HostTree
+
+    entries = [("a", "file", 0), ("d", "dir", 0), ("b", "link", 0), ("c", "link", 0), ("e", "link", 0)]
+    links = {"b": "a/.", "c": "a/", "e": "d/."}
+    with _HostTree(tmp_path) as host_tree:
+        kept, refused = host_tree.plan_links(entries, links)
+    assert kept == {"e"}
+    assert sorted(rel for rel, _why in refused) == ["b", "c"]
