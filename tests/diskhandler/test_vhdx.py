@@ -566,3 +566,12 @@ def test_a_hostile_log_cannot_make_the_scan_quadratic(tmp_path: Path) -> None:
         patch_file(path, offset, L.sealed(bytes(raw)))
     with pytest.raises(ImageFormatError, match="bounded time"):
         open_image(path)
+
+
+def test_a_metadata_item_listed_twice_is_an_error(tmp_path: Path) -> None:
+    path = _fresh(tmp_path)
+    meta = 2 * MiB
+    first = path.read_bytes()[meta + 32 : meta + 64]  # the file parameters entry
+    patch_file(path, meta + 32 + 32, first)  # over the virtual disk size entry
+    with pytest.raises(ImageFormatError, match="lists this item twice"):
+        open_image(path)

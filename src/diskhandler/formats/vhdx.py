@@ -259,6 +259,8 @@ class _Metadata:
                     name,
                     f"item at {entry.offset} of {entry.length} bytes lies outside the metadata region",
                 )
+            if entry.item_id in items:  # 2.6.1.2: unique; and each copy would be read (up to 1 MiB)
+                raise ImageFormatError(path, name, "the metadata table lists this item twice")
             items[entry.item_id] = (
                 reader.read(start + entry.offset, entry.length, name) if entry.length else b""
             )
