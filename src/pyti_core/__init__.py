@@ -7,13 +7,17 @@ whose ``report`` holds one raw-data record per task; :class:`TaskManager` runs m
 The building blocks are here — fetching a distribution for the guest (:func:`prepare_distribution`),
 recipes and the guest agent's job (:class:`Recipe`, :func:`to_agent_job`), JSON-RPC 2.0 raw-data
 records (:class:`RawDataRecord`, :class:`Report`), TOML job files (:class:`JobConfig`) and the tiny
-test guest (``pyti_core.guest.tinylinux``). Many hosts share the work through ``pyti_core.farm`` (Dask).
+test guest (``pyti_core.guest.tinylinux``). While a guest runs, its agent reports tasks and test
+outcomes over the live channel (:class:`ChannelConfig`, events in ``pyti_core.channel``). Many hosts
+share the work through ``pyti_core.farm`` (Dask).
 """
 
 from __future__ import annotations
 
+from pyti_core.channel import ChannelConfig, ChannelEvent, ChannelStats
 from pyti_core.config import JobConfig
 from pyti_core.errors import (
+    ChannelFrameError,
     ConfigError,
     GuestBootError,
     GuestImageError,
@@ -32,6 +36,10 @@ from pyti_core.tasks import RECIPES, GuestLayout, Recipe, Task, get_recipe, stag
 
 __all__ = [
     "RECIPES",
+    "ChannelConfig",
+    "ChannelEvent",
+    "ChannelFrameError",
+    "ChannelStats",
     "ConfigError",
     "Distribution",
     "GuestBootError",
