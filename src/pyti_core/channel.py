@@ -73,6 +73,8 @@ ChannelState = Literal["connecting", "syncing", "live", "cut-off", "closed"]
 #: ``on_event(event)``: called from the channel's reader thread; must not block for long.
 EventCallback = Callable[["ChannelEvent"], None]
 _READ: Final = 64 * 1024
+#: Sync exchanges made once live, to measure the guest's clock offset (the first reply may be stale).
+_CLOCK_ROUNDS: Final = 5
 _MAX_TEXT: Final = 4096
 _MAX_NODEID: Final = 4096
 _MAX_OUTPUT: Final = 32 * 1024
@@ -504,6 +506,7 @@ class LiveChannel:
         frames_bucket = _Bucket(cfg.rate_frames, cfg.burst_frames)
         outstanding: dict[int, float] = {}  # sync id -> monotonic time sent
         sync_sent = 0.0
+        clock_rounds = 0
         self._state = "syncing"
         with selectors.DefaultSelector() as selector:
             selector.register(sock, selectors.EVENT_READ)
@@ -520,6 +523,11 @@ class LiveChannel:
                     except BlockingIOError:
                         pass  # the guest is not reading yet: the next interval tries again
                     except OSError:
+                        return
+                elif not decoder.syncing and clock_rounds < _CLOCK_ROUNDS and now - sync_sent >= 1.0:
+                    clock_rounds += 1  # a few more exchanges, one a second: the tightest sets the offset
+                    sync_sent = now
+                    if not self._clock_sync(sock, outstanding):
                         return
                 if not selector.select(timeout=0.1):
                     continue
@@ -569,8 +577,7 @@ class LiveChannel:
                             decoder.synced()
                             outstanding.clear()
                             self._state = "live"
-                            if not self._clock_sync(sock, outstanding):
-                                return
+                            sync_sent = 0.0  # the first clock exchange right away
                         continue
                     try:
                         event = parse_event(body, received=now)
