@@ -451,6 +451,8 @@ class PluginRelay:
         self.path = path
         self._forward = forward
         self._sock = socket.socket(socket.AF_UNIX, socket.SOCK_DGRAM)
+        with contextlib.suppress(OSError):  # room for bursts of fast tests (capped by the kernel)
+            self._sock.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, 1 << 20)
         self._sock.bind(path)
         self._sock.settimeout(0.5)
         self._stop = threading.Event()

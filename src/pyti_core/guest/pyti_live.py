@@ -5,8 +5,9 @@ and ``PYTI_LIVE_SOCKET`` naming a unix datagram socket where it listens; the age
 on to the host over the live channel. Standard library and pytest's hooks only, for any pytest >= 3
 on any Python a guest may have. Without ``PYTI_LIVE_SOCKET`` the plugin does nothing.
 
-The plugin never slows or breaks a test run: sends are non-blocking datagrams, dropped when the agent
-does not keep up, and every failure here is swallowed. Nested pytest runs (a project testing its own
+The plugin never breaks a test run and hardly slows it: sends are non-blocking datagrams; when the
+agent's queue is full a report waits at most 10 ms for room and is then dropped; every failure here
+is swallowed. Nested pytest runs (a project testing its own
 pytest plugin with ``pytester``) report nothing: the plugin takes the variable out of the environment
 when the outer session starts.
 """
@@ -16,6 +17,7 @@ from __future__ import annotations
 import contextlib
 import json
 import os
+import select
 import socket
 from typing import Any
 
@@ -23,14 +25,16 @@ ENV = "PYTI_LIVE_SOCKET"
 #: The most one report may hold; longer messages are cut.
 MAX_DATAGRAM = 16 * 1024
 MAX_MESSAGE = 2000
+#: The longest a report waits for room in the agent's queue before it is dropped, in seconds.
+WAIT_S = 0.01
 
 _claimed = False  # the first session in this process (the outermost) reports; nested ones do not
 
 
 class _Sender:
     def __init__(self, path: str) -> None:
-        self.path = path
         self.sock = socket.socket(socket.AF_UNIX, socket.SOCK_DGRAM)
+        self.sock.connect(path)  # connected: poll() then says when the agent has room again
         self.sock.setblocking(False)
 
     def send(self, report: dict[str, Any]) -> None:
@@ -39,8 +43,14 @@ class _Sender:
             report["message"] = ""
             report["nodeid"] = report["nodeid"][:2000]
             data = json.dumps(report, separators=(",", ":")).encode("utf-8", "replace")
-        with contextlib.suppress(OSError):  # the agent is not keeping up, or gone: reports are advisory
-            self.sock.sendto(data, self.path)
+        try:
+            self.sock.send(data)
+        except BlockingIOError:  # the agent's queue is full: wait a moment for it, once, then drop
+            with contextlib.suppress(OSError):
+                if select.select([], [self.sock], [], WAIT_S)[1]:
+                    self.sock.send(data)
+        except OSError:
+            pass  # the agent is gone: reports are advisory
 
     def close(self) -> None:
         self.sock.close()
