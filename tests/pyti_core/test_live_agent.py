@@ -308,3 +308,24 @@ def test_the_agent_and_its_channel_run_on_the_oldest_guest_pythons(io_dir: Path,
                              capture_output=True, text=True, check=True).stdout.strip()  # fmt: skip
     assert hello.python == version
     assert [e.task_id for e in recorder.events if isinstance(e, TaskFinished)] == ["1"]
+
+
+def test_the_plugin_delivers_every_report_of_a_fast_suite(tmp_path: Path) -> None:
+    # 500 tests that take no time: far more reports than a unix datagram queue holds (10 by default)
+    (tmp_path / "plugins").mkdir()
+    shutil.copyfile(pyti_live.__file__, tmp_path / "plugins" / "pyti_live.py")
+    (tmp_path / "pytest.ini").write_text("[pytest]\naddopts = -p no:cacheprovider\n")
+    (tmp_path / "test_fast.py").write_text("".join(f"def test_{i}():\n    pass\n" for i in range(500)))
+    got: list[dict[str, Any]] = []
+    relay = livechannel.PluginRelay(str(tmp_path / "relay.sock"), got.append)
+    try:
+        env = {k: v for k, v in os.environ.items() if not k.startswith(("PYTEST_", "PYTI_"))}
+        env.update(PYTHONPATH=str(tmp_path / "plugins"), PYTI_LIVE_SOCKET=relay.path)
+        argv = [PY, "-m", "pytest", "-p", "pyti_live", "-q", "test_fast.py"]
+        proc = subprocess.run(argv, cwd=tmp_path, env=env, capture_output=True, timeout=120, check=False)
+        assert proc.returncode == 0, proc.stdout.decode()[-2000:]
+        assert wait(lambda: len(got) == 500, 10), len(got)
+    finally:
+        relay.close()
+    assert {r["outcome"] for r in got} == {"passed"}
+    assert len({r["nodeid"] for r in got}) == 500
