@@ -20,6 +20,7 @@ from diskhandler.errors import (
     ImageInUseError,
     ImagePathError,
     ImageWarning,
+    LvmMetadataError,
     MissingDependencyError,
     ParentPolicyError,
     PartitionTableError,
@@ -30,7 +31,13 @@ from diskhandler.errors import (
 from diskhandler.filesystems import detect_filesystem
 from diskhandler.formats import FORMAT_NAMES, DiskImage, create_image, detect_format, open_image
 from diskhandler.operations import DiskOperations
-from diskhandler.partitions import Partition, PartitionSpec, create_partition_table, list_partitions
+from diskhandler.partitions import (
+    LogicalVolume,
+    Partition,
+    PartitionSpec,
+    create_partition_table,
+    list_partitions,
+)
 
 if TYPE_CHECKING:
     from diskhandler.vdfuse import VDFuseMount, mount_vdfuse
@@ -62,6 +69,8 @@ __all__ = [
     "ImageInUseError",
     "ImagePathError",
     "ImageWarning",
+    "LogicalVolume",
+    "LvmMetadataError",
     "MissingDependencyError",
     "ParentPolicyError",
     "Partition",

@@ -6,7 +6,9 @@ builtin exception it *is*, so ``except OSError`` or ``except ValueError`` in a c
     DiskHandlerError
     ├── ImageFormatError (ValueError)          the bytes of an image are not what its format allows
     │   ├── UnsupportedImageError              valid, but uses a feature diskhandler does not implement
-    │   │                                      (encryption, an unknown incompatible feature bit, ...)
+    │   │                                      (encryption, an unknown incompatible feature bit, a format
+    │   │                                      it knows but does not read, an LVM layout, ...)
+    │   ├── LvmMetadataError                   LVM2 label, metadata area or metadata text is damaged
     │   └── ChainError                         a snapshot chain is broken: missing, cyclic or
     │                                          mismatched parent
     │       └── ParentPolicyError              a parent, backing file or extent lies where the
@@ -49,6 +51,7 @@ __all__ = [
     "ImageInUseError",
     "ImagePathError",
     "ImageWarning",
+    "LvmMetadataError",
     "MissingDependencyError",
     "ParentPolicyError",
     "PartitionTableError",
@@ -82,6 +85,10 @@ class ImageFormatError(DiskHandlerError, ValueError):
 
 class UnsupportedImageError(ImageFormatError):
     """A well-formed image that uses a feature diskhandler does not implement."""
+
+
+class LvmMetadataError(ImageFormatError):
+    """LVM2 metadata that breaks the format's rules (damaged label, header, checksum or text)."""
 
 
 class ChainError(ImageFormatError):

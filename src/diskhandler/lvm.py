@@ -37,7 +37,7 @@ from typing import TYPE_CHECKING, ClassVar
 import attrs
 from typing_extensions import override
 
-from diskhandler.errors import ImageFormatError, ReadOnlyImageError, UnsupportedImageError
+from diskhandler.errors import LvmMetadataError, ReadOnlyImageError, UnsupportedImageError
 from diskhandler.formats._stream import DiskImage
 
 if TYPE_CHECKING:
@@ -49,6 +49,7 @@ __all__ = [
     "PhysicalVolume",
     "find_physical_volumes",
     "list_logical_volumes",
+    "lvm_crc",
     "parse_config",
 ]
 
@@ -66,10 +67,6 @@ MAX_AREAS = 16
 MAX_SEGMENTS = 65536
 _LINEAR = "linear"
 _STRIPED = "striped"
-
-
-class LvmMetadataError(ImageFormatError):
-    """LVM2 metadata that breaks the format's rules (damaged label, header, checksum or text)."""
 
 
 def lvm_crc(data: bytes | memoryview, initial: int = INITIAL_CRC) -> int:
@@ -659,6 +656,3 @@ def list_logical_volumes(disk: DiskImage, partitions: Sequence[DiskImage] = ()) 
     for _seq, name, vg in groups.values():
         volumes.extend(_volume_group(disk, name, vg, by_uuid))
     return sorted(volumes, key=lambda v: v.name)
-
-
-__all__ += ["lvm_crc"]
