@@ -9,6 +9,7 @@ A canary folder on the host must stay exactly as it was, whatever is downloaded 
 
 from __future__ import annotations
 
+import contextlib
 import errno
 import os
 import socket
@@ -363,7 +364,7 @@ def _trees(draw: st.DrawFn) -> tuple[list[tuple[str, str, int]], dict[str, str]]
     return entries, {k: v for k, v in links.items() if v}
 
 
-@settings(max_examples=300, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture])
+@settings(max_examples=200, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture])
 @given(tree=_trees())
 def test_kept_links_always_lead_to_an_entry_inside(
     tmp_path_factory: pytest.TempPathFactory, tree: tuple[list[tuple[str, str, int]], dict[str, str]]
@@ -404,3 +405,43 @@ def test_a_link_asking_a_file_to_be_a_directory_dangles_and_is_skipped(tmp_path:
         kept, refused = host_tree.plan_links(entries, links)
     assert kept == {"e"}
     assert sorted(rel for rel, _why in refused) == ["b", "c"]
+
+
+def _materialize(out: Path, entries: list[tuple[str, str, int]], links: dict[str, str]) -> None:
+    """What download() writes for a planned tree (files empty), through the same _HostTree."""
+    from diskhandler.operations import _HostTree
+
+    empty = os.open(os.devnull, os.O_RDONLY)
+    try:
+        with _HostTree(out) as host_tree:
+            kept, _refused = host_tree.plan_links(entries, links)
+            for rel, kind, _size in entries:
+                if kind == "dir":
+                    host_tree.mkdir(rel)
+                elif kind == "file":
+                    host_tree.write_file(rel, empty, 0, lambda _d, _t: None)
+                elif rel in kept:
+                    host_tree.symlink(links[rel], rel)
+    finally:
+        os.close(empty)
+
+
+@settings(max_examples=100, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture])
+@given(first=_trees(), second=_trees())
+def test_a_second_download_never_turns_a_link_outward(
+    tmp_path_factory: pytest.TempPathFactory,
+    first: tuple[list[tuple[str, str, int]], dict[str, str]],
+    second: tuple[list[tuple[str, str, int]], dict[str, str]],
+) -> None:
+    top = tmp_path_factory.mktemp("twice")
+    out = top / "out"
+    out.mkdir()
+    for all_entries, links in (first, second):
+        entries = [e for e in all_entries if e[1] != "link" or e[0] in links]
+        with contextlib.suppress(FilesystemError, IsADirectoryError):  # a clash stops it: fine
+            _materialize(out, entries, links)
+    real_out = out.resolve()
+    for path in out.rglob("*"):
+        if path.is_symlink() and os.path.exists(path):
+            assert Path(os.path.realpath(path)).is_relative_to(real_out), f"{path} -> {os.readlink(path)}"
+    assert sorted(p.name for p in top.iterdir()) == ["out"]
