@@ -20,8 +20,9 @@ from hypothesis import HealthCheck, Phase, given, settings
 from hypothesis import strategies as st
 
 from diskhandler import DiskHandlerError, create_image, open_image
+from diskhandler.partitions import list_partitions
 from tests.childrun import run_cases
-from tests.diskhandler.imagetools import qemu_img
+from tests.diskhandler.imagetools import qemu_img, run
 
 MiB = 1 << 20
 CASES_PER_EXAMPLE = 20
@@ -69,6 +70,28 @@ def _ours(fmt: str, **options: object) -> object:
     return make
 
 
+def _partitioned(scheme: str) -> object:
+    """A raw disk with an MBR (three primaries and an extended one with two logical partitions) or a
+    GPT made by the reference tools, for fuzzing the partition-table parsers."""
+
+    def make(path: Path) -> None:
+        with path.open("wb") as f:
+            f.truncate(8 * MiB)
+        if scheme == "gpt":
+            run("sgdisk", "-n", "1:2048:+1M", "-n", "2:0:+1M", "-n", "3:0:+1M", path)
+        else:
+            run(
+                "parted", "-s", path, "mklabel", "msdos",
+                "mkpart", "primary", "1MiB", "2MiB", "mkpart", "extended", "2MiB", "7MiB",
+                "mkpart", "logical", "3MiB", "4MiB", "mkpart", "logical", "5MiB", "6MiB",
+            )  # fmt: skip
+        with path.open("r+b") as f:
+            f.seek(0x100000)
+            f.write(b"\x11" * 65536)
+
+    return make
+
+
 # (id, suffix, maker, header regions as (start, end); negative = from the end of the file)
 FORMATS: list[tuple[str, str, object, list[tuple[int, int]]]] = [
     ("qcow2-v3", "qcow2", _qemu("qcow2"), [(0, 512), (0x10000, 0x10000 + 64), (0x20000, 0x20000 + 64)]),
@@ -81,6 +104,8 @@ FORMATS: list[tuple[str, str, object, list[tuple[int, int]]]] = [
     ("vmdk-stream", "vmdk", _qemu("vmdk", "subformat=streamOptimized"), [(0, 512), (512, 1536), (-1536, 0)]),
     ("vmdk-descriptor", "vmdk", _qemu("vmdk", "subformat=monolithicFlat"), [(0, 400)]),
     ("vhdx", "vhdx", _qemu("vhdx"), [(0, 512), (0x10000, 0x10100), (0x30000, 0x30100), (0x200000, 0x200200)]),
+    ("raw-mbr", "img", _partitioned("mbr"), [(0x1BE, 0x200), (0x200000, 0x200200), (0x400000, 0x400200)]),
+    ("raw-gpt", "img", _partitioned("gpt"), [(0x1BE, 0x200), (0x200, 0x400), (0x400, 0x600), (-0x4200, 0)]),
 ]
 
 
@@ -91,6 +116,9 @@ def fuzz_case(case: str) -> str:
         size = image.size
         for offset in (0, size // 2, max(0, size - 65536)):
             image.read_at(offset, 65536)
+        for part in list_partitions(image):  # MBR, EBR chains, GPT and LVM parsed from hostile bytes
+            part.read_at(0, 512)
+            part.close()
     if mode == "w":
         with open_image(path, writable=True, parents="same-dir") as image:
             image.write_at(0, b"\x33" * min(4096, image.size))  # within the disk: past it is ENOSPC
@@ -183,7 +211,9 @@ def test_the_originals_open(originals: dict[str, Path]) -> None:
     """The fuzzing starts from images that are valid, or it tests nothing."""
     for name, path in originals.items():
         with open_image(path) as image:
-            assert image.read_at(0, 4) == b"\x11" * 4, name
+            assert image.read_at(0 if not name.startswith("raw-") else MiB, 4) == b"\x11" * 4, name
+            if name.startswith("raw-"):
+                assert len(list_partitions(image)) >= 3, name
 
 
 def test_the_child_reports_disk_handler_errors(tmp_path: Path) -> None:
