@@ -138,16 +138,17 @@ class DiskImageFileSystem(AbstractFileSystem):  # type: ignore[misc]  # fsspec i
         on_error: str | Any = "omit",
         **kwargs: Any,
     ) -> Any:
-        """fsspec's walk, where a symlinked folder is listed but never entered twice in one branch.
+        """fsspec's walk, where every folder is entered once, however many links lead to it.
 
         Links to folders are followed (as fsspec's local filesystem does), so a guest link looping
         back to an ancestor (``/a/loop -> /a``) would otherwise be walked until the guest path had 40
-        links in it: such a folder is shown, empty.
+        links in it, and folders each linking twice to the next (``d0/x -> ../d1``, ``d0/y -> ../d1``,
+        ...) would double the walk at every level: a folder already entered is shown, empty.
         """
         if maxdepth is not None and maxdepth < 1:
             raise ValueError("maxdepth must be at least 1")
         detail = kwargs.pop("detail", False)
-        yield from self._walk(self._strip_protocol(path), maxdepth, topdown, on_error, detail, frozenset())
+        yield from self._walk(self._strip_protocol(path), maxdepth, topdown, on_error, detail, set())
 
     def _walk(  # noqa: PLR0917  (private; the walk's state)
         self,
@@ -156,7 +157,7 @@ class DiskImageFileSystem(AbstractFileSystem):  # type: ignore[misc]  # fsspec i
         topdown: bool,
         on_error: str | Any,
         detail: bool,
-        ancestors: frozenset[tuple[int, int]],
+        entered: set[tuple[int, int]],
     ) -> Any:
         try:
             listing = self.ls(path, detail=True)
@@ -167,7 +168,7 @@ class DiskImageFileSystem(AbstractFileSystem):  # type: ignore[misc]  # fsspec i
             if callable(on_error):
                 on_error(exc)
             return
-        ancestors = ancestors | {(st.st_dev, st.st_ino)}
+        entered.add((st.st_dev, st.st_ino))
         dirs: dict[str, Any] = {}
         files: dict[str, Any] = {}
         for info in listing:
@@ -189,10 +190,10 @@ class DiskImageFileSystem(AbstractFileSystem):  # type: ignore[misc]  # fsspec i
                     key = self.ops.stat(sub)
                 except OSError:
                     continue
-                if (key.st_dev, key.st_ino) in ancestors:
-                    continue  # a link back to a folder of this branch: shown, not entered
+                if (key.st_dev, key.st_ino) in entered:
+                    continue  # a folder this walk entered already (a loop, or a second link): shown only
                 yield from self._walk(
-                    sub, None if maxdepth is None else maxdepth - 1, topdown, on_error, detail, ancestors
+                    sub, None if maxdepth is None else maxdepth - 1, topdown, on_error, detail, entered
                 )
         if not topdown:
             yield path, shown_dirs, shown_files
