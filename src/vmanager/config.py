@@ -33,8 +33,9 @@ _MAX_MEMORY_MIB = 16 * 1024 * 1024  # 16 TiB: anything above is a typo, not a VM
 _MAX_VCPUS = 1024
 
 
-_CONTROL = re.compile(r"[\x00-\x1f\x7f-\x9f]")
-_CONTROL_BUT_LINES = re.compile(r"[\x00-\x08\x0b\x0c\x0e-\x1f\x7f-\x9f]")
+# C0 and C1 controls, and U+FFFE/U+FFFF, which XML 1.0 cannot hold at all (its Char stops at U+FFFD)
+_CONTROL = re.compile(r"[\x00-\x1f\x7f-\x9f\ufffe\uffff]")
+_CONTROL_BUT_LINES = re.compile(r"[\x00-\x08\x0b\x0c\x0e-\x1f\x7f-\x9f\ufffe\uffff]")
 _SURROGATE = re.compile(r"[\ud800-\udfff]")
 _PATH_MAX = 4096  # Linux PATH_MAX, bytes with the terminating NUL
 _NAME_MAX = 255  # Linux NAME_MAX, bytes per path component
@@ -45,14 +46,14 @@ def check_text(field: str, value: str, *, lines: bool = False, limit: int | None
     """``value`` unchanged, or :class:`ConfigError` naming ``field`` when libvirt's XML cannot hold it.
 
     Refused: NUL and other control characters (``lines`` allows tab and newlines, for descriptions),
-    lone surrogates (a file name that is not UTF-8 cannot be named in libvirt's UTF-8 XML), and more
-    than ``limit`` UTF-8 bytes.
+    U+FFFE and U+FFFF (no XML can hold them), lone surrogates (a file name that is not UTF-8 cannot be
+    named in libvirt's UTF-8 XML), and more than ``limit`` UTF-8 bytes.
     """
     bad = (_CONTROL_BUT_LINES if lines else _CONTROL).search(value)
     if bad is not None:
         raise ConfigError(
             field,
-            f"contains the control character {bad.group()!r} at position {bad.start()}; "
+            f"contains the control character or non-character {bad.group()!r} at position {bad.start()}; "
             "remove it (libvirt's XML cannot carry it)",
         )
     bad = _SURROGATE.search(value)

@@ -30,7 +30,10 @@ from vmanager import (
 PATH_FIELDS = ["disk_location", "hd_location", "kernel", "initrd", "serial_log", "overlay_dir"]
 # any code point, lone surrogates included (hypothesis leaves those out unless asked)
 ANY_TEXT = st.text(st.characters(exclude_categories=()), max_size=40)
-BAD_CHARS = st.sampled_from(["\x00", "\x01", "\n", "\r", "\x1b", "\x7f", "\x85", "\ud800", "\udcff"])
+# U+FFFE and U+FFFF are valid in a file name but not in XML 1.0 (whose Char stops at U+FFFD)
+BAD_CHARS = st.sampled_from(
+    ["\x00", "\x01", "\n", "\r", "\x1b", "\x7f", "\x85", "\ud800", "\udcff", "\ufffe", "\uffff"]
+)
 SETTINGS = settings(
     max_examples=80, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture]
 )
@@ -104,6 +107,13 @@ def test_any_cmdline_builds_or_names_the_field(value: str) -> None:
         assert ET.fromstring(domain_xml(_config(cmdline=value), "qemu")).findtext("os/cmdline") == value
 
 
+@pytest.mark.parametrize("bad", ["\ufffe", "\uffff"])
+def test_characters_xml_cannot_hold_in_the_cmdline_name_the_field(bad: str) -> None:
+    with pytest.raises(ConfigError) as info:
+        _config(cmdline=f"console=ttyS0 {bad}")
+    assert info.value.field == "cmdline"
+
+
 @SETTINGS
 @given(value=ANY_TEXT)
 def test_any_name_builds_or_names_the_field(value: str) -> None:
@@ -157,7 +167,7 @@ def test_snapshot_names_and_descriptions(vm: VirtualMachine, name: str, descript
         vm.delete_snapshot(name)
 
 
-@pytest.mark.parametrize("description", ["a\x00b", "bell\x07", "\ud83d", "esc\x1b[2J"])
+@pytest.mark.parametrize("description", ["a\x00b", "bell\x07", "\ud83d", "esc\x1b[2J", "\ufffe", "x\uffff"])
 def test_bad_descriptions_are_config_errors(vm: VirtualMachine, description: str) -> None:
     with pytest.raises(ConfigError) as info:
         vm.snapshot("s", description)
