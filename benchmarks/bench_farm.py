@@ -96,12 +96,13 @@ def main(argv: list[str] | None = None) -> int:
         print(
             f"before: load average {' '.join(f'{x:.2f}' for x in os.getloadavg())} on {os.cpu_count()} CPUs"
         )
+        # the two figures compared for the overhead are measured one right after the other
         two = farm(2, "two")
         print(f"  farm, 2 workers x 1 VM : {two:7.1f} s")
-        one = farm(1, "one")
-        print(f"  farm, 1 worker  x 1 VM : {one:7.1f} s")
         tm = task_manager()
         print(f"  TaskManager, 2 VMs     : {tm:7.1f} s")
+        one = farm(1, "one")
+        print(f"  farm, 1 worker  x 1 VM : {one:7.1f} s")
         print(f"after: load average {' '.join(f'{x:.2f}' for x in os.getloadavg())}")
         scaling = one / two
         overhead = two / tm
