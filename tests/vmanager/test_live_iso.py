@@ -169,6 +169,15 @@ def test_io_disk_keeps_its_data_across_a_running_rollback(live_iso: Path, in_tmp
         assert "state-before" in sh(vm, "cat /tmp/m")  # memory as it was
         assert io.read_bytes()[:9] == b"IO-RESULT"  # the IO disk kept what the guest wrote
         assert vm.disks()["vdb"] == io  # never overlaid
+        # a snapshot of a paused guest comes back paused, memory as it was
+        vm.pause()
+        assert vm.snapshot("p").state is RunState.PAUSED
+        vm.resume()
+        sh(vm, "echo state-later > /tmp/m")
+        vm.rollback("p")
+        assert vm.state is RunState.PAUSED
+        vm.resume()
+        assert "state-before" in sh(vm, "cat /tmp/m")
     finally:
         vm.stop()
         vm.undefine()
