@@ -342,3 +342,25 @@ def test_disk_operations_take_the_policy(tmp_path: Path) -> None:
     child, _base = _chain_outside(tmp_path)
     with pytest.raises(ParentPolicyError):
         DiskOperations(child, parents="none").mount()
+
+
+@pytest.mark.parametrize(
+    ("name", "errno_"),
+    [
+        ("a\0b", errno.EINVAL),
+        ("bad\ud800name", errno.EILSEQ),
+        ("y" * 300, errno.ENAMETOOLONG),
+        ("/".join(["d"] * 2100), errno.ENAMETOOLONG),
+    ],
+    ids=["nul", "lone-surrogate", "long-name", "long-path"],
+)
+def test_bad_paths_given_to_open_and_create_are_typed(tmp_path: Path, name: str, errno_: int) -> None:
+    for call in (open_image, lambda p: create_image(p, MiB, "qcow2")):
+        with pytest.raises(ImagePathError) as excinfo:
+            call(str(tmp_path / name))
+        assert excinfo.value.errno == errno_
+        assert isinstance(excinfo.value, OSError)
+    base = tmp_path / "base.qcow2"
+    qemu_img("create", "-f", "qcow2", base, "1M")
+    with pytest.raises(ImagePathError):
+        create_image(tmp_path / "child.qcow2", parent=str(tmp_path / name))

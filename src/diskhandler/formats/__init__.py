@@ -6,7 +6,6 @@
 from __future__ import annotations
 
 import os
-from pathlib import Path
 from typing import Any
 
 import attrs
@@ -19,7 +18,7 @@ from diskhandler.formats._detect import (
     detect_format,
     format_class,
 )
-from diskhandler.formats._files import ParentPolicy, normalize_policy
+from diskhandler.formats._files import ParentPolicy, checked_path, normalize_policy
 from diskhandler.formats._stream import DiskImage
 from diskhandler.formats.chain import ChainGuard
 
@@ -56,7 +55,7 @@ def open_image(
         ImageInUseError: ``writable=True`` and another process holds the image.
     """
     policy = normalize_policy(parents)
-    p = Path(path)
+    p = checked_path(path)
     guard = attrs.evolve(_guard or ChainGuard(), policy=policy).enter(p)
     name = canonical_format(format) if format else detect_format(p)
     if writable:
@@ -91,7 +90,7 @@ def create_image(
         parent: make a differencing child (VDI diff, VHD diff, qcow2 overlay, VMDK delta link).
         options: format-specific (e.g. ``subformat="fixed"``, ``block_size=...``, ``cluster_size=...``).
     """
-    p = Path(path)
+    p = checked_path(path, "new image")
     if p.exists():
         raise FileExistsError(17, "refusing to overwrite an existing file", str(p))
     if format is None:
@@ -103,7 +102,7 @@ def create_image(
             )
         format = SUFFIXES[suffix]
     name = canonical_format(format)
-    parent_path = Path(parent) if parent is not None else None
+    parent_path = checked_path(parent, "parent") if parent is not None else None
     if size is None and parent_path is None:
         raise ValueError("create_image needs a size (or a parent to take the size from)")
     if size is not None and size <= 0:

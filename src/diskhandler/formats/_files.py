@@ -29,6 +29,7 @@ __all__ = [
     "PARENT_POLICIES",
     "ParentPolicy",
     "check_parent_location",
+    "checked_path",
     "normalize_policy",
     "open_image_file",
     "read_small_file",
@@ -50,6 +51,7 @@ PARENT_POLICIES: tuple[PolicyName, ...] = ("any", "same-dir", "none")
 # Pseudo-filesystems whose "regular files" are not data: /proc/kcore, /proc/self/mem, /sys/... .
 _REFUSED_TREES = ("/proc", "/sys")
 _PATH_MAX = 4096  # linux/limits.h, including the final NUL
+_NAME_MAX = 255
 
 
 def normalize_policy(policy: object) -> PolicyName | Path:
@@ -82,14 +84,14 @@ def _checked_path(path: str | os.PathLike[str], role: str) -> str:
         except UnicodeDecodeError:  # pragma: no cover  (surrogateescape decodes any bytes)
             raise ImagePathError(errno.EILSEQ, f"the {role} path cannot be decoded", repr(path)) from None
     if "\0" in text:
-        raise ImagePathError(errno.EINVAL, f"the {role} path contains a NUL byte", repr(text))
+        raise ImagePathError(errno.EINVAL, f"the {role} path contains a NUL byte", text)
     try:
         raw = os.fsencode(text)
     except UnicodeEncodeError:
         raise ImagePathError(
             errno.EILSEQ,
             f"the {role} path contains characters that no file name can hold (lone surrogates?)",
-            repr(text),
+            text,
         ) from None
     if len(raw) >= _PATH_MAX:
         raise ImagePathError(
@@ -97,7 +99,20 @@ def _checked_path(path: str | os.PathLike[str], role: str) -> str:
             f"the {role} path is {len(raw)} bytes long; Linux paths are shorter than {_PATH_MAX}",
             text[:200] + "...",
         )
+    longest = max((len(part) for part in raw.split(b"/")), default=0)
+    if longest > _NAME_MAX:
+        raise ImagePathError(
+            errno.ENAMETOOLONG,
+            f"the {role} path has a name of {longest} bytes; a file name holds at most {_NAME_MAX}",
+            text[:200] + ("..." if len(text) > 200 else ""),
+        )
     return text
+
+
+def checked_path(path: str | os.PathLike[str], role: str = "image") -> Path:
+    """``path`` as a :class:`Path` the OS accepts, or :class:`ImagePathError` saying why not (a NUL
+    byte, a lone surrogate, a name or path too long)."""
+    return Path(_checked_path(path, role))
 
 
 def _in_refused_tree(real: str, st: os.stat_result) -> str | None:
