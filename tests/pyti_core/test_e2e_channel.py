@@ -220,8 +220,8 @@ def test_a_frozen_agent_ends_the_run_within_the_stall_timeout(
     print("ports in the guest:", ports.stdout)
     assert (freeze.status, never.status) == ("error", "error")
     assert "the guest stopped responding while this task ran" in freeze.stderr
-    assert "--- serial console (last lines) ---" in freeze.stderr
-    assert "PYTI-GUEST-READY" in freeze.stderr or "pyti" in freeze.stderr
+    console_tail = freeze.stderr.split("--- serial console (last lines) ---\n", 1)[1]
+    assert console_tail.strip()  # the console's last lines, to see what the guest was doing
     assert freeze.duration_s > stall - 1
     assert "before this task started" in never.stderr
     assert any("stopped responding" in m for _, _, m in watch.phases)

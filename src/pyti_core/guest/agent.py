@@ -278,6 +278,8 @@ def run_job(io_dir: str) -> int:
     # The live channel (when the job has one) only tells the host what happens: the records below are
     # the results, and nothing here waits for the channel.
     live = livechannel.AgentLive(job.get("channel")) if livechannel is not None else None
+    if live is not None and live.error:
+        sys.stderr.write(f"pyti agent: running without the live channel: {live.error}\n")
     env_info = environment()
     try:
         with open(records, "a") as out:
