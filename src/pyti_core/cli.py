@@ -379,9 +379,8 @@ def _pythons(text: str) -> list[str]:
     """``3.9,3.13`` -> ``["3.9", "3.13"]``."""
     items = [t.strip() for t in text.split(",") if t.strip()]
     for item in items:
-        parts = item.split(".")
-        if len(parts) != 2 or not all(p.isdigit() for p in parts):
-            raise argparse.ArgumentTypeError(f"not a Python version: {item!r} (expected e.g. 3.12)")
+        if not re.fullmatch(r"\d{1,3}\.\d{1,3}|pypy\d{0,2}(\.\d{1,3})?", item):
+            raise argparse.ArgumentTypeError(f"not a Python version: {item!r} (expected e.g. 3.12 or pypy3)")
     if not items:
         raise argparse.ArgumentTypeError("give at least one Python version, e.g. 3.12")
     return items

@@ -46,6 +46,7 @@ import hashlib
 import json
 import logging
 import os
+import re
 import shutil
 import signal
 import socket
@@ -156,8 +157,12 @@ class FarmJob:
 
     @property
     def environment(self) -> str:
-        """The environment's name: ``py3.12``, or ``default`` for the worker's default guest."""
-        return f"py{self.python}" if self.python else "default"
+        """The environment's name: ``py3.12``, ``pypy3``, or ``default`` for the worker's default guest
+        (as ``pyti run --python`` names its guests).
+        """
+        if not self.python:
+            return "default"
+        return self.python if self.python.startswith("pypy") else f"py{self.python}"
 
     @property
     def label(self) -> str:
@@ -211,7 +216,9 @@ def make_jobs(
     environments: list[str | None] = list(dict.fromkeys(pythons)) if pythons else [None]
     for python in environments:
         if python is not None and not _is_python_version(python):
-            raise ValueError(f"not a Python version: {python!r} (expected MAJOR.MINOR, such as 3.12)")
+            raise ValueError(
+                f"not a Python version: {python!r} (expected MAJOR.MINOR such as 3.12, or pypy3)"
+            )
     jobs: dict[str, FarmJob] = {}
     for spec in specs:
         text, digest = _spec_identity(spec)
@@ -232,9 +239,12 @@ def make_jobs(
     return list(jobs.values())
 
 
+_PYTHON_NAME: Final = re.compile(r"\d{1,3}\.\d{1,3}|pypy\d{0,2}(\.\d{1,3})?")
+
+
 def _is_python_version(text: str) -> bool:
-    parts = text.split(".")
-    return len(parts) == 2 and all(p.isdigit() and len(p) <= 3 for p in parts)
+    """``3.12`` or ``pypy3``: how guests are named."""
+    return _PYTHON_NAME.fullmatch(text) is not None
 
 
 def _spec_identity(spec: str | os.PathLike[str]) -> tuple[str, str]:

@@ -90,6 +90,7 @@ def test_job_keys_are_deterministic_per_spec_environment_and_recipe(tmp_path: Pa
     ]
     other_recipe = make_jobs(["six==1.16.0"], pythons=["3.11"], recipe="install-only")
     assert other_recipe[0].key != first[0].key
+    assert make_jobs(["six==1.16.0"], pythons=["pypy3"])[0].environment == "pypy3"
     default_env = make_jobs(["six==1.16.0"])[0]
     assert (default_env.environment, default_env.python) == ("default", None)
     # a wheel rebuilt with other content is another job
