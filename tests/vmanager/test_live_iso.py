@@ -67,16 +67,17 @@ def last_count(vm: VirtualMachine, timeout: float = 30.0) -> int:
 @pytest.fixture
 def in_tmp(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> Iterator[Path]:
     monkeypatch.chdir(tmp_path)
+    before = our_files("hey")  # left by an interrupted run, if any: not this test's business
     yield tmp_path
-    for vm_name in ("hey",):
-        leftovers = our_files(vm_name)
-        assert not leftovers, f"files left behind: {leftovers}"
+    leftovers = our_files("hey") - before
+    assert not leftovers, f"files left behind: {leftovers}"
 
 
 def test_original_example_live_cd_and_vdi(live_iso: Path, in_tmp: Path) -> None:
     shutil.copy(live_iso, in_tmp / "live.iso")
     make_ext4(in_tmp / "disk.vdi", "vdi", {"keep": b"from the VDI\n"})
     pristine = sha256(in_tmp / "disk.vdi")
+    earlier = our_files("hey")  # an interrupted run's, if any
 
     # -- the example, as written (only the URI left out: libvirt's QEMU driver in this process) --
     config = {"name": "test123", "memory": "256", "disk_location": "live.iso", "hd_location": "disk.vdi"}
@@ -123,7 +124,7 @@ def test_original_example_live_cd_and_vdi(live_iso: Path, in_tmp: Path) -> None:
         assert read_guest_file(top, "keep", in_tmp) == b"from the VDI\n"
         assert a.current_snapshot().name == "off"  # type: ignore[union-attr]
 
-        memory = {p for p in our_files("hey") if p.name.endswith(".vmanager-mem")}
+        memory = {p for p in our_files("hey") - earlier if p.name.endswith(".vmanager-mem")}
         assert len(memory) == 1
         a.delete_snapshot("hello")  # its saved memory and the layers only it needed go
         assert not any(p.exists() for p in memory)
