@@ -329,3 +329,32 @@ def test_the_plugin_delivers_every_report_of_a_fast_suite(tmp_path: Path) -> Non
         relay.close()
     assert {r["outcome"] for r in got} == {"passed"}
     assert len({r["nodeid"] for r in got}) == 500
+
+
+def test_a_stuck_agent_costs_the_tests_one_short_wait_not_one_per_test(tmp_path: Path) -> None:
+    (tmp_path / "plugins").mkdir()
+    shutil.copyfile(pyti_live.__file__, tmp_path / "plugins" / "pyti_live.py")
+    (tmp_path / "pytest.ini").write_text("[pytest]\naddopts = -p no:cacheprovider\n")
+    (tmp_path / "test_fast.py").write_text("".join(f"def test_{i}():\n    pass\n" for i in range(300)))
+    stuck = socket.socket(socket.AF_UNIX, socket.SOCK_DGRAM)  # bound, never read: its queue fills at once
+    stuck.bind(str(tmp_path / "stuck.sock"))
+    env = {k: v for k, v in os.environ.items() if not k.startswith(("PYTEST_", "PYTI_"))}
+    env["PYTHONPATH"] = str(tmp_path / "plugins")
+    try:
+        times = {}
+        for live in (False, True):
+            argv = [PY, "-m", "pytest", "-q", "test_fast.py"]
+            run_env = dict(env)
+            if live:
+                argv[3:3] = ["-p", "pyti_live"]
+                run_env["PYTI_LIVE_SOCKET"] = str(tmp_path / "stuck.sock")
+            t0 = time.monotonic()
+            proc = subprocess.run(
+                argv, cwd=tmp_path, env=run_env, capture_output=True, timeout=300, check=False
+            )
+            times[live] = time.monotonic() - t0
+            assert proc.returncode == 0, proc.stdout.decode()[-2000:]
+    finally:
+        stuck.close()
+    # one wait per test would be 300 x 0.2 s = 60 s more
+    assert times[True] - times[False] < 10, times

@@ -241,7 +241,8 @@ class GuestChannel:
     writes once the host has synchronised, a reader thread answers sync requests, and a heartbeat
     thread sends ``agent.heartbeat`` every ``heartbeat_s`` seconds (one waiting at a time). A port
     whose host end is not connected simply holds the events back. ``tick()`` is called from the
-    heartbeat thread every ``tick_s`` seconds (the agent sends output chunks from it).
+    heartbeat thread every ``tick_s`` seconds (the agent sends output chunks from it). Idle, the threads
+    wake a few times a second at most: under emulation every wake-up costs.
     """
 
     def __init__(
@@ -250,7 +251,7 @@ class GuestChannel:
         heartbeat_s: float = 2.0,
         queue_bytes: int = 1 << 20,
         tick: Callable[[], None] | None = None,
-        tick_s: float = 0.5,
+        tick_s: float = 1.0,
     ) -> None:
         self.path = path
         self.heartbeat_s = heartbeat_s
@@ -342,7 +343,7 @@ class GuestChannel:
         poller.register(self._fd, select.POLLIN)
         while not self._stop.is_set():
             try:
-                events = poller.poll(500)
+                events = poller.poll(1000)
                 if not events:
                     continue
                 if not any(ev & select.POLLIN for _, ev in events):
@@ -402,7 +403,7 @@ class GuestChannel:
                         self._beat_waiting = False
                     self._writing = True
                     return frame
-                self._cond.wait(0.5)
+                self._cond.wait(5.0)  # close() and notify() wake it: few idle wake-ups under emulation
         return None
 
     def _writer(self) -> None:
@@ -454,7 +455,7 @@ class PluginRelay:
         with contextlib.suppress(OSError):  # room for bursts of fast tests (capped by the kernel)
             self._sock.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, 1 << 20)
         self._sock.bind(path)
-        self._sock.settimeout(0.5)
+        self._sock.settimeout(5.0)
         self._stop = threading.Event()
         self._thread = threading.Thread(target=self._run, name="pyti-plugin-relay", daemon=True)
         self._thread.start()
@@ -479,6 +480,8 @@ class PluginRelay:
 
     def close(self) -> None:
         self._stop.set()
+        with contextlib.suppress(OSError), socket.socket(socket.AF_UNIX, socket.SOCK_DGRAM) as wake:
+            wake.sendto(b"", self.path)  # wakes the thread's recv at once
         self._thread.join(1.0)
         self._sock.close()
         with contextlib.suppress(OSError):

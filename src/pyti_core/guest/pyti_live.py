@@ -6,8 +6,9 @@ on to the host over the live channel. Standard library and pytest's hooks only, 
 on any Python a guest may have. Without ``PYTI_LIVE_SOCKET`` the plugin does nothing.
 
 The plugin never breaks a test run and hardly slows it: sends are non-blocking datagrams; when the
-agent's queue is full a report waits at most 10 ms for room and is then dropped; every failure here
-is swallowed. Nested pytest runs (a project testing its own
+agent's queue is full a report waits at most 0.2 s for room and is then dropped, and after a drop no
+report waits again until the agent keeps up (a stuck agent costs one wait, not one per test); every
+failure here is swallowed. Nested pytest runs (a project testing its own
 pytest plugin with ``pytester``) report nothing: the plugin takes the variable out of the environment
 when the outer session starts.
 """
@@ -25,8 +26,9 @@ ENV = "PYTI_LIVE_SOCKET"
 #: The most one report may hold; longer messages are cut.
 MAX_DATAGRAM = 16 * 1024
 MAX_MESSAGE = 2000
-#: The longest a report waits for room in the agent's queue before it is dropped, in seconds.
-WAIT_S = 0.01
+#: The longest a report waits for room in the agent's queue before it is dropped, in seconds; after a
+#: drop, reports do not wait again until one goes through at once (a stuck agent costs one wait).
+WAIT_S = 0.2
 
 _claimed = False  # the first session in this process (the outermost) reports; nested ones do not
 
@@ -36,6 +38,7 @@ class _Sender:
         self.sock = socket.socket(socket.AF_UNIX, socket.SOCK_DGRAM)
         self.sock.connect(path)  # connected: poll() then says when the agent has room again
         self.sock.setblocking(False)
+        self.patient = True
 
     def send(self, report: dict[str, Any]) -> None:
         data = json.dumps(report, separators=(",", ":")).encode("utf-8", "replace")
@@ -45,10 +48,15 @@ class _Sender:
             data = json.dumps(report, separators=(",", ":")).encode("utf-8", "replace")
         try:
             self.sock.send(data)
-        except BlockingIOError:  # the agent's queue is full: wait a moment for it, once, then drop
+            self.patient = True
+        except BlockingIOError:  # the agent's queue is full
+            if not self.patient:
+                return  # it did not keep up last time either: drop without waiting
             with contextlib.suppress(OSError):
                 if select.select([], [self.sock], [], WAIT_S)[1]:
                     self.sock.send(data)
+                    return
+            self.patient = False  # stuck agent: no more waits until a send goes through at once
         except OSError:
             pass  # the agent is gone: reports are advisory
 
