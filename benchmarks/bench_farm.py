@@ -25,12 +25,22 @@ import sys
 import tempfile
 import time
 from pathlib import Path
+from typing import Any
 
 REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))  # the test helper that makes wheels
 
 GOAL_SCALING = 1.8
 GOAL_OVERHEAD = 1.1
+
+
+def _why(result: Any) -> str:
+    """A failed job's distribution and its first failing task with the last line it wrote."""
+    for record in result.report.records:
+        if not record.ok:
+            lines = (record.stderr or record.stdout).strip().splitlines() or ["(no output)"]
+            return f"{result.distribution}: {record.task} {record.status}: {lines[-1][:200]}"
+    return f"{result.distribution}: no records"
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -77,7 +87,7 @@ def main(argv: list[str] | None = None) -> int:
                 )
             )  # fmt: skip
             elapsed = time.monotonic() - t0
-            bad = [r.distribution for r in results if not r.ok]
+            bad = [_why(r) for r in results if not r.ok]
             if len(results) != len(specs) or bad:
                 raise SystemExit(f"farm ({workers} workers): {len(results)} results, failed: {bad}")
             return elapsed
@@ -87,7 +97,7 @@ def main(argv: list[str] | None = None) -> int:
             with TaskManager(max_vms=2, work_dir=root / "tm", find_links=[wheels], no_index=True) as tm:
                 results = tm.run_all(specs, recipe=recipe, timeout=900)
             elapsed = time.monotonic() - t0
-            bad = [r.distribution for r in results if not r.ok]
+            bad = [_why(r) for r in results if not r.ok]
             if bad:
                 raise SystemExit(f"TaskManager: failed: {bad}")
             return elapsed
