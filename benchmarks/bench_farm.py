@@ -49,8 +49,15 @@ def main(argv: list[str] | None = None) -> int:
     )
     parser.add_argument("--jobs", type=int, default=4, help="jobs per measurement (default 4)")
     parser.add_argument("--work", type=float, default=10.0, help="seconds of CPU work per job in the guest")
+    parser.add_argument(
+        "--boot-timeout",
+        type=float,
+        default=90.0,
+        help="the guest's boot timeout (raise it on a busy machine)",
+    )
     args = parser.parse_args(argv)
 
+    import attrs  # noqa: PLC0415
     from tests.pyti_core.test_task_manager import make_wheel  # noqa: PLC0415
 
     from pyti_core.farm import run_many  # noqa: PLC0415
@@ -58,7 +65,8 @@ def main(argv: list[str] | None = None) -> int:
     from pyti_core.task_manager import TaskManager  # noqa: PLC0415
     from pyti_core.tasks import Recipe, Task  # noqa: PLC0415
 
-    GuestSystem.default()  # built or found before anything is timed
+    # built or found before anything is timed
+    guest = attrs.evolve(GuestSystem.default(), boot_timeout=args.boot_timeout)
     root = Path(tempfile.mkdtemp(prefix="pyti-bench-farm-"))
     try:
         wheels = root / "wheels"
@@ -83,7 +91,7 @@ def main(argv: list[str] | None = None) -> int:
             results = list(
                 run_many(
                     specs, ledger=root / f"{tag}.sqlite", max_vms=workers, recipe=recipe, timeout=900,
-                    work_dir=root / f"work-{tag}", find_links=[wheels], no_index=True,
+                    guest=guest, work_dir=root / f"work-{tag}", find_links=[wheels], no_index=True,
                 )
             )  # fmt: skip
             elapsed = time.monotonic() - t0
@@ -94,7 +102,9 @@ def main(argv: list[str] | None = None) -> int:
 
         def task_manager() -> float:
             t0 = time.monotonic()
-            with TaskManager(max_vms=2, work_dir=root / "tm", find_links=[wheels], no_index=True) as tm:
+            with TaskManager(
+                max_vms=2, guest=guest, work_dir=root / "tm", find_links=[wheels], no_index=True
+            ) as tm:
                 results = tm.run_all(specs, recipe=recipe, timeout=900)
             elapsed = time.monotonic() - t0
             bad = [_why(r) for r in results if not r.ok]
