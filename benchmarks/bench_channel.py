@@ -153,6 +153,8 @@ def main(argv: list[str] | None = None) -> int:
                 pytest_s = next((x.duration_s for x in r.report.records if x.task == "pytest"), float("nan"))
                 task_cpu = sum(x.cpu_user_s + x.cpu_system_s for x in r.report.records)
                 figures[on] = (time.monotonic() - t0, r.phases["tasks"], pytest_s, task_cpu)
+                each = ", ".join(f"{x.task} {x.duration_s:.1f}" for x in r.report.records)
+                print(f"     {'on' if on else 'off'}: guest task times (s): {each}", flush=True)
                 shutil.rmtree(scratch / f"run-{i}-{on}", ignore_errors=True)
 
             threads = [threading.Thread(target=one, args=(on,)) for on in (True, False)]

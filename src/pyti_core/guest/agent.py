@@ -209,7 +209,7 @@ def run_task(
     env = dict(os.environ)
     env.update({str(k): str(v) for k, v in task.get("env", {}).items()})
     if live is not None:
-        env = live.task_env(env)
+        env = live.task_env(env, argv)
     started = datetime.datetime.now(datetime.timezone.utc)
     t0 = time.monotonic()
     with tempfile.TemporaryDirectory(prefix="pyti-task-") as tmp:

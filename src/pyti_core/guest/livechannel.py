@@ -93,6 +93,8 @@ TEST_REPORT = "test.report"
 EVENT_METHODS = (HELLO, HEARTBEAT, EXIT, TASK_STARTED, TASK_OUTPUT, TASK_FINISHED, TEST_REPORT)
 #: The environment variable that tells the pytest plugin where the agent listens for its reports.
 PLUGIN_ENV = "PYTI_LIVE_SOCKET"
+#: The pytest plugin's module name (``-p pyti_live``).
+PLUGIN_MODULE = "pyti_live"
 #: The most a datagram from the pytest plugin may hold.
 MAX_PLUGIN_DATAGRAM = 16 * 1024
 
@@ -543,9 +545,10 @@ class AgentLive:
         self._tmp = tempfile.mkdtemp(prefix="pyti-live-")
         self.relay = PluginRelay(os.path.join(self._tmp, "plugin.sock"), self._plugin_report)
 
-    def task_env(self, env: dict[str, str]) -> dict[str, str]:
-        """``env`` plus the plugin's folder on ``PYTHONPATH`` and, when the relay runs, its socket."""
-        if not self.config:
+    def task_env(self, env: dict[str, str], argv: list[str] | None = None) -> dict[str, str]:
+        """``env`` plus, for a task that loads the plugin (``-p pyti_live`` in ``argv``), the plugin's
+        folder on ``PYTHONPATH`` and, when the relay runs, its socket; other tasks' ``env`` as it is."""
+        if not self.config or (argv is not None and PLUGIN_MODULE not in argv):
             return env
         env = dict(env)
         plugin_dir = self.config.get("plugin_dir")

@@ -87,7 +87,7 @@ CHANNEL_PORT: Final = livechannel.PORT_NAME
 CHANNEL_MODULE_FILE: Final = "livechannel.py"
 #: The folder on the IO disk holding the pytest plugin, and the plugin's module name (``-p pyti_live``).
 PLUGIN_DIR: Final = "pyti-live"
-PLUGIN_MODULE: Final = "pyti_live"
+PLUGIN_MODULE: Final = livechannel.PLUGIN_MODULE
 
 _SAFE: Final = frozenset("ABCDEFGHIJKLMNOPQRSTUVWXYZabcdefghijklmnopqrstuvwxyz0123456789-_./=,:")
 
