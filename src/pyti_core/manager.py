@@ -92,7 +92,7 @@ from pyti_core.rawdata import MAX_RECORD_BYTES, Environment, RawDataRecord, Repo
 from pyti_core.tasks import GuestLayout, Recipe, get_recipe, stage_io_folder
 
 if TYPE_CHECKING:
-    from vmanager import Connection, VirtualMachine
+    from vmanager import Connection, DiskFormat, VirtualMachine
 
 _log = logging.getLogger(__name__)
 
@@ -675,6 +675,7 @@ def _define_vm(  # noqa: PLR0917 (private helper)
         memory=guest.memory,
         vcpus=guest.vcpus,
         hd_location=guest.system_disk,
+        hd_format=_system_disk_format(guest.system_disk),
         disks=(Disk(io_disk, snapshot=False, format="raw"),),
         kernel=guest.kernel,
         initrd=guest.initrd,
@@ -691,6 +692,28 @@ def _define_vm(  # noqa: PLR0917 (private helper)
         return VirtualMachine(name, target, config)
     except VManagerError as exc:
         raise GuestRunError(f"cannot define VM {name}: {exc}", vm=name) from exc
+
+
+def _system_disk_format(path: Path | None) -> DiskFormat | None:
+    """The system disk's format, stated to vmanager (which does not guess a format that names other
+    files, such as a qcow2 over a base image). The system disk is the user's own image, read as
+    diskhandler reads it, and no guest ever writes it: runs write to a throwaway overlay."""
+    if path is None:
+        return None
+    from diskhandler import DiskHandlerError, detect_format  # noqa: PLC0415
+
+    try:
+        fmt = detect_format(path)
+    except (DiskHandlerError, OSError):
+        return None  # vmanager reports a missing or unreadable disk, by its field
+    known: dict[str, DiskFormat] = {
+        "qcow2": "qcow2",
+        "vdi": "vdi",
+        "vmdk": "vmdk",
+        "vhd": "vpc",
+        "raw": "raw",
+    }
+    return known.get(fmt)
 
 
 def _discard_vm(vm: VirtualMachine, work_dir: Path) -> None:

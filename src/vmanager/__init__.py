@@ -18,6 +18,7 @@ process (``qemu:///embed``, no daemon). ``from vmanager import *`` gives the nam
 from __future__ import annotations
 
 from ._accel import detect_accelerator
+from ._diskformat import DiskFormat
 from ._domain_xml import domain_xml
 from ._libvirt import Connection, connect, default_uri
 from ._snapshots import Snapshot
@@ -45,6 +46,7 @@ __all__ = [
     "ConfigError",
     "Connection",
     "Disk",
+    "DiskFormat",
     "DiskInUseError",
     "DiskNotFoundError",
     "DomainNotFoundError",

@@ -14,7 +14,7 @@ from typing import TYPE_CHECKING
 
 import attrs
 
-from ._diskformat import DiskFormat, sniff_format
+from ._diskformat import DiskFormat, names_other_files, sniff_format
 from .errors import ConfigError
 
 if TYPE_CHECKING:
@@ -39,13 +39,24 @@ class DiskPlan:
     snapshot: bool
 
 
-def _format_of(path: Path, given: DiskFormat | None) -> DiskFormat:
+def _format_of(field: str, path: Path, given: DiskFormat | None) -> DiskFormat:
+    """The format given, else the sniffed one when that cannot make QEMU open other host files."""
     if given is not None:
         return given
     try:
-        return sniff_format(path)
+        fmt = sniff_format(path)
+        why = names_other_files(path, fmt)
     except OSError:
         return "raw"  # a missing file is reported by VirtualMachine (validate_paths), not here
+    if why is not None:
+        how = f"hd_format={fmt!r}" if field == "hd_location" else f"Disk(..., format={fmt!r})"
+        raise ConfigError(
+            field,
+            f"{path} looks like {fmt}, but {why}; vmanager does not guess such a format, since a guest "
+            f"that wrote this disk could make QEMU open host files. If you trust the image, state its "
+            f"format: {how}",
+        )
+    return fmt
 
 
 def _disk_bus(family: str) -> tuple[str, str]:
@@ -64,7 +75,7 @@ def plan_disks(config: VMConfig, family: str) -> list[DiskPlan]:
     plans: list[DiskPlan] = []
     sources: list[tuple[str, Path, bool, bool, DiskFormat | None]] = []
     if config.hd_location is not None:
-        sources.append(("hd_location", config.hd_location, True, False, None))
+        sources.append(("hd_location", config.hd_location, True, False, config.hd_format))
     for i, disk in enumerate(config.disks):
         sources.append((f"disks[{i}]", disk.path, disk.snapshot, disk.readonly, disk.format))
     if len(sources) > len(letters):
@@ -77,7 +88,7 @@ def plan_disks(config: VMConfig, family: str) -> list[DiskPlan]:
                 device="disk",
                 target=prefix + letter,
                 bus=bus,
-                format=_format_of(path, fmt),
+                format=_format_of(field, path, fmt),
                 readonly=readonly,
                 snapshot=snapshot,
             )

@@ -159,7 +159,9 @@ class Disk:
 
     ``snapshot=False`` keeps the disk out of every snapshot (``snapshot="no"`` in the domain XML): the
     IO disk that carries data in and out of a test VM. ``format`` is read from the image's magic numbers
-    when ``None``. ``readonly`` attaches it read-only.
+    when ``None``, unless the image would then name other files (a qcow2 backing file, VMDK extents, a
+    differencing VDI or VHD): such a disk needs an explicit ``format``, and so does any disk a guest has
+    written. ``readonly`` attaches it read-only.
     """
 
     path: Path = attrs.field(converter=_disk_path)
@@ -268,6 +270,7 @@ class VMConfig:
       domain name and wins; ``name`` then becomes the domain's ``<title>``.
     * ``memory``: MiB (int or numeric string); ``vcpus``: count.
     * ``disk_location``: a CD-ROM ISO; ``hd_location``: the system disk (snapshotted / overlaid);
+      ``hd_format``: its format (``None``: sniffed, with the rule of :class:`Disk`'s ``format``);
       ``disks``: extra disks (see :class:`Disk`).
     * ``kernel``, ``initrd``, ``cmdline``: direct kernel boot (QEMU, Xen and the test driver).
     * ``serial_log``: a file that receives everything the guest writes to its serial console.
@@ -286,6 +289,7 @@ class VMConfig:
     vcpus: int = attrs.field(default=1, converter=_vcpus)
     disk_location: Path | None = attrs.field(default=None, converter=_disk_location)
     hd_location: Path | None = attrs.field(default=None, converter=_hd_location)
+    hd_format: DiskFormat | None = None
     disks: tuple[Disk, ...] = attrs.field(default=(), converter=_disks)
     kernel: Path | None = attrs.field(default=None, converter=_kernel)
     initrd: Path | None = attrs.field(default=None, converter=_initrd)
@@ -316,6 +320,10 @@ class VMConfig:
             raise ConfigError("rollback", f"{self.rollback!r}: use 'snapshot' or 'overlay'")
         if self.rollback == "overlay" and self.hd_location is None:
             raise ConfigError("rollback", "overlay rollback needs a system disk (hd_location)")
+        if self.hd_format is not None and self.hd_format not in _FORMATS:
+            raise ConfigError(
+                "hd_format", f"unknown format {self.hd_format!r}; use one of {sorted(_FORMATS)}"
+            )
         if self.accel not in ("auto", "kvm", "tcg"):
             raise ConfigError("accel", f"{self.accel!r}: use 'auto', 'kvm' or 'tcg'")
         if self.validate_paths is not None and not isinstance(self.validate_paths, bool):

@@ -296,6 +296,30 @@ def test_guest_system_run_cmdline_and_script(tmp_path: Path) -> None:
     subprocess.run(["sh", "-n", str(tmp_path / "run.sh")], check=True)
 
 
+@pytest.mark.skipif(shutil.which("qemu-img") is None, reason="qemu-img (qemu-utils) is needed")
+def test_system_disk_format_is_stated_to_vmanager(tmp_path: Path) -> None:
+    """A user's qcow2 over a base image is defined (never booted here): pyti states its format."""
+    pytest.importorskip("libvirt")
+    base = tmp_path / "base.vmdk"
+    system = tmp_path / "system.img"
+    subprocess.run(["qemu-img", "create", "-q", "-f", "vmdk", str(base), "8M"], check=True)
+    subprocess.run(
+        ["qemu-img", "create", "-q", "-f", "qcow2", "-b", str(base), "-F", "vmdk", str(system)], check=True
+    )
+    assert manager._system_disk_format(system) == "qcow2"
+    assert manager._system_disk_format(base) == "vmdk"
+    assert manager._system_disk_format(None) is None
+    guest = GuestSystem(system_disk=system)
+    (tmp_path / "io.img").write_bytes(bytes(1 << 20))
+    vm = manager._define_vm(
+        guest, "sysfmt", None, tmp_path / "io.img", tmp_path / "serial.log"
+    )  # embedded QEMU
+    try:
+        assert vm.config.hd_format == "qcow2"
+    finally:
+        vm.undefine()
+
+
 @pytest.mark.parametrize(
     ("kwargs", "key"),
     [

@@ -12,7 +12,7 @@ from hypothesis import given
 from hypothesis import strategies as st
 
 from vmanager import Channel, ConfigError, Disk, VMConfig, domain_xml
-from vmanager._diskformat import sniff_bytes, sniff_format
+from vmanager._diskformat import names_other_files, sniff_bytes, sniff_format
 from vmanager._domain_xml import render
 
 FAMILIES = ["qemu", "kvm", "vbox", "xen", "test"]
@@ -191,6 +191,10 @@ def test_sniff_real_images(fmt: str, options: list[str], expected: str, tmp_path
     path = tmp_path / "image.vdi" if fmt != "vdi" else tmp_path / "image.qcow2"
     subprocess.run([QEMU_IMG, "create", "-q", "-f", fmt, *options, str(path), "4M"], check=True)  # type: ignore[list-item]
     assert sniff_format(path) == expected
+    if "subformat=monolithicFlat" in options:  # it names its extent: sniffed, but never guessed
+        with pytest.raises(ConfigError, match="hd_format='vmdk'"):
+            domain_xml(VMConfig(name="f", hd_location=path), "qemu")
+        return
     xml = domain_xml(VMConfig(name="f", hd_location=path), "qemu")
     assert ET.fromstring(xml).find("devices/disk/driver").get("type") == expected  # type: ignore[union-attr]
 
@@ -274,3 +278,78 @@ def test_channel_names_and_socket_paths_are_checked(tmp_path: Path) -> None:
         Channel("org.x", tmp_path / ("x" * 120))
     with pytest.raises(ConfigError, match="same name"):
         VMConfig(name="c", kernel="/k", channels=[Channel("a", tmp_path / "1"), Channel("a", tmp_path / "2")])
+
+
+# -- format probing: never guess a format that names other files ----------------------------------
+
+
+def _img(tmp_path: Path, name: str, *args: str) -> Path:
+    path = tmp_path / name
+    subprocess.run([QEMU_IMG, "create", "-q", *args, str(path)], check=True)  # type: ignore[list-item]
+    return path
+
+
+@pytest.mark.skipif(QEMU_IMG is None, reason="qemu-img (qemu-utils) is needed")
+def test_qcow2_naming_a_host_file_is_not_guessed(tmp_path: Path) -> None:
+    """A "raw" disk a guest rewrote as a qcow2 over a host file: without format= it is refused, by field."""
+    host_file = tmp_path / "host-secret"
+    host_file.write_bytes(b"secret\n" * 512)
+    evil = _img(tmp_path, "io.raw", "-f", "qcow2", "-u", "-b", str(host_file), "-F", "raw", "-o", "size=4M")
+    for config, field in [
+        (VMConfig(name="p", disks=[Disk(evil)]), "disks[0]"),
+        (VMConfig(name="p", hd_location=evil), "hd_location"),
+        (VMConfig(name="p", hd_location=evil, rollback="overlay", overlay_dir=tmp_path), "hd_location"),
+    ]:
+        with pytest.raises(ConfigError, match="backing file") as info:
+            domain_xml(config, "qemu")
+        assert info.value.field == field
+        assert "format=" in str(info.value)
+        assert str(host_file) not in str(info.value)  # the message names the image, not its target
+    # stated, it is the user's call: raw (what the guest was given) or qcow2 (a trusted image)
+    xml = ET.fromstring(domain_xml(VMConfig(name="p", hd_location=evil, hd_format="raw"), "qemu"))
+    assert xml.find("devices/disk/driver").get("type") == "raw"  # type: ignore[union-attr]
+    xml = ET.fromstring(domain_xml(VMConfig(name="p", disks=[Disk(evil, format="qcow2")]), "qemu"))
+    assert xml.find("devices/disk/driver").get("type") == "qcow2"  # type: ignore[union-attr]
+
+
+@pytest.mark.skipif(QEMU_IMG is None, reason="qemu-img (qemu-utils) is needed")
+def test_formats_naming_other_files_need_format(tmp_path: Path) -> None:
+    base = _img(tmp_path, "base.vmdk", "-f", "vmdk", "-o", "size=4M")
+    refused = {
+        "qcow2 over a qcow2": _img(tmp_path, "a", "-f", "qcow2", "-b", str(base), "-F", "vmdk"),
+        "vmdk child": _img(tmp_path, "b", "-f", "vmdk", "-b", str(base), "-F", "vmdk"),
+        "vmdk descriptor": _img(tmp_path, "c", "-f", "vmdk", "-o", "subformat=monolithicFlat,size=4M"),
+        "vmdk split": _img(tmp_path, "d", "-f", "vmdk", "-o", "subformat=twoGbMaxExtentSparse,size=4M"),
+    }
+    for what, path in refused.items():
+        with pytest.raises(ConfigError, match="format=") as info:
+            domain_xml(VMConfig(name="p", hd_location=path), "qemu")
+        assert info.value.field == "hd_location", what
+        assert names_other_files(path, sniff_format(path)) is not None, what
+    # a plain image of each format is still sniffed (test_sniff_real_images), a stated format never is
+    xml = domain_xml(VMConfig(name="p", hd_location=refused["vmdk child"], hd_format="vmdk"), "qemu")
+    assert ET.fromstring(xml).find("devices/disk/driver").get("type") == "vmdk"  # type: ignore[union-attr]
+    with pytest.raises(ConfigError, match="hd_format"):
+        VMConfig(name="p", hd_location=base, hd_format="qed")  # type: ignore[arg-type]
+
+
+def test_differencing_vdi_and_vhd_headers_are_not_guessed(tmp_path: Path) -> None:
+    # qemu-img cannot make differencing VDI/VHD: the type fields are set on the headers it reads
+    vdi = bytearray(1024)
+    vdi[0x40:0x44] = b"\x7f\x10\xda\xbe"
+    vdi[0x4C:0x50] = (4).to_bytes(4, "little")
+    footer = bytearray(512)
+    footer[:8] = b"conectix"
+    footer[60:64] = (4).to_bytes(4, "big")
+    cases = {"diff.vdi": bytes(vdi), "diff.vhd": bytes(4096) + bytes(footer)}
+    for name, data in cases.items():
+        path = tmp_path / name
+        path.write_bytes(data)
+        with pytest.raises(ConfigError, match="differencing"):
+            domain_xml(VMConfig(name="p", disks=[path]), "qemu")
+        vdi[0x4C:0x50] = (1).to_bytes(4, "little")
+        footer[60:64] = (3).to_bytes(4, "big")
+    for name, data in {"normal.vdi": bytes(vdi), "dynamic.vhd": bytes(4096) + bytes(footer)}.items():
+        path = tmp_path / name
+        path.write_bytes(data)
+        assert names_other_files(path, sniff_format(path)) is None
