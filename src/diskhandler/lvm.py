@@ -38,7 +38,7 @@ import attrs
 from typing_extensions import override
 
 from diskhandler.errors import LvmMetadataError, ReadOnlyImageError, UnsupportedImageError
-from diskhandler.formats._stream import DiskImage
+from diskhandler.formats._stream import DiskImage, DiskView
 
 if TYPE_CHECKING:
     from pathlib import Path
@@ -327,7 +327,7 @@ class _Run:
     length: int
 
 
-class LogicalVolume(DiskImage):
+class LogicalVolume(DiskView):
     """A logical volume as a ``DiskImage`` over the extents it occupies on the disk.
 
     Reads and writes go to the disk (writable iff the disk is and the layout is linear). Closing a
@@ -363,8 +363,7 @@ class LogicalVolume(DiskImage):
         read_only_reason: str = "",
     ) -> None:
         writable = disk.writable() and layout == _LINEAR and not reason and not read_only_reason
-        super().__init__(disk.path, -1, size=size, writable=writable)
-        self.disk = disk
+        super().__init__(disk, size=size, writable=writable)
         self.vg = vg
         self.lv = lv
         self.name = f"{vg}/{lv}"
@@ -439,21 +438,8 @@ class LogicalVolume(DiskImage):
             index += 1
 
     @override
-    def flush(self) -> None:
-        if not self.closed and self._writable and not self.disk.closed:
-            self.disk.flush()
-
-    @override
-    def sync(self) -> None:
-        self.flush()
-        if self._writable and not self.disk.closed:
-            self.disk.sync()
-
-    @override
-    def _check_open(self) -> None:
-        super()._check_open()
-        if self.disk.closed:
-            raise ValueError(f"I/O operation on logical volume {self.name} of closed image {self.path}")
+    def _view_label(self) -> str:
+        return f"logical volume {self.name}"
 
     def _summary(self) -> str:
         note = f" ({self.reason})" if self.reason else ""

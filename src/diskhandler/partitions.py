@@ -31,7 +31,7 @@ from typing_extensions import override
 
 from diskhandler.errors import ImageFormatError, ImageWarning, PartitionTableError, ReadOnlyImageError
 from diskhandler.formats._layout import Layout, binary_layout, ffield
-from diskhandler.formats._stream import DiskImage
+from diskhandler.formats._stream import DiskImage, DiskView
 from diskhandler.lvm import LogicalVolume, list_logical_volumes
 
 __all__ = [
@@ -185,7 +185,7 @@ def _gpt_type_name(guid: str) -> str:
 # -- the partition view -------------------------------------------------------------------------------
 
 
-class Partition(DiskImage):
+class Partition(DiskView):
     """One partition: a ``DiskImage`` over ``disk[start : start + size]``.
 
     Reads and writes go to the disk (writable iff the disk is). Closing a partition does not close the
@@ -222,8 +222,7 @@ class Partition(DiskImage):
         bootable: bool = False,
         attributes: int = 0,
     ) -> None:
-        super().__init__(disk.path, -1, size=size, writable=disk.writable())
-        self.disk = disk
+        super().__init__(disk, size=size, writable=disk.writable())
         self.number = number
         self.start = start
         self.scheme = scheme
@@ -263,21 +262,8 @@ class Partition(DiskImage):
         self.disk.write_at(self.start + offset, data)
 
     @override
-    def flush(self) -> None:
-        if not self.closed and self._writable and not self.disk.closed:
-            self.disk.flush()
-
-    @override
-    def sync(self) -> None:
-        self.flush()
-        if self._writable and not self.disk.closed:
-            self.disk.sync()
-
-    @override
-    def _check_open(self) -> None:
-        super()._check_open()
-        if self.disk.closed:
-            raise ValueError(f"I/O operation on partition {self.number} of closed image {self.path}")
+    def _view_label(self) -> str:
+        return f"partition {self.number}"
 
     def _summary(self) -> str:
         label = f" name={self.name!r}" if self.name else ""

@@ -33,7 +33,7 @@ if TYPE_CHECKING:
     from diskhandler.formats._files import PolicyName
     from diskhandler.formats.chain import ChainGuard
 
-__all__ = ["DiskImage", "pread_exact", "preadinto_exact", "pwrite_all", "zero_fill"]
+__all__ = ["DiskImage", "DiskView", "pread_exact", "preadinto_exact", "pwrite_all", "zero_fill"]
 
 _ZEROS = bytes(1 << 20)
 
@@ -368,6 +368,38 @@ class DiskImage(io.RawIOBase):
         return (
             f"<{type(self).__name__} {str(self.path)!r} {self.format} {self.size} bytes {mode}{extra}{state}>"
         )
+
+
+class DiskView(DiskImage):
+    """A ``DiskImage`` over part of another one (a partition, a logical volume): it owns no file.
+
+    Flushing and syncing go to the disk it is part of; closing the view leaves the disk open, and
+    closing the disk makes the view unusable. Subclasses name themselves in errors (``_view_label``).
+    """
+
+    def __init__(self, disk: DiskImage, *, size: int, writable: bool) -> None:
+        super().__init__(disk.path, -1, size=size, writable=writable)
+        self.disk = disk
+
+    def _view_label(self) -> str:
+        raise NotImplementedError
+
+    @override
+    def flush(self) -> None:
+        if not self.closed and self._writable and not self.disk.closed:
+            self.disk.flush()
+
+    @override
+    def sync(self) -> None:
+        self.flush()
+        if self._writable and not self.disk.closed:
+            self.disk.sync()
+
+    @override
+    def _check_open(self) -> None:
+        super()._check_open()
+        if self.disk.closed:
+            raise ValueError(f"I/O operation on {self._view_label()} of closed image {self.path}")
 
 
 def _human(size: int) -> str:
