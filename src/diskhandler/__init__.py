@@ -8,7 +8,7 @@ from __future__ import annotations
 
 from typing import TYPE_CHECKING, Any
 
-from diskhandler.create import create_io_disk
+from diskhandler.create import copy_sparse, create_io_disk
 from diskhandler.errors import (
     ChainError,
     DiskHandlerError,
@@ -25,11 +25,12 @@ from diskhandler.errors import (
     ParentPolicyError,
     PartitionTableError,
     ReadOnlyImageError,
+    SnapshotNotFoundError,
     SpecialFileError,
     UnsupportedImageError,
 )
 from diskhandler.filesystems import detect_filesystem
-from diskhandler.formats import FORMAT_NAMES, DiskImage, create_image, detect_format, open_image
+from diskhandler.formats import FORMAT_NAMES, DiskImage, ParentPolicy, create_image, detect_format, open_image
 from diskhandler.operations import DiskOperations
 from diskhandler.partitions import (
     LogicalVolume,
@@ -72,14 +73,17 @@ __all__ = [
     "LogicalVolume",
     "LvmMetadataError",
     "MissingDependencyError",
+    "ParentPolicy",
     "ParentPolicyError",
     "Partition",
     "PartitionSpec",
     "PartitionTableError",
     "ReadOnlyImageError",
+    "SnapshotNotFoundError",
     "SpecialFileError",
     "UnsupportedImageError",
     "VDFuseMount",
+    "copy_sparse",
     "create_image",
     "create_io_disk",
     "create_partition_table",
