@@ -51,7 +51,9 @@ def test_for_vm_follows_the_leaf_of_a_snapshot_chain(tmp_path: Path, test_uri: s
         ops.mount()
         (tmp_path / "new.txt").write_text("leaf\n")
         ops.upload(tmp_path / "new.txt", "/state.txt")
-    vm = VirtualMachine("xleaf", test_uri, config=VMConfig(name="xleaf", memory=64, hd_location=leaf))
+    vm = VirtualMachine(
+        "xleaf", test_uri, config=VMConfig(name="xleaf", memory=64, hd_location=leaf, hd_format="qcow2")
+    )
     try:
         with DiskOperations.for_vm(vm, readonly=True) as ops:
             ops.mount()
