@@ -77,7 +77,8 @@ from pyti_core.errors import (
 )
 from pyti_core.ledger import FINAL_STATES, Ledger
 from pyti_core.manager import GuestSystem, RunResult
-from pyti_core.rawdata import RawDataRecord, Report
+from pyti_core.rawdata import Report
+from pyti_core.task_manager import failure_result
 from pyti_core.tasks import Recipe, get_recipe
 
 if TYPE_CHECKING:
@@ -118,7 +119,6 @@ KILL_WORKER_RECIPE: Final = "pyti-test-kill-worker"
 _DASK_KEY_PREFIX: Final = "pyti-farm-"
 _FETCH_KEY_PREFIX: Final = "pyti-fetch-"
 _SERIAL_TAIL: Final = 64 << 10
-_FAILURE_CAP: Final = 64 << 10
 
 #: ``progress(job_label, phase, message)``: job starts on a worker (phase ``"started"``), the run's
 #: phases as the worker reports them, ``"done"``/``"failed"`` and ``"ledger"`` (done before), called
@@ -650,20 +650,15 @@ def _failure(  # noqa: PLR0917
     phases: Mapping[str, float],
     serial_log: str = "",
 ) -> RunResult:
-    record = RawDataRecord(
-        task_id="pyti",
-        task="pyti",
-        status=status,
-        exit_code=None,
-        stdout="",
-        stderr=message[-_FAILURE_CAP:],
-        started_at=started,
-        duration_s=max(0.0, time.monotonic() - t0),
-        max_rss_kb=0,
-        cpu_user_s=0.0,
-        cpu_system_s=0.0,
+    return failure_result(
+        distribution,
+        status,
+        message,
+        started=started,
+        duration_s=time.monotonic() - t0,
+        phases=dict(phases),
+        serial_log=serial_log,
     )
-    return RunResult(distribution, Report(distribution, (record,)), dict(phases), serial_log)
 
 
 # -- the submitting side ------------------------------------------------------------------------------
