@@ -170,7 +170,7 @@ class Disk:
     format: DiskFormat | None = None
 
     def __attrs_post_init__(self) -> None:
-        if self.format is not None and self.format not in _FORMATS:
+        if self.format is not None and (type(self.format) is not str or self.format not in _FORMATS):
             raise ConfigError("format", f"unknown format {self.format!r}; use one of {sorted(_FORMATS)}")
         for field in ("snapshot", "readonly"):
             if not isinstance(getattr(self, field), bool):
@@ -320,7 +320,7 @@ class VMConfig:
             raise ConfigError("rollback", f"{self.rollback!r}: use 'snapshot' or 'overlay'")
         if self.rollback == "overlay" and self.hd_location is None:
             raise ConfigError("rollback", "overlay rollback needs a system disk (hd_location)")
-        if self.hd_format is not None and self.hd_format not in _FORMATS:
+        if self.hd_format is not None and (type(self.hd_format) is not str or self.hd_format not in _FORMATS):
             raise ConfigError(
                 "hd_format", f"unknown format {self.hd_format!r}; use one of {sorted(_FORMATS)}"
             )

@@ -329,8 +329,11 @@ def test_formats_naming_other_files_need_format(tmp_path: Path) -> None:
     # a plain image of each format is still sniffed (test_sniff_real_images), a stated format never is
     xml = domain_xml(VMConfig(name="p", hd_location=refused["vmdk child"], hd_format="vmdk"), "qemu")
     assert ET.fromstring(xml).find("devices/disk/driver").get("type") == "vmdk"  # type: ignore[union-attr]
-    with pytest.raises(ConfigError, match="hd_format"):
-        VMConfig(name="p", hd_location=base, hd_format="qed")  # type: ignore[arg-type]
+    for bad in ("qed", ["vmdk"], {}):
+        with pytest.raises(ConfigError, match="hd_format"):
+            VMConfig(name="p", hd_location=base, hd_format=bad)  # type: ignore[arg-type]
+        with pytest.raises(ConfigError, match="format"):
+            Disk(base, format=bad)  # type: ignore[arg-type]
 
 
 def test_differencing_vdi_and_vhd_headers_are_not_guessed(tmp_path: Path) -> None:
