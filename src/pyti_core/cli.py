@@ -39,9 +39,10 @@ from pyti_core.tables import failure_line, format_table, printable
 if TYPE_CHECKING:
     from distributed.security import Security
 
-    from pyti_core.channel import ChannelEvent
+    from pyti_core.channel import ChannelConfig, ChannelEvent
     from pyti_core.ledger import LedgerRow
     from pyti_core.manager import RunResult
+    from pyti_core.tasks import Recipe
 
 __all__ = [
     "EXIT_ERROR",
@@ -209,6 +210,11 @@ def _cmd_run(args: argparse.Namespace, out: TextIO, err: TextIO) -> int:
             channel = attrs.evolve(channel or ChannelConfig(), stall_timeout=args.stall_timeout)
         except ConfigError as exc:
             raise _UsageError(f"run: --stall-timeout: {exc}") from None
+    pythons = _guest_pythons(args.python, "run") if args.python is not None else []
+    if pythons and args.guest is not None:
+        raise _UsageError("run: --python builds tiny guests; --guest boots your own disk: give one of them")
+    if pythons:
+        return _run_matrix(args, out, err, specs, pythons, recipe, timeout, cache_dir, report_path, channel)
     if args.guest is not None:
         if not args.guest.is_file():
             raise _UsageError(f"run: --guest {args.guest}: no such disk image")
@@ -265,6 +271,67 @@ def _cmd_run(args: argparse.Namespace, out: TextIO, err: TextIO) -> int:
             path.write_text(result.report.to_json() + "\n", encoding="utf-8")
             out.write(f"report written to {path}\n")
     return EXIT_OK if all(r.ok for r in results) else EXIT_FAILED
+
+
+def _run_matrix(  # noqa: PLR0917 (the run command's parts, called once)
+    args: argparse.Namespace,
+    out: TextIO,
+    err: TextIO,
+    specs: Sequence[str | Path],
+    pythons: Sequence[str],
+    recipe: Recipe,
+    timeout: float,
+    cache_dir: Path | None,
+    report_path: Path | None,
+    channel: ChannelConfig | None,
+) -> int:
+    """``pyti run SPEC... --python A,B``: every spec in every guest, through the TaskManager."""
+    from pyti_core.manager import GuestSystem, RunMatrix  # noqa: PLC0415
+    from pyti_core.task_manager import TaskManager  # noqa: PLC0415
+
+    display = ProgressDisplay(err, live=args.live)
+    try:
+        guests = []
+        for name in pythons:
+            display("guest", f"building (or reusing) the Python {name} guest")
+            guests.append(GuestSystem.for_python(name, cache_dir / "guest" if cache_dir else None))
+        with TaskManager(
+            args.max_vms,
+            uri=args.uri,
+            work_dir=args.work_dir,
+            cache_dir=cache_dir,
+            progress=display.job,
+            on_event=display.job_event,
+            channel=channel,
+            keep=args.keep,
+            find_links=args.find_links,
+            no_index=args.no_index,
+            index_url=args.index_url,
+        ) as manager:
+            futures = [
+                manager.submit(
+                    spec, recipe=recipe, timeout=timeout, guest=guest, name=_job_name(spec, guest.name)
+                )
+                for spec in specs
+                for guest in guests
+            ]
+            matrix = RunMatrix([f.result() for f in futures])
+    finally:
+        display.close()
+    out.write(str(matrix))
+    for result in matrix:
+        if result.work_dir is not None:
+            out.write(f"files kept in {result.work_dir}\n")
+    if report_path is not None:
+        for result, path in zip(matrix, _report_paths(Path(report_path), matrix.results), strict=True):
+            path.write_text(result.report.to_json() + "\n", encoding="utf-8")
+            out.write(f"report written to {path}\n")
+    return EXIT_OK if matrix.ok else EXIT_FAILED
+
+
+def _job_name(spec: str | Path, python: str) -> str:
+    stem = re.sub(r"[^A-Za-z0-9.-]+", "-", Path(spec).name if isinstance(spec, Path) else spec).strip("-.")
+    return f"pyti-{stem[:30] or 'dist'}-py{python}-{os.urandom(3).hex()}"
 
 
 def _spec(text: str) -> str | Path:
@@ -350,12 +417,38 @@ def _cmd_image_build(args: argparse.Namespace, out: TextIO, err: TextIO) -> int:
         return _cmd_image_build_system(args, out, err)
     if args.output is not None or args.format is not None:
         raise _UsageError("image build: --output and --format go with --os (a system disk)")
-    err.write(
-        "pyti: building (or reusing) the tiny Python guest; the first build downloads Debian packages\n"
-    )
-    guest = build_default_image(args.cache_dir)
-    out.write(f"kernel:  {guest.kernel}\ninitrd:  {guest.initrd}\ncmdline: {guest.cmdline}\n")
+    if args.python is None:
+        err.write(
+            "pyti: building (or reusing) the tiny Python guest; the first build downloads Debian packages\n"
+        )
+        guest = build_default_image(args.cache_dir)
+        out.write(f"kernel:  {guest.kernel}\ninitrd:  {guest.initrd}\ncmdline: {guest.cmdline}\n")
+        return EXIT_OK
+    from pyti_core.manager import GuestSystem  # noqa: PLC0415
+
+    for name in _guest_pythons(args.python, "image build"):
+        err.write(f"pyti: building (or reusing) the Python {name} guest\n")
+        guest = GuestSystem.for_python(name, args.cache_dir, refresh=args.refresh)
+        tooling = ", ".join(f"{k} {v}" for k, v in sorted(guest.preinstalled.items()))
+        out.write(
+            f"{name}: {guest.target.describe()}\n  kernel:  {guest.kernel}\n  initrd:  {guest.initrd}\n"
+            f"  preinstalled: {tooling or 'nothing'}\n"
+        )
     return EXIT_OK
+
+
+def _guest_pythons(text: str, command: str) -> list[str]:
+    """``--python 3.9,3.13`` -> ``["3.9", "3.13"]``; an unknown name is a usage error listing the choices."""
+    from pyti_core.guest.tinylinux import INTERPRETERS  # noqa: PLC0415
+
+    names = list(dict.fromkeys(n.strip() for n in text.split(",") if n.strip()))
+    unknown = [n for n in names if n not in INTERPRETERS]
+    if unknown or not names:
+        raise _UsageError(
+            f"{command}: --python {', '.join(unknown) or repr(text)}: not a guest Python pyti can build; "
+            f"choose from {', '.join(INTERPRETERS)} (a comma-separated list)"
+        )
+    return names
 
 
 def _cmd_image_prepare(args: argparse.Namespace, out: TextIO, err: TextIO) -> int:
@@ -640,6 +733,12 @@ def build_parser() -> argparse.ArgumentParser:
         help="boot this system disk through the BIOS instead of the tiny guest "
         "(made by `pyti image build --os`, or any image `pyti image prepare` made ready)",
     )
+    p.add_argument(
+        "--python",
+        metavar="LIST",
+        help="test in tiny guests with these Pythons, each from the Debian suite that ships it: any of "
+        "3.9, 3.11, 3.13, 3.14, pypy3, comma-separated (one table, a column per guest)",
+    )
     p.add_argument("--cache-dir", type=Path, help="pyti's cache (guest build, pip cache)")
     p.add_argument("--work-dir", type=Path, help="where the run's files go (default: a temporary folder)")
     p.add_argument("--keep", action="store_true", help="keep the run's files (IO disk, serial log)")
@@ -672,6 +771,10 @@ def build_parser() -> argparse.ArgumentParser:
         "build", help="build (or find in the cache) the tiny Python guest, or a system disk (--os)"
     )
     b.add_argument("--cache-dir", type=Path, help="where the build is cached")
+    b.add_argument(
+        "--python", metavar="LIST", help="build the tiny guests with these Pythons (3.9,3.13,pypy3...)"
+    )
+    b.add_argument("--refresh", action="store_true", help="fetch the Debian package lists again first")
     b.add_argument(
         "--os",
         choices=("debian-12", "debian-13"),

@@ -64,6 +64,7 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any, Final, Literal
 
 import attrs
+from packaging.requirements import InvalidRequirement, Requirement
 
 from pyti_core.channel import (
     MAX_SOCKET_PATH,
@@ -87,7 +88,14 @@ from pyti_core.errors import (
 from pyti_core.guest import protocol
 from pyti_core.guest.bytecode import use_compiled_pip, use_compiled_pip_in_job
 from pyti_core.guest.protocol import CHANNEL_PORT, READY_MARKER, RUN_EXIT_MARKER
-from pyti_core.packages import DEBIAN_12, Distribution, GuestTarget, bundled_pip_wheel, prepare_distribution
+from pyti_core.packages import (
+    DEBIAN_12,
+    Distribution,
+    GuestTarget,
+    bundled_pip_wheel,
+    normalize_name,
+    prepare_distribution,
+)
 from pyti_core.rawdata import MAX_RECORD_BYTES, Environment, RawDataRecord, Report, parse_record
 from pyti_core.tasks import GuestLayout, Recipe, get_recipe, stage_io_folder
 
@@ -129,6 +137,17 @@ _DEFAULT_CHANNEL: Final = ChannelConfig()
 
 def _no_progress(phase: str, message: str) -> None:
     """The default progress callback: does nothing."""
+
+
+def _satisfied(requirement: str, installed: Mapping[str, str]) -> bool:
+    try:
+        req = Requirement(requirement)
+    except InvalidRequirement:
+        return False
+    version = installed.get(normalize_name(req.name))
+    if version is None or req.extras or req.marker is not None or req.url:
+        return False
+    return not req.specifier or req.specifier.contains(version, prereleases=True)
 
 
 @attrs.frozen
@@ -176,6 +195,10 @@ class RunResult:
         return run_table(self).html()
 
 
+def _results(value: Iterable[RunResult]) -> tuple[RunResult, ...]:
+    return tuple(value)
+
+
 @attrs.frozen
 class RunMatrix:
     """The runs of one ``pyti run`` across several environments (and distributions), in order.
@@ -184,7 +207,7 @@ class RunMatrix:
     Jupyter show the table ``pyti run`` prints: a row per task, a column per environment.
     """
 
-    results: tuple[RunResult, ...] = attrs.field(converter=tuple)
+    results: tuple[RunResult, ...] = attrs.field(converter=_results)
 
     @property
     def ok(self) -> bool:
@@ -235,6 +258,8 @@ class GuestSystem:
     * ``boot_timeout``: seconds from the VM's start to the ready marker.
     * ``layout``: paths in the guest; ``target``: the guest's Python and platform, for the download.
     * ``name``: what tables and report file names call it (``"3.11"``, ``"pypy3"``).
+    * ``preinstalled``: Python distributions already installed in the guest (name -> version); the
+      recipe's requirements among them are neither downloaded nor installed (:meth:`recipe_for`).
     """
 
     kernel: Path | None = attrs.field(default=None, converter=_opt_path)
@@ -249,6 +274,7 @@ class GuestSystem:
     layout: GuestLayout = attrs.field(factory=GuestLayout)
     target: GuestTarget = DEBIAN_12
     name: str = ""
+    preinstalled: Mapping[str, str] = attrs.field(factory=dict)
 
     def __attrs_post_init__(self) -> None:
         if self.kernel is None and self.system_disk is None:
@@ -266,10 +292,42 @@ class GuestSystem:
         see :func:`pyti_core.guest.tinylinux.default_cache_dir`); ``pyti image build`` does the same.
         Raises :class:`~pyti_core.errors.GuestImageError` when it cannot be built.
         """
-        from pyti_core.guest.tinylinux import build_tiny_linux  # noqa: PLC0415 (apt only when used)
+        return cls.for_python(None, cache_dir)
 
-        tiny = build_tiny_linux(cache_dir, python=True)
-        return cls(kernel=tiny.kernel, initrd=tiny.initrd, cmdline=tiny.cmdline)
+    @classmethod
+    def for_python(
+        cls, python: str | None, cache_dir: Path | None = None, *, refresh: bool = False
+    ) -> GuestSystem:
+        """The tiny guest with ``python`` (``"3.9"``, ``"3.11"``, ``"3.13"``, ``"3.14"``, ``"pypy3"``: see
+        :data:`pyti_core.guest.tinylinux.INTERPRETERS`), built from the Debian suite that ships it.
+
+        ``None`` is the default guest (Python 3.11, unnamed). Its wheels are resolved for its Python
+        (``target``); pip and the test tooling are preinstalled (``preinstalled``). Raises
+        ``ValueError`` for an unknown name and :class:`~pyti_core.errors.GuestImageError` when the guest
+        cannot be built (a suite that cannot be reached is named; a cached build is used when there is one).
+        """
+        from pyti_core.guest import tinylinux  # noqa: PLC0415 (apt only when used)
+
+        interpreter = tinylinux.interpreter_named(python or tinylinux.DEFAULT_PYTHON)
+        tiny = tinylinux.build_tiny_linux(cache_dir, python=interpreter.name, refresh=refresh)
+        return cls(
+            kernel=tiny.kernel,
+            initrd=tiny.initrd,
+            cmdline=tiny.cmdline,
+            target=tinylinux.guest_target(interpreter, tiny.packages),
+            name=python or "",
+            preinstalled=tiny.preinstalled,
+            layout=GuestLayout(pip_installed="pip" in tiny.preinstalled),
+        )
+
+    def recipe_for(self, recipe: Recipe) -> Recipe:
+        """``recipe`` without the requirements this guest already has installed (its test tooling).
+
+        A requirement is left out only when it names a preinstalled distribution without extras or
+        markers, and the installed version satisfies its specifier; anything else is installed.
+        """
+        missing = tuple(r for r in recipe.requirements if not _satisfied(r, self.preinstalled))
+        return recipe if missing == recipe.requirements else attrs.evolve(recipe, requirements=missing)
 
     @classmethod
     def from_image(cls, image: str | os.PathLike[str], *, boot_timeout: float = 240.0) -> GuestSystem:
@@ -376,6 +434,7 @@ def run(
         if guest is None:
             report_progress("download", "building or reusing the tiny Python guest")
             guest = GuestSystem.default(cache_dir / "guest" if cache_dir is not None else None)
+        the_recipe = guest.recipe_for(the_recipe)
         started = time.monotonic()
         report_progress("download", f"resolving {os.fspath(spec)} for the guest")
         distribution = prepare_distribution(
@@ -453,7 +512,7 @@ def run_prepared(
     report_progress("io-disk", "staging the wheels, sources and job")
     heartbeat = channel.heartbeat if channel is not None else None
     job = stage_io_folder(work_dir / "io", distribution, recipe, guest.layout, heartbeat=heartbeat)
-    if use_compiled_pip(guest.target):
+    if not guest.layout.pip_installed and use_compiled_pip(guest.target):
         job = use_compiled_pip_in_job(job, work_dir / "io", distribution.pip_wheel, guest.layout)
     (work_dir / "io" / protocol.RUN_SCRIPT).write_text(run_script(guest))
     # Made here, so its directory entry is on the disk before the guest runs: the agent only appends

@@ -34,9 +34,10 @@ import zipfile
 from collections.abc import Iterable, Iterator, Sequence
 from contextlib import contextmanager
 from pathlib import Path, PurePosixPath
-from typing import Final
+from typing import Final, Literal
 
 import attrs
+from packaging.requirements import InvalidRequirement, Requirement
 
 from pyti_core.errors import PackageError, UnsafeArchiveError
 
@@ -45,6 +46,7 @@ __all__ = [
     "Distribution",
     "GuestTarget",
     "bundled_pip_wheel",
+    "download_wheels",
     "import_names_of_wheel",
     "normalize_name",
     "prepare_distribution",
@@ -57,6 +59,8 @@ MAX_UNPACKED_BYTES: Final = 2 << 30
 MAX_ARCHIVE_MEMBERS: Final = 200_000
 #: Dependencies built from sdists in one resolution; more means something loops.
 MAX_BUILT_FROM_SDIST: Final = 50
+#: Rounds of fetching conditional dependencies pip left out for the target; more means something loops.
+MAX_MARKER_ROUNDS: Final = 8
 _STDERR_TAIL: Final = 3000
 _SDIST_SUFFIXES: Final = (".tar.gz", ".tgz", ".tar.bz2", ".tar.xz", ".tar", ".zip")
 _NAME: Final = re.compile(r"^\s*([A-Za-z0-9](?:[A-Za-z0-9._-]*[A-Za-z0-9])?)")
@@ -75,18 +79,51 @@ def normalize_name(name: str) -> str:
 
 @attrs.frozen
 class GuestTarget:
-    """The Python and platform the wheels must fit: CPython ``python_version`` on glibc ``glibc``.
+    """The Python and platform the wheels must fit: ``implementation`` (``"cp"`` CPython, ``"pp"`` PyPy)
+    at language version ``python_version`` on glibc ``glibc``, with the interpreter's ABI tag ``abi``
+    (default ``cpXY``; PyPy's look like ``pypy39_pp73``).
 
-    The default, :data:`DEBIAN_12`, is the test guest: CPython 3.11 on Debian 12 (glibc 2.36), x86_64.
+    The default, :data:`DEBIAN_12`, is the default test guest: CPython 3.11 on Debian 12 (glibc 2.36).
     """
 
     python_version: tuple[int, int] = (3, 11)
     glibc: tuple[int, int] = (2, 36)
     arch: str = "x86_64"
+    implementation: Literal["cp", "pp"] = "cp"
+    abi: str = ""
+    full_version: str = ""
 
     @property
     def python_tag(self) -> str:
-        return f"cp{self.python_version[0]}{self.python_version[1]}"
+        return f"{self.implementation}{self.python_version[0]}{self.python_version[1]}"
+
+    @property
+    def abi_tag(self) -> str:
+        return self.abi or f"cp{self.python_version[0]}{self.python_version[1]}"
+
+    def describe(self) -> str:
+        """``CPython 3.11, glibc 2.36, x86_64``: for messages."""
+        impl = "PyPy" if self.implementation == "pp" else "CPython"
+        major, minor = self.python_version
+        return f"{impl} {major}.{minor} ({self.abi_tag}), glibc {self.glibc[0]}.{self.glibc[1]}, {self.arch}"
+
+    def marker_environment(self) -> dict[str, str]:
+        """The PEP 508 environment markers of the guest (``full_version`` defaults to ``X.Y.0``)."""
+        major, minor = self.python_version
+        pypy = self.implementation == "pp"
+        return {
+            "implementation_name": "pypy" if pypy else "cpython",
+            "implementation_version": self.full_version or f"{major}.{minor}.0",
+            "os_name": "posix",
+            "platform_machine": self.arch,
+            "platform_python_implementation": "PyPy" if pypy else "CPython",
+            "platform_release": "",
+            "platform_system": "Linux",
+            "platform_version": "",
+            "python_full_version": self.full_version or f"{major}.{minor}.0",
+            "python_version": f"{major}.{minor}",
+            "sys_platform": "linux",
+        }
 
     def platforms(self) -> tuple[str, ...]:
         """Platform tags the guest accepts, most specific first (PEP 600 names and their legacy aliases)."""
@@ -103,11 +140,13 @@ class GuestTarget:
         return tuple(out)
 
     def abis(self) -> tuple[str, ...]:
-        return (self.python_tag, "abi3", "none")
+        if self.implementation == "pp":
+            return (self.abi_tag, "none")
+        return (self.abi_tag, "abi3", "none")
 
     def pip_options(self) -> list[str]:
         """``pip download`` options that select wheels for this target (and only wheels)."""
-        opts = ["--only-binary=:all:", "--implementation", "cp"]
+        opts = ["--only-binary=:all:", "--implementation", self.implementation]
         opts += ["--python-version", f"{self.python_version[0]}.{self.python_version[1]}"]
         for plat in self.platforms():
             opts += ["--platform", plat]
@@ -128,8 +167,10 @@ class GuestTarget:
         generic = {f"py{major}"} | {f"py{major}{m}" for m in range(minor + 1)}
         if "none" in abis and pythons & (generic | {self.python_tag}):
             return True
-        if self.python_tag in abis and self.python_tag in pythons:
+        if self.abi_tag in abis and self.python_tag in pythons:
             return True
+        if self.implementation != "cp":
+            return False
         stable = {f"cp{major}{m}" for m in range(2, minor + 1)}
         return "abi3" in abis and bool(pythons & stable)
 
@@ -392,14 +433,64 @@ def _classify(spec: str | Path) -> str:
     return "requirement"
 
 
-def _download(
+def _download(  # noqa: PLR0917 (private, called in two places)
+    pip: _Pip,
+    requirements: Sequence[str],
+    wheels: Path,
+    built: Path,
+    target: GuestTarget,
+    extras: Iterable[str] = (),
+) -> list[Path]:
+    """Resolve ``requirements`` for ``target`` into ``wheels``, with the dependencies the *guest* needs.
+
+    ``pip download --python-version`` picks wheels for the target but evaluates environment markers
+    for the Python that runs pip (pip issue 11664): a 3.9 guest would miss ``tomli; python_version <
+    "3.11"`` when the host runs 3.11. So the downloaded wheels' ``Requires-Dist`` are evaluated for the
+    target (:meth:`GuestTarget.marker_environment`, ``extras`` of the root project included) and what
+    is missing is downloaded too, until nothing is.
+    """
+    saved = set(_download_once(pip, requirements, wheels, built, target))
+    for _ in range(MAX_MARKER_ROUNDS):
+        missing = _missing_for_target(sorted(saved), target, extras)
+        if not missing:
+            return sorted(saved)
+        saved |= set(_download_once(pip, missing, wheels, built, target))
+    raise PackageError(
+        f"resolving {', '.join(requirements)} for the guest ({target.describe()}) did not settle after "
+        f"{MAX_MARKER_ROUNDS} rounds of conditional dependencies"
+    )
+
+
+def _missing_for_target(wheels: Sequence[Path], target: GuestTarget, extras: Iterable[str]) -> list[str]:
+    """Conditional requirements of ``wheels`` that hold on ``target`` but that no wheel satisfies."""
+    have = {normalize_name(p.name.split("-")[0]) for p in wheels}
+    env = target.marker_environment()
+    wanted_extras = ["", *extras]
+    missing: dict[str, str] = {}
+    for wheel in wheels:
+        text = _read_wheel_member(wheel, "METADATA", required=False) or ""
+        msg = email.parser.Parser().parsestr(text, headersonly=True)
+        for line in msg.get_all("Requires-Dist") or []:
+            try:
+                req = Requirement(str(line))
+            except InvalidRequirement:
+                continue
+            if req.marker is None or normalize_name(req.name) in have:
+                continue
+            if any(req.marker.evaluate({**env, "extra": e}) for e in wanted_extras):
+                req.marker = None
+                missing.setdefault(normalize_name(req.name), str(req))
+    return sorted(missing.values())
+
+
+def _download_once(
     pip: _Pip,
     requirements: Sequence[str],
     wheels: Path,
     built: Path,
     target: GuestTarget,
 ) -> list[Path]:
-    """Resolve ``requirements`` for ``target`` into ``wheels``; build pure wheels for sdist-only deps."""
+    """One ``pip download`` of ``requirements`` for ``target``; build pure wheels for sdist-only deps."""
     attempted: set[str] = set()
     while True:
         args = ["download", "--dest", str(wheels), *target.pip_options(), *pip.index_options()]
@@ -414,9 +505,7 @@ def _download(
             key = _project_key(missing)
             if key in attempted or len(attempted) >= MAX_BUILT_FROM_SDIST:
                 raise PackageError(
-                    f"{missing} has no wheel for the guest (CPython "
-                    f"{target.python_version[0]}.{target.python_version[1]}, glibc "
-                    f"{target.glibc[0]}.{target.glibc[1]}, {target.arch}) and none could be built",
+                    f"{missing} has no wheel for the guest ({target.describe()}) and none could be built",
                     command=exc.command,
                     stderr=exc.stderr,
                 ) from exc
@@ -452,9 +541,7 @@ def _build_from_sdist(pip: _Pip, requirement: str, built: Path, target: GuestTar
             if not _NOT_FOUND.search(exc.stderr):
                 raise
             raise PackageError(
-                f"{what} (CPython {target.python_version[0]}.{target.python_version[1]}, glibc "
-                f"{target.glibc[0]}.{target.glibc[1]}, {target.arch}) and no sdist either: "
-                "check its name and version",
+                f"{what} ({target.describe()}) and no sdist either: check its name and version",
                 command=exc.command,
                 stderr=exc.stderr,
             ) from exc
@@ -483,6 +570,35 @@ def _fetch_sources(pip: _Pip, requirement: str, dest: Path) -> Path | None:
             raise
         shutil.rmtree(dest, ignore_errors=True)
         return unpack_sdist(sdist, dest)
+
+
+def download_wheels(
+    requirements: Sequence[str],
+    dest: Path,
+    target: GuestTarget,
+    *,
+    cache_dir: Path | None = None,
+    index_url: str | None = None,
+    no_index: bool = False,
+    find_links: Iterable[Path] = (),
+    timeout: float = 900.0,
+) -> list[Path]:
+    """Wheels of ``requirements`` and everything they need on ``target``, into ``dest``.
+
+    Conditional dependencies are evaluated for the target, not for this host. Raises
+    :class:`PackageError`.
+    """
+    dest = Path(dest).resolve()
+    dest.mkdir(parents=True, exist_ok=True)
+    pip = _Pip(
+        index_url=index_url,
+        no_index=no_index,
+        find_links=tuple(Path(p).resolve() for p in find_links),
+        cache_dir=Path(cache_dir).resolve() if cache_dir is not None else None,
+        build_isolation=True,
+        timeout=timeout,
+    )
+    return _download(pip, requirements, dest, dest / ".built", target)
 
 
 def prepare_distribution(
@@ -556,7 +672,7 @@ def prepare_distribution(
         if not Path(pip_wheel).name.startswith("pip-") or not target.supports(pip_wheel):
             raise PackageError(f"{pip_wheel}: not a pip wheel that runs on the guest")
         shutil.copyfile(pip_wheel, wheels / Path(pip_wheel).name)
-    saved = _download(pip, wanted, wheels, built, target)
+    saved = _download(pip, wanted, wheels, built, target, extras)
     if pip_wheel is not None:
         saved.append(wheels / Path(pip_wheel).name)
     by_name = {normalize_name(p.name.split("-")[0]): p for p in saved}

@@ -51,7 +51,7 @@ import attrs
 from pyti_core.channel import ChannelConfig, ChannelEvent
 from pyti_core.errors import GuestBootError, GuestRunError, PytiError, TaskManagerClosedError, vmanager_errors
 from pyti_core.manager import GuestSystem, ProgressCallback, RunResult, run_prepared
-from pyti_core.packages import Distribution, bundled_pip_wheel, prepare_distribution
+from pyti_core.packages import Distribution, GuestTarget, bundled_pip_wheel, prepare_distribution
 from pyti_core.rawdata import RawDataRecord, Report
 from pyti_core.tasks import Recipe, get_recipe
 
@@ -153,11 +153,19 @@ class _Download:
 class _Job:
     """One submitted job's bookkeeping (the future is what callers see)."""
 
-    def __init__(self, name: str, spec: str | os.PathLike[str], recipe: Recipe, timeout: float) -> None:
+    def __init__(
+        self,
+        name: str,
+        spec: str | os.PathLike[str],
+        recipe: Recipe,
+        timeout: float,
+        guest: GuestSystem | None = None,
+    ) -> None:
         self.name = name
         self.spec = spec
         self.recipe = recipe
         self.timeout = timeout
+        self.guest = guest  # None: the manager's
         self.future: Future[RunResult] = Future()
         self.distribution = str(spec)
         self.started = datetime.now(UTC)
@@ -237,7 +245,7 @@ class TaskManager:
         self._pool = ThreadPoolExecutor(self.max_vms + self.max_downloads, thread_name_prefix="pyti-job")
         self._lock = threading.Lock()
         self._jobs: dict[str, _Job] = {}
-        self._downloads: dict[tuple[str, tuple[str, ...]], _Download] = {}
+        self._downloads: dict[tuple[str, tuple[str, ...], GuestTarget], _Download] = {}
         self._connection: Connection | None = None
         self._connection_lock = threading.Lock()
         self._closed = False
@@ -262,11 +270,14 @@ class TaskManager:
         recipe: str | Recipe = "default",
         timeout: float = 600.0,
         name: str | None = None,
+        guest: GuestSystem | None = None,
     ) -> Future[RunResult]:
         """Queue one job; its future ends with a :class:`RunResult` (never with an exception).
 
         ``timeout`` bounds the VM run (boot, tasks, read-back); the download before it is not counted.
-        ``name`` is the job's (and its domain's) name; default ``pyti-<8 hex digits>``.
+        ``name`` is the job's (and its domain's) name; default ``pyti-<8 hex digits>``. ``guest`` is the
+        system this job boots (default: the manager's); jobs of different guests (a matrix of Pythons)
+        share the VM slots, and their downloads are resolved per guest.
         Raises :class:`TaskManagerClosedError` after :meth:`close`, ``ValueError`` for a bad timeout,
         and :class:`~pyti_core.errors.TaskError` for an unknown recipe.
         """
@@ -279,7 +290,7 @@ class TaskManager:
             job_name = name or f"pyti-{uuid.uuid4().hex[:8]}"
             if job_name in self._jobs:
                 raise ValueError(f"a job named {job_name!r} was already submitted")
-            job = _Job(job_name, spec, resolved, float(timeout))
+            job = _Job(job_name, spec, resolved, float(timeout), guest)
             self._jobs[job_name] = job
         self._progress(job_name, "queued", f"{spec}")
         self._pool.submit(self._run_job, job)
@@ -363,7 +374,7 @@ class TaskManager:
             result = self._run_stages(job)
         except GuestBootError as exc:  # never ready: a timeout if it ran that long, else it stopped early
             waited = time.monotonic() - (job.vm_started or job.t0)
-            limit = min(self.guest.boot_timeout, job.timeout)
+            limit = min(self._guest_of(job).boot_timeout, job.timeout)
             status: Literal["error", "timeout"] = "timeout" if waited >= limit else "error"
             result = self._failure(job, status, str(exc), serial=exc.serial_log)
         except GuestRunError as exc:
@@ -392,7 +403,12 @@ class TaskManager:
         if not self.keep:
             shutil.rmtree(self.work_dir / job.name, ignore_errors=True)
 
+    def _guest_of(self, job: _Job) -> GuestSystem:
+        return job.guest if job.guest is not None else self.guest
+
     def _run_stages(self, job: _Job) -> RunResult:
+        guest = self._guest_of(job)
+        job.recipe = guest.recipe_for(job.recipe)  # the guest's preinstalled test tooling is not fetched
         folder = self.work_dir / job.name
         folder.mkdir(parents=True, exist_ok=True)
         if self._stopping.is_set():
@@ -412,7 +428,7 @@ class TaskManager:
             result = run_prepared(
                 dist,
                 job.recipe,
-                guest=self.guest,
+                guest=guest,
                 timeout=job.timeout,
                 work_dir=folder / "run",
                 # one connection for every VM of this process: see _shared_connection
@@ -427,7 +443,8 @@ class TaskManager:
     def _download(self, job: _Job) -> Distribution:
         """Fetch the job's distribution, once per spec and requirements: later jobs share the files."""
         spec: str | Path = job.spec if isinstance(job.spec, str) else Path(job.spec).resolve()
-        key = (str(spec), job.recipe.requirements)
+        target = self._guest_of(job).target
+        key = (str(spec), job.recipe.requirements, target)
         with self._lock:
             entry = self._downloads.setdefault(key, _Download(len(self._downloads)))
         with entry.lock:
@@ -436,7 +453,7 @@ class TaskManager:
                     spec,
                     self.work_dir / "downloads" / str(entry.number),
                     requirements=job.recipe.requirements,
-                    target=self.guest.target,
+                    target=target,
                     cache_dir=self.cache_dir / "pip" if self.cache_dir is not None else None,
                     index_url=self.index_url,
                     no_index=self.no_index,
@@ -456,7 +473,7 @@ class TaskManager:
             duration_s=time.monotonic() - job.t0,
             phases=job.phases,
             serial_log=serial,
-            guest=self._guest.name if self._guest is not None else "",
+            guest=next((g.name for g in (job.guest, self._guest) if g is not None), ""),
         )
 
     # -- the watchdog -------------------------------------------------------------------------------

@@ -161,7 +161,11 @@ def get_recipe(name: str) -> Recipe:
 
 @attrs.frozen
 class GuestLayout:
-    """Where things are in the guest: the IO disk's mount point and its folders, and the Python to run."""
+    """Where things are in the guest: the IO disk's mount point and its folders, and the Python to run.
+
+    ``pip_installed``: the guest's Python has pip (``python3 -m pip``); otherwise pip runs from its wheel
+    on the IO disk.
+    """
 
     io_dir: str = IO_MOUNT
     python: str = "python3"
@@ -169,6 +173,7 @@ class GuestLayout:
     sources: str = "src"
     results: str = "results"
     work: str = "work"
+    pip_installed: bool = False
 
     def __attrs_post_init__(self) -> None:
         if not PurePosixPath(self.io_dir).is_absolute():
@@ -185,10 +190,10 @@ class GuestLayout:
 
 def _pip(dist: Distribution, layout: GuestLayout, *requirements: str) -> list[str]:
     wheels = layout.path(layout.wheels)
-    pip = str(PurePosixPath(wheels, dist.pip_wheel.name, "pip"))
+    pip = ["-m", "pip"] if layout.pip_installed else [str(PurePosixPath(wheels, dist.pip_wheel.name, "pip"))]
     return [
         layout.python,
-        pip,
+        *pip,
         "install",
         "--no-index",
         "--no-cache-dir",

@@ -240,8 +240,8 @@ def test_default_cache_dir_follows_xdg(monkeypatch: pytest.MonkeyPatch, tmp_path
 
 
 def test_missing_apt_is_a_clear_error(monkeypatch: pytest.MonkeyPatch, tmp_path: Path) -> None:
-    monkeypatch.setenv("PATH", str(tmp_path))  # no apt-cache on it
-    with pytest.raises(GuestImageError, match="apt-cache not found"):
+    monkeypatch.setenv("PATH", str(tmp_path))  # no apt-get on it
+    with pytest.raises(GuestImageError, match="apt-get not found"):
         build_tiny_linux(tmp_path / "cache")
 
 
@@ -269,9 +269,11 @@ def test_built_initramfs_contents(busybox_guest: TinyLinux, python_guest: TinyLi
     import gzip
 
     names = set(_cpio(["-it"], gzip.decompress(busybox_guest.initrd.read_bytes())).split())
-    assert {"init", "bin/busybox", "bin/sh", "sbin/acpid", "dev/console", "etc/acpi/PWRF/00000080"} <= names
-    assert {f"lib/modules/pyti/{m}.ko" for m in busybox_guest.modules} <= names
-    assert not any(n.startswith("usr/lib/python3.11") for n in names)
+    # merged /usr, as Debian's own systems: /bin, /sbin, /lib, /lib64 are links into /usr
+    assert {"init", "usr/bin/busybox", "usr/bin/sh", "usr/sbin/acpid", "dev/console"} <= names
+    assert {"bin", "sbin", "lib", "lib64", "etc/acpi/PWRF/00000080"} <= names
+    assert {f"usr/lib/modules/pyti/{m}.ko" for m in busybox_guest.modules} <= names
+    assert not any(n.startswith("usr/lib/python3") for n in names)
     mods = busybox_guest.modules
     assert mods.index("virtio") < mods.index("virtio_pci") < mods.index("virtio_blk")
     assert mods.index("fat") < mods.index("vfat")
@@ -283,10 +285,19 @@ def test_built_initramfs_contents(busybox_guest: TinyLinux, python_guest: TinyLi
         "usr/bin/python3",
         "usr/lib/python3.11/json/__init__.py",
         "usr/lib/python3.11/zipfile.py",
+        "usr/lib/os-release",
+        "etc/os-release",
+        "usr/lib64/ld-linux-x86-64.so.2",
     } <= py_names
     assert not any(n.startswith("usr/lib/python3.11/test/") for n in py_names)
-    if sys.version_info[:2] == (3, 11):
-        assert "usr/lib/python3.11/json/__pycache__/__init__.cpython-311.pyc" in py_names
+    assert not any("/unittest/test/" in n or "/idlelib/" in n for n in py_names)
+    assert "usr/lib/python3.11/json/__pycache__/__init__.cpython-311.pyc" in py_names
+    # the test tooling, preinstalled and byte-compiled by the guest's own Python
+    assert python_guest.interpreter == "3.11"
+    assert python_guest.precompiled
+    assert {"pip", "pytest", "pluggy"} <= set(python_guest.preinstalled)
+    assert "usr/local/lib/python3.11/dist-packages/_pytest/__pycache__/main.cpython-311.pyc" in py_names
+    assert python_guest.glibc >= (2, 36)
     assert python_guest.initrd.stat().st_size < 40 * 1024 * 1024
 
 
@@ -328,9 +339,9 @@ def test_changed_init_rebuilds_and_concurrent_builders_agree(
 def test_cached_build_is_used_when_apt_is_unavailable(
     busybox_guest: TinyLinux, monkeypatch: pytest.MonkeyPatch, tmp_path: Path
 ) -> None:
-    monkeypatch.setenv("PATH", str(tmp_path))  # no apt-cache on it
+    monkeypatch.setenv("PATH", str(tmp_path))  # no apt-get on it
     assert build_tiny_linux(busybox_guest.kernel.parent.parent) == busybox_guest
-    with pytest.raises(GuestImageError, match="apt-cache not found"):  # nothing cached with these modules
+    with pytest.raises(GuestImageError, match="apt-get not found"):  # nothing cached with these modules
         build_tiny_linux(busybox_guest.kernel.parent.parent, modules=["virtio_blk"])
 
 

@@ -44,39 +44,44 @@ import hashlib
 import json
 import lzma
 import os
-import py_compile
 import re
 import shutil
 import stat
 import struct
 import subprocess
-import sys
 import tempfile
 from collections.abc import Iterable, Iterator, Mapping, Sequence
 from pathlib import Path, PurePosixPath
-from typing import Final, Protocol
+from typing import Final, Literal, Protocol
 
 import attrs
 
-from pyti_core.errors import CpioEntryError, GuestImageError
+from pyti_core.errors import CpioEntryError, GuestImageError, PackageError
 from pyti_core.guest import protocol
+from pyti_core.guest.debian import DEFAULT_MIRROR, Archive
 from pyti_core.guest.protocol import READY_MARKER, RUN_EXIT_MARKER
+from pyti_core.packages import GuestTarget, download_wheels
 
 __all__ = [
     "BUSYBOX_PACKAGE",
     "DEFAULT_CMDLINE",
     "DEFAULT_MODULES",
+    "DEFAULT_PYTHON",
+    "DEFAULT_TOOLING",
     "INIT_SCRIPT",
+    "INTERPRETERS",
     "KERNEL_PACKAGE",
-    "PYTHON_PACKAGES",
+    "KERNEL_SUITE",
     "READY_MARKER",
     "RUN_EXIT_MARKER",
     "CpioArchive",
     "CpioEntryError",
     "GuestImageError",
+    "Interpreter",
     "TinyLinux",
     "build_tiny_linux",
     "default_cache_dir",
+    "interpreter_named",
     "module_dependencies",
 ]
 
@@ -85,28 +90,75 @@ DEFAULT_CMDLINE: Final = "console=ttyS0 panic=-1 quiet"
 #: Debian's metapackage for the cloud kernel; it depends on exactly one versioned kernel package.
 KERNEL_PACKAGE: Final = "linux-image-cloud-amd64"
 BUSYBOX_PACKAGE: Final = "busybox-static"
-#: Debian packages that make a working ``python3`` with most of the standard library.
-PYTHON_PACKAGES: Final = (
-    "python3.11-minimal",
-    "libpython3.11-minimal",
-    "libpython3.11-stdlib",
-    "libc6",
-    "zlib1g",
-    "libexpat1",
-    "libbz2-1.0",
-    "liblzma5",
-    "libffi8",
-    "libuuid1",
-    "libssl3",  # ssl, and hashlib's OpenSSL algorithms
-    "libsqlite3-0",  # sqlite3 (coverage.py stores its data there)
-    # the rest of what libpython3.11-stdlib's extension modules link against: a distribution's tests
-    # may import any of the standard library (six's tests import dbm.ndbm, for one)
-    "libdb5.3",  # _dbm
-    "libncursesw6",  # _curses
-    "libtinfo6",  # _curses, readline
-    "libreadline8",  # readline
-    "libcrypt1",  # _crypt
-    "media-types",  # /etc/mime.types for mimetypes
+#: The Debian suite the kernel and busybox come from (one kernel for every guest).
+KERNEL_SUITE: Final = "bookworm"
+#: What is preinstalled, byte-compiled, in every Python guest: pip and the default recipe's test tooling.
+DEFAULT_TOOLING: Final = ("pip", "pytest")
+
+
+@attrs.frozen
+class Interpreter:
+    """A Python a guest can have: its Debian suite, packages and command.
+
+    ``name`` is what ``--python`` takes; ``packages`` are the roots whose dependency closure (resolved by
+    apt in ``suite``) makes the guest's userland; ``command`` is the interpreter in ``/usr/bin`` (the
+    guest's ``python3`` points to it); ``lib_dirs`` hold its standard library (byte-compiled, test
+    suites left out); ``abi`` is its wheel ABI tag (``cp39``, ``pypy39_pp73``).
+    """
+
+    name: str
+    suite: str
+    implementation: Literal["cpython", "pypy"]
+    version: tuple[int, int]
+    packages: tuple[str, ...]
+    command: str
+    lib_dirs: tuple[str, ...]
+    abi: str
+
+    @property
+    def wheel_implementation(self) -> Literal["cp", "pp"]:
+        return "pp" if self.implementation == "pypy" else "cp"
+
+
+def _cpython(version: tuple[int, int], suite: str, *extra: str) -> Interpreter:
+    v = f"{version[0]}.{version[1]}"
+    return Interpreter(
+        name=v,
+        suite=suite,
+        implementation="cpython",
+        version=version,
+        packages=(f"python{v}-minimal", f"libpython{v}-stdlib", *extra),
+        command=f"python{v}",
+        lib_dirs=(f"usr/lib/python{v}",),
+        abi=f"cp{version[0]}{version[1]}",
+    )
+
+
+#: The Pythons a guest can have, by ``--python`` name: each from the Debian suite that ships it.
+INTERPRETERS: Final[Mapping[str, Interpreter]] = {
+    # bullseye's pip needs distutils, which Debian ships apart from the standard library before 3.10
+    "3.9": _cpython((3, 9), "bullseye", "python3-distutils"),
+    "3.11": _cpython((3, 11), "bookworm"),
+    "3.13": _cpython((3, 13), "trixie"),
+    "3.14": _cpython((3, 14), "sid"),
+    "pypy3": Interpreter(
+        name="pypy3",
+        suite="bookworm",
+        implementation="pypy",
+        version=(3, 9),
+        packages=("pypy3",),
+        command="pypy3",
+        lib_dirs=("usr/lib/pypy3.9",),
+        abi="pypy39_pp73",
+    ),
+}
+#: The guest ``python=True`` (and ``pyti run`` without ``--python``) gets.
+DEFAULT_PYTHON: Final = "3.11"
+#: Packages every Python guest has besides its interpreter: os-release (base-files) and MIME types.
+_BASE_PACKAGES: Final = ("base-files", "media-types")
+#: Packages in a closure the guest never uses (package tools, shells, configuration): left out.
+_UNUSED_PACKAGES: Final = frozenset(
+    {"perl-base", "dpkg", "tar", "mawk", "debconf", "tzdata", "netbase", "readline-common", "sensible-utils"}
 )
 #: Kernel modules loaded at boot (with everything they depend on). The cloud kernel has ext4, the
 #: serial console and devtmpfs built in; these are modules in it.
@@ -123,29 +175,24 @@ DEFAULT_MODULES: Final = (
     "vmw_vsock_virtio_transport",
 )
 
-_GUEST_PYTHON = (3, 11)
-# Parts of packages the guest never uses: documentation, locales, charset converters, the Python
-# test suite and GUI/IDE modules.
+# Parts of packages the guest never uses: documentation, locales, charset converters, configuration.
 _EXCLUDED_PREFIXES: Final = (
     "usr/share/",
     "usr/lib/x86_64-linux-gnu/gconv/",
     "usr/lib/binfmt.d/",
+    "usr/lib/python3/dist-packages/lib2to3/tests/",
     "etc/",
-    "usr/lib/python3.11/test/",
-    "usr/lib/python3.11/idlelib/",
-    "usr/lib/python3.11/tkinter/",
-    "usr/lib/python3.11/turtledemo/",
-    "usr/lib/python3.11/lib2to3/tests/",
-    "usr/lib/python3.11/pydoc_data/",
-    "usr/lib/python3.11/ctypes/test/",
-    "usr/lib/python3.11/unittest/test/",
-    "usr/lib/python3.11/distutils/tests/",
-    "usr/lib/python3.11/sqlite3/test/",
 )
-_EXCLUDED_NAMES: Final = re.compile(r"_test[a-z_]*\.cpython-.*\.so$|^xxlimited.*\.so$")
-_BUILD_FORMAT: Final = 2  # bump when the builder's output changes for the same inputs
+# In a standard library: test suites, GUI and IDE modules.
+_EXCLUDED_IN_STDLIB: Final = re.compile(
+    r"^usr/lib/(?:python3\.\d+|pypy3\.\d+)/(?:.*/)?(?:test|tests|idle_test|idlelib|tkinter|turtledemo|pydoc_data)/"
+)
+_EXCLUDED_NAMES: Final = re.compile(r"_test[a-z_]*\.(?:cpython|pypy).*\.so$|^xxlimited.*\.so$")
+_COMPILE_SKIP: Final = r"/(?:test|tests|idle_test|idlelib|tkinter|turtledemo|pydoc_data|lib2to3)/"
+_BUILD_FORMAT: Final = 3  # bump when the builder's output changes for the same inputs
 _MODULES_DIR: Final = "lib/modules/pyti"
 _APT_TIMEOUT: Final = 600.0
+_TOOL_TIMEOUT: Final = 900.0
 
 
 @attrs.frozen
@@ -153,7 +200,10 @@ class TinyLinux:
     """A built guest: boot it with ``-kernel kernel -initrd initrd -append cmdline``.
 
     ``packages`` maps each Debian package used to its version; ``modules`` lists the kernel modules
-    loaded at boot in load order.
+    loaded at boot in load order. A Python guest also says which interpreter it has (``interpreter``,
+    the :data:`INTERPRETERS` name; ``python_version``, the Debian package's version), the glibc version
+    its wheels must fit (``glibc``), the Python distributions installed in it (``preinstalled``: name ->
+    version) and whether its byte code was compiled ahead of time (``precompiled``).
     """
 
     kernel: Path
@@ -163,6 +213,10 @@ class TinyLinux:
     kernel_release: str = ""
     packages: Mapping[str, str] = attrs.field(factory=dict)
     modules: tuple[str, ...] = ()
+    interpreter: str = ""
+    glibc: tuple[int, int] = (0, 0)
+    preinstalled: Mapping[str, str] = attrs.field(factory=dict)
+    precompiled: bool = False
 
     def cmdline_with(self, *, run: str | None = None, extra: Sequence[str] = ()) -> str:
         """The command line plus ``pyti.run=run`` (a script path in the guest) and ``extra`` words."""
@@ -507,13 +561,19 @@ def _render_init(modules: Sequence[str]) -> str:
 # apt
 # --------------------------------------------------------------------------------------------------
 
-_APT_HINT = "(are the package lists there? run `apt-get update` once as root)"
 
-
-def _run(argv: Sequence[str], *, cwd: Path | None = None, what: str) -> str:
+def _run(
+    argv: Sequence[str], *, cwd: Path | None = None, what: str, env: Mapping[str, str] | None = None
+) -> str:
     try:
         proc = subprocess.run(
-            list(argv), cwd=cwd, capture_output=True, text=True, timeout=_APT_TIMEOUT, check=False
+            list(argv),
+            cwd=cwd,
+            capture_output=True,
+            text=True,
+            timeout=_APT_TIMEOUT,
+            check=False,
+            env=None if env is None else dict(env),
         )
     except FileNotFoundError as exc:
         raise GuestImageError(
@@ -531,83 +591,48 @@ def _run(argv: Sequence[str], *, cwd: Path | None = None, what: str) -> str:
     return proc.stdout
 
 
-def _parse_stanzas(text: str) -> list[dict[str, str]]:
-    stanzas: list[dict[str, str]] = []
-    current: dict[str, str] = {}
-    key = ""
-    for line in text.splitlines():
-        if not line.strip():
-            if current:
-                stanzas.append(current)
-            current, key = {}, ""
-        elif line[0] in " \t" and key:
-            current[key] += "\n" + line.strip()
-        else:
-            key, _, value = line.partition(":")
-            current[key] = value.strip()
-    if current:
-        stanzas.append(current)
-    return stanzas
+def _archive(cache: Path, suite: str) -> Archive:
+    """``suite`` through the private apt state in ``cache/apt``; ``$PYTI_DEBIAN_MIRROR`` names another
+    mirror (read at each call)."""
+    return Archive(cache / "apt", suite, mirror=os.environ.get("PYTI_DEBIAN_MIRROR") or DEFAULT_MIRROR)
 
 
-def _candidates(packages: Sequence[str]) -> dict[str, dict[str, str]]:
-    """The candidate version's ``apt-cache show`` stanza for each package."""
-    out = _run(
-        ["apt-cache", "show", "--no-all-versions", *packages],
-        what=f"looking up {', '.join(packages)} {_APT_HINT}",
-    )
-    found = {s["Package"]: s for s in _parse_stanzas(out) if "Package" in s and "Version" in s}
-    missing = [p for p in packages if p not in found]
-    if missing:
-        raise GuestImageError(f"apt knows no package {', '.join(missing)} {_APT_HINT}")
-    return found
-
-
-def _resolve_packages(python: bool) -> dict[str, str]:
-    """Package name -> version for everything the guest is built from.
-
-    One ``apt-cache`` call when the metapackage pins its kernel with ``(= version)``, as Debian's do
-    (each call costs a second or two where apt keeps no binary cache).
-    """
-    others = [BUSYBOX_PACKAGE, *(PYTHON_PACKAGES if python else ())]
-    stanzas = _candidates([KERNEL_PACKAGE, *others])
-    meta = stanzas[KERNEL_PACKAGE]
-    kernel, pinned = "", ""
-    for alternative in re.split(r"[,|]", meta.get("Depends", "")):
-        match = re.fullmatch(r"\s*(linux-image-\S+)\s*(?:\(\s*=\s*(\S+)\s*\))?.*", alternative, re.DOTALL)
-        if match and match.group(1) != KERNEL_PACKAGE:
-            kernel, pinned = match.group(1), match.group(2) or ""
-            break
-    if not kernel:
+def _resolve_kernel(archive: Archive) -> dict[str, str]:
+    """The versioned kernel package behind :data:`KERNEL_PACKAGE`, and busybox: name -> version."""
+    found = archive.closure([KERNEL_PACKAGE, BUSYBOX_PACKAGE])
+    kernels = [p for p in found if re.fullmatch(r"linux-image-\d\S*", p)]
+    if len(kernels) != 1:
         raise GuestImageError(
-            f"{KERNEL_PACKAGE} {meta.get('Version', '?')} depends on no linux-image-<version> package: "
-            f"Depends: {meta.get('Depends', '')!r}"
+            f"{KERNEL_PACKAGE} in Debian {archive.suite} does not lead to exactly one linux-image-<version> "
+            f"package: {sorted(found)}"
         )
-    versions = {name: stanzas[name]["Version"] for name in others}
-    versions[kernel] = pinned or _candidates([kernel])[kernel]["Version"]
-    return {kernel: versions[kernel], **{name: versions[name] for name in others}}
+    return {kernels[0]: found[kernels[0]], BUSYBOX_PACKAGE: found[BUSYBOX_PACKAGE]}
 
 
-def _deb_name(package: str, version: str) -> str:
-    return f"{package}_{version.replace(':', '%3a')}.deb"
+def _resolve_python(archive: Archive, interpreter: Interpreter) -> dict[str, str]:
+    """Everything the interpreter needs from its suite (its packages' dependency closure)."""
+    return archive.closure([*interpreter.packages, *_BASE_PACKAGES], exclude=sorted(_UNUSED_PACKAGES))
 
 
-def _download(packages: Mapping[str, str], deb_dir: Path) -> dict[str, Path]:
-    """Each package's ``.deb`` in ``deb_dir``, fetching the missing ones with ``apt-get download``."""
-    deb_dir.mkdir(parents=True, exist_ok=True)
-    paths = {name: deb_dir / _deb_name(name, version) for name, version in packages.items()}
-    missing = [name for name, path in paths.items() if not path.is_file()]
-    if missing:
-        with tempfile.TemporaryDirectory(dir=deb_dir, prefix=".download-") as tmp:
-            os.chmod(tmp, 0o755)
-            specs = [f"{name}={packages[name]}" for name in missing]
-            _run(["apt-get", "download", "-q", *specs], cwd=Path(tmp), what=f"downloading {_APT_HINT}")
-            got = {p.name.split("_", 1)[0]: p for p in Path(tmp).glob("*.deb")}
-            for name in missing:
-                if name not in got:
-                    raise GuestImageError(f"apt-get download printed no error but fetched no {name} .deb")
-                os.replace(got[name], paths[name])
-    return paths
+def _resolve_packages(
+    cache: Path, interpreter: Interpreter | None, *, refresh: bool
+) -> tuple[dict[str, str], dict[str, str]]:
+    """``(kernel and busybox, the interpreter's packages)``: name -> version, each from its suite."""
+    kernel_archive = _archive(cache, KERNEL_SUITE)
+    kernel_archive.update(force=refresh)
+    base = _resolve_kernel(kernel_archive)
+    if interpreter is None:
+        return base, {}
+    python_archive = _archive(cache, interpreter.suite)
+    if interpreter.suite != KERNEL_SUITE:
+        python_archive.update(force=refresh)
+    return base, _resolve_python(python_archive, interpreter)
+
+
+def _glibc(packages: Mapping[str, str]) -> tuple[int, int]:
+    """The glibc version of a package set, from its ``libc6`` (``2.36-9+deb12u4`` -> ``(2, 36)``)."""
+    match = re.match(r"(?:\d+:)?(\d+)\.(\d+)", packages.get("libc6", ""))
+    return (int(match.group(1)), int(match.group(2))) if match else (0, 0)
 
 
 # --------------------------------------------------------------------------------------------------
@@ -616,7 +641,11 @@ def _download(packages: Mapping[str, str], deb_dir: Path) -> dict[str, Path]:
 
 
 def _excluded(rel: str) -> bool:
-    return rel.startswith(_EXCLUDED_PREFIXES) or bool(_EXCLUDED_NAMES.search(rel.rsplit("/", 1)[-1]))
+    return (
+        rel.startswith(_EXCLUDED_PREFIXES)
+        or bool(_EXCLUDED_IN_STDLIB.match(rel))
+        or bool(_EXCLUDED_NAMES.search(rel.rsplit("/", 1)[-1]))
+    )
 
 
 def _walk(root: Path) -> Iterator[tuple[str, Path]]:
@@ -628,44 +657,142 @@ def _walk(root: Path) -> Iterator[tuple[str, Path]]:
             yield path.relative_to(root).as_posix(), path
 
 
-def _add_tree(archive: CpioArchive, root: Path) -> None:
-    for rel, path in _walk(root):
-        if _excluded(rel):
-            continue
-        st = path.lstat()
-        if stat.S_ISLNK(st.st_mode):
-            archive.add_symlink(rel, os.readlink(path), replace=True)
-        elif stat.S_ISREG(st.st_mode):
-            archive.add_file(rel, path, stat.S_IMODE(st.st_mode), replace=True)
+#: The merged-/usr layout every guest has (Debian's since bookworm): these are links into /usr.
+_MERGED: Final = {"bin": "usr/bin", "sbin": "usr/sbin", "lib": "usr/lib", "lib64": "usr/lib64"}
 
 
-def _precompile_python(root: Path) -> int:
-    """Byte-compile the guest's stdlib with this Python when it is the guest's version; return count.
+def _usr(rel: str) -> str:
+    """``rel`` in the merged-/usr layout: ``bin/sh`` -> ``usr/bin/sh``."""
+    top, sep, rest = rel.partition("/")
+    return f"{_MERGED[top]}/{rest}" if sep and top in _MERGED else rel
 
-    Hash-based unchecked ``.pyc`` files are used regardless of the sources' mtimes, which the
-    initramfs does not keep. A guest without them still works, only imports are slower.
+
+def _unpack_merged(debs: Sequence[Path], root: Path, scratch: Path) -> None:
+    """Unpack ``debs`` into ``root`` with /bin, /sbin, /lib and /lib64 merged into /usr.
+
+    Each package is unpacked on its own and then moved in, so a suite whose packages still ship
+    ``/lib`` (bullseye) and one whose base-files ships the ``/lib -> usr/lib`` link (trixie) give the
+    same tree; later packages win where two ship the same file.
     """
-    if sys.version_info[:2] != _GUEST_PYTHON:
-        return 0
-    stdlib = root / "usr/lib/python3.11"
-    count = 0
-    for source in sorted(stdlib.rglob("*.py")):
-        rel = source.relative_to(root).as_posix()
-        if _excluded(rel) or "lib2to3/tests" in rel:
-            continue
-        target = source.parent / "__pycache__" / f"{source.stem}.cpython-311.pyc"
+    root.mkdir(parents=True, exist_ok=True)
+    for deb in debs:
+        unpacked = scratch / deb.name
+        unpacked.mkdir(parents=True)
+        _run(["dpkg-deb", "-x", str(deb), str(unpacked)], what=f"unpacking {deb.name}")
+        for rel, path in list(_walk(unpacked)):
+            if rel in _MERGED:  # the package's own /lib -> usr/lib link
+                continue
+            target = root / _usr(rel)
+            target.parent.mkdir(parents=True, exist_ok=True)
+            if target.is_dir() and not target.is_symlink():
+                shutil.rmtree(target)
+            os.replace(path, target)
+        shutil.rmtree(unpacked)
+    for name, link in _MERGED.items():
+        (root / link).mkdir(parents=True, exist_ok=True)
+        (root / name).symlink_to(link)
+
+
+def _in_root(root: Path, command: str) -> list[str] | None:
+    """The command prefix that runs a program with ``root`` as ``/``: chroot (as root), else chroot in a
+    user namespace; None when neither works here (``command`` is the program it is tried with)."""
+    chroot, unshare = shutil.which("chroot"), shutil.which("unshare")
+    candidates = []
+    if chroot is not None and os.geteuid() == 0:
+        candidates.append([chroot, str(root)])
+    if chroot is not None and unshare is not None:
+        candidates.append([unshare, "--user", "--map-root-user", chroot, str(root)])
+    for prefix in candidates:
         try:
-            py_compile.compile(
-                str(source),
-                cfile=str(target),
-                dfile="/" + rel,
-                doraise=True,
-                invalidation_mode=py_compile.PycInvalidationMode.UNCHECKED_HASH,
+            probe = subprocess.run(
+                [*prefix, command, "-c", "pass"], capture_output=True, timeout=120, check=False
             )
-        except py_compile.PyCompileError:
-            continue  # a few files are Python-2 examples or deliberately invalid; the guest skips them too
-        count += 1
-    return count
+        except (OSError, subprocess.TimeoutExpired):
+            continue
+        if probe.returncode == 0:
+            return prefix
+    return None
+
+
+def _guest_env() -> dict[str, str]:
+    return {
+        "PATH": "/usr/local/bin:/usr/bin:/bin",
+        "HOME": "/root",
+        "LANG": "C.UTF-8",
+        "TMPDIR": "/tmp",
+        "PIP_DISABLE_PIP_VERSION_CHECK": "1",
+        "PIP_NO_INPUT": "1",
+        "PIP_ROOT_USER_ACTION": "ignore",
+        "PIP_BREAK_SYSTEM_PACKAGES": "1",
+        "PYTHONDONTWRITEBYTECODE": "1",
+    }
+
+
+def guest_target(interpreter: Interpreter, packages: Mapping[str, str]) -> GuestTarget:
+    """What wheels a guest of ``interpreter`` built from ``packages`` takes (version, ABI, glibc)."""
+    full = ""
+    if interpreter.implementation == "cpython":
+        match = re.match(r"(?:\d+:)?(\d+\.\d+\.\d+)", packages.get(f"python{interpreter.name}-minimal", ""))
+        full = match.group(1) if match else ""
+    return GuestTarget(
+        python_version=interpreter.version,
+        glibc=_glibc(packages),
+        implementation=interpreter.wheel_implementation,
+        abi=interpreter.abi,
+        full_version=full,
+    )
+
+
+def _download_tooling(tooling: Sequence[str], target: GuestTarget, dest: Path) -> list[Path]:
+    """Wheels of ``tooling`` and their dependencies for ``target``, from PyPI (through pip's cache)."""
+    try:
+        return download_wheels(tooling, dest, target)
+    except PackageError as exc:
+        raise GuestImageError(f"cannot fetch {', '.join(tooling)} for the guest: {exc}") from exc
+
+
+def _preinstall(
+    root: Path, interpreter: Interpreter, wheels: Sequence[Path], prefix: list[str]
+) -> dict[str, str]:
+    """Install ``wheels`` (pip among them) into the guest tree with the guest's own Python; return
+    name -> version of what was installed."""
+    inbox = root / "tmp" / "pyti-tooling"
+    inbox.mkdir(parents=True, exist_ok=True)
+    for wheel in wheels:
+        shutil.copyfile(wheel, inbox / wheel.name)
+    pip = next((w.name for w in wheels if w.name.startswith("pip-")), None)
+    if pip is None:
+        raise GuestImageError("the tooling for the guest has no pip wheel")
+    names = sorted({w.name.split("-")[0] for w in wheels})
+    python = f"/usr/bin/{interpreter.command}"
+    _run(
+        [*prefix, python, f"/tmp/pyti-tooling/{pip}/pip", "install", "--no-index", "--no-compile",
+         "--no-cache-dir", "--find-links", "/tmp/pyti-tooling", *names],
+        what=f"installing {', '.join(names)} into the {interpreter.name} guest",
+        env=_guest_env(),
+    )  # fmt: skip
+    shutil.rmtree(inbox)
+    return {w.name.split("-")[0].lower().replace("_", "-"): w.name.split("-")[1] for w in wheels}
+
+
+def _precompile(root: Path, interpreter: Interpreter, prefix: list[str]) -> None:
+    """Byte-compile the guest's standard library and site packages with the guest's own Python.
+
+    Unchecked hash-based ``.pyc`` files (PEP 552) are used regardless of the sources' mtimes, which the
+    initramfs does not keep; test suites are skipped (they are left out of the guest).
+    """
+    dirs = [f"/{d}" for d in interpreter.lib_dirs if (root / d).is_dir()]
+    dirs += [
+        f"/usr/local/lib/{Path(d).name}"
+        for d in interpreter.lib_dirs
+        if (root / "usr/local/lib" / Path(d).name).is_dir()
+    ]
+    _run(
+        [*prefix, f"/usr/bin/{interpreter.command}", "-m", "compileall", "-q", "-x", _COMPILE_SKIP,
+         "--invalidation-mode", "unchecked-hash", *dirs],
+        what=f"byte-compiling the {interpreter.name} guest's Python",
+        env={k: v for k, v in _guest_env().items() if k != "PYTHONDONTWRITEBYTECODE"},
+    )  # fmt: skip
 
 
 def _busybox_applets(busybox: Path) -> list[str]:
@@ -678,38 +805,53 @@ def _assemble(
     packages: Mapping[str, str],
     modules: Sequence[tuple[str, Path]],
     init: str,
-    python: bool,
+    interpreter: Interpreter | None,
 ) -> CpioArchive:
     archive = CpioArchive()
+    for name, target in _MERGED.items():
+        archive.add_directory(target)
+        archive.add_symlink(name, target)
     for directory in ("dev", "proc", "sys", "run", "tmp", "root", "mnt/disk", "etc/acpi/PWRF"):
         archive.add_directory(directory)
     archive.add_char_device("dev/console", 5, 1)
     archive.add_char_device("dev/null", 1, 3, 0o666)
-    for name in ("lib", "lib64", "bin", "sbin"):
-        with contextlib.suppress(CpioEntryError):
-            archive.add_directory(name)
-    if python:
-        _add_tree(archive, staging / "python")
-        archive.add_symlink("usr/bin/python3", "python3.11")
-        archive.add_symlink("usr/bin/python", "python3.11")
+    if interpreter is not None:
+        tree = staging / "python"
+        for rel, path in _walk(tree):
+            if rel in _MERGED or _excluded(rel):
+                continue
+            st = path.lstat()
+            if stat.S_ISLNK(st.st_mode):
+                archive.add_symlink(rel, os.readlink(path), replace=True)
+            elif stat.S_ISREG(st.st_mode):
+                archive.add_file(rel, path, stat.S_IMODE(st.st_mode), replace=True)
+        archive.add_symlink("usr/bin/python3", interpreter.command, replace=True)
+        archive.add_symlink("usr/bin/python", interpreter.command, replace=True)
+        if (tree / "usr/lib/os-release").is_file():
+            archive.add_symlink("etc/os-release", "../usr/lib/os-release")
     busybox = staging / "busybox" / "bin" / "busybox"
     if not busybox.is_file():
         raise GuestImageError(f"{BUSYBOX_PACKAGE} {packages[BUSYBOX_PACKAGE]} has no bin/busybox")
-    archive.add_file("bin/busybox", busybox, 0o755, replace=True)
+    archive.add_file("usr/bin/busybox", busybox, 0o755, replace=True)
     for applet in _busybox_applets(busybox):
-        rel = applet.lstrip("/")
-        if rel != "bin/busybox" and rel not in archive:
+        rel = _usr(applet.lstrip("/"))
+        if rel != "usr/bin/busybox" and rel not in archive:
             archive.add_symlink(rel, "/bin/busybox")
     for name, path in modules:
-        archive.add_file(f"{_MODULES_DIR}/{name}.ko", _module_bytes(path), 0o644)
+        archive.add_file(_usr(f"{_MODULES_DIR}/{name}.ko"), _module_bytes(path), 0o644)
     archive.add_file("init", init.encode(), 0o755)
-    archive.add_file("sbin/pyti-poweroff", _POWEROFF_SCRIPT.encode(), 0o755)
+    archive.add_file("usr/sbin/pyti-poweroff", _POWEROFF_SCRIPT.encode(), 0o755)
     archive.add_file("etc/acpi/PWRF/00000080", _POWER_BUTTON_SCRIPT.encode(), 0o755)
     archive.add_file("etc/profile", _PROFILE.encode(), 0o644)
     archive.add_file("etc/passwd", b"root:x:0:0:root:/root:/bin/sh\n", 0o644)
     archive.add_file("etc/group", b"root:x:0:\n", 0o644)
     archive.add_file("etc/hostname", b"pyti-guest\n", 0o644)
-    info = {"packages": dict(packages), "modules": [name for name, _ in modules], "python": python}
+    info = {
+        "packages": dict(packages),
+        "modules": [name for name, _ in modules],
+        "python": interpreter is not None,
+        "interpreter": interpreter.name if interpreter is not None else "",
+    }
     archive.add_file("etc/pyti-guest.json", json.dumps(info, indent=1, sort_keys=True).encode(), 0o644)
     return archive
 
@@ -725,16 +867,19 @@ def default_cache_dir() -> Path:
     return Path(base) / "pyti" / "guest"
 
 
-def _cache_key(packages: Mapping[str, str], modules: Sequence[str], init: str, python: bool) -> str:
+def _cache_key(
+    packages: Mapping[str, str], modules: Sequence[str], init: str, interpreter: Interpreter | None,
+    tooling: Sequence[str],
+) -> str:  # fmt: skip
     material = {
         "format": _BUILD_FORMAT,
         "packages": dict(sorted(packages.items())),
         "modules": list(modules),
-        "python": python,
-        "pyc": list(sys.version_info[:2]) == list(_GUEST_PYTHON) and python,
+        "interpreter": attrs.asdict(interpreter) if interpreter is not None else None,
+        "tooling": list(tooling),
         "init": hashlib.sha256(init.encode()).hexdigest(),
         "helpers": hashlib.sha256((_POWEROFF_SCRIPT + _POWER_BUTTON_SCRIPT + _PROFILE).encode()).hexdigest(),
-        "excluded": list(_EXCLUDED_PREFIXES),
+        "excluded": [*_EXCLUDED_PREFIXES, _EXCLUDED_IN_STDLIB.pattern, _EXCLUDED_NAMES.pattern],
     }
     return hashlib.sha256(json.dumps(material, sort_keys=True).encode()).hexdigest()[:20]
 
@@ -742,20 +887,25 @@ def _cache_key(packages: Mapping[str, str], modules: Sequence[str], init: str, p
 def _load(build_dir: Path) -> TinyLinux | None:
     try:
         info = json.loads((build_dir / "build.json").read_text())
-    except (OSError, ValueError):
+        kernel, initrd = build_dir / "vmlinuz", build_dir / "initrd.img"
+        if not (kernel.is_file() and initrd.is_file()):
+            return None
+        glibc = info.get("glibc", [0, 0])
+        return TinyLinux(
+            kernel=kernel,
+            initrd=initrd,
+            cmdline=DEFAULT_CMDLINE,
+            python=bool(info["python"]),
+            kernel_release=str(info["kernel_release"]),
+            packages={str(k): str(v) for k, v in info["packages"].items()},
+            modules=tuple(str(m) for m in info["modules"]),
+            interpreter=str(info.get("interpreter", "")),
+            glibc=(int(glibc[0]), int(glibc[1])),
+            preinstalled={str(k): str(v) for k, v in info.get("preinstalled", {}).items()},
+            precompiled=bool(info.get("precompiled", False)),
+        )
+    except (OSError, ValueError, KeyError, TypeError, IndexError, AttributeError):
         return None
-    kernel, initrd = build_dir / "vmlinuz", build_dir / "initrd.img"
-    if not (kernel.is_file() and initrd.is_file()):
-        return None
-    return TinyLinux(
-        kernel=kernel,
-        initrd=initrd,
-        cmdline=DEFAULT_CMDLINE,
-        python=bool(info["python"]),
-        kernel_release=str(info["kernel_release"]),
-        packages={str(k): str(v) for k, v in info["packages"].items()},
-        modules=tuple(str(m) for m in info["modules"]),
-    )
 
 
 @contextlib.contextmanager
@@ -768,12 +918,13 @@ def _locked(lock_path: Path) -> Iterator[None]:
             fcntl.flock(lock, fcntl.LOCK_UN)
 
 
-def _fingerprint(python: bool, wanted: Sequence[str]) -> str:
+def _fingerprint(interpreter: Interpreter | None, wanted: Sequence[str], tooling: Sequence[str]) -> str:
     """What a build is asked for, apart from package versions: used to find it again offline."""
     material = {
-        "python": python,
+        "interpreter": attrs.asdict(interpreter) if interpreter is not None else None,
         "modules": list(wanted),
         "init": _render_init(wanted),
+        "tooling": list(tooling),
         "format": _BUILD_FORMAT,
     }
     return hashlib.sha256(json.dumps(material, sort_keys=True).encode()).hexdigest()[:20]
@@ -802,37 +953,56 @@ def _remove_stale(cache: Path) -> None:
         shutil.rmtree(stale, ignore_errors=True)
 
 
+def interpreter_named(name: str) -> Interpreter:
+    """The :data:`INTERPRETERS` entry called ``name``; ``ValueError`` lists the choices."""
+    try:
+        return INTERPRETERS[name]
+    except KeyError:
+        raise ValueError(f"no guest Python {name!r}; choose from {', '.join(INTERPRETERS)}") from None
+
+
 def build_tiny_linux(
     cache_dir: Path | None = None,
     *,
-    python: bool = False,
+    python: bool | str = False,
     modules: Sequence[str] = DEFAULT_MODULES,
+    tooling: Sequence[str] = DEFAULT_TOOLING,
+    refresh: bool = False,
 ) -> TinyLinux:
     """Build (or reuse from ``cache_dir``) a tiny Linux guest; see the module docstring.
 
-    ``python=True`` adds Debian's Python 3.11 as ``/usr/bin/python3``. ``modules`` names the kernel
-    modules to load at boot (their dependencies are added).
+    ``python`` names the guest's Python (an :data:`INTERPRETERS` key: ``"3.9"``, ``"3.11"``, ``"3.13"``,
+    ``"3.14"``, ``"pypy3"``); ``True`` is :data:`DEFAULT_PYTHON`, ``False`` a guest without Python.
+    ``tooling`` is what is preinstalled in a Python guest, byte-compiled (pip and pytest by default).
+    ``modules`` names the kernel modules to load at boot (their dependencies are added).
 
-    The candidate versions of the packages are looked up with ``apt-cache`` on every call; a build made
-    from exactly those versions is reused. When the lookup fails (no apt, no package lists) the newest
-    cached build made with the same options is returned instead, and the lookup's
-    :class:`GuestImageError` is raised only when there is none. It is also raised when apt cannot
-    fetch a package, or a package is not what the builder expects.
+    Packages come from Debian's archive through a private apt state in ``cache_dir/apt`` (the host's
+    own apt configuration is never used); their lists are fetched when missing or a week old, or with
+    ``refresh``. A build made from exactly the packages the lists name is reused. When a suite cannot
+    be reached and no lists were ever fetched, the newest cached build made with the same options is
+    returned instead; :class:`GuestImageError` (naming the suite) is raised only when there is none.
+    ``ValueError`` names the choices for an unknown ``python``.
     """
     cache = Path(cache_dir) if cache_dir is not None else default_cache_dir()
+    interpreter = None
+    if python is not False:
+        interpreter = interpreter_named(DEFAULT_PYTHON if python is True else str(python))
+    tooling = tuple(tooling) if interpreter is not None else ()
     wanted = tuple(dict.fromkeys(m.replace("-", "_") for m in modules))
-    fingerprint = _fingerprint(python, wanted)
+    fingerprint = _fingerprint(interpreter, wanted, tooling)
     try:
-        packages = _resolve_packages(python)
+        base, userland = _resolve_packages(cache, interpreter, refresh=refresh)
     except GuestImageError:
         fallback = _newest_cached(cache, fingerprint) if cache.is_dir() else None
         if fallback is None:
             raise
         return fallback
-    key = _cache_key(packages, wanted, _render_init(wanted), python)
-    kernel_package = next(p for p in packages if p.startswith("linux-image-"))
+    packages = {**base, **userland}
+    key = _cache_key(packages, wanted, _render_init(wanted), interpreter, tooling)
+    kernel_package = next(p for p in base if p.startswith("linux-image-"))
     release = kernel_package.removeprefix("linux-image-")
-    build_dir = cache / f"{release}-{'python' if python else 'busybox'}-{key}"
+    flavour = f"python{interpreter.name}" if interpreter is not None else "busybox"
+    build_dir = cache / f"{release}-{flavour}-{key}"
     cached = _load(build_dir)
     if cached is not None:
         return cached
@@ -842,11 +1012,14 @@ def build_tiny_linux(
         if cached is not None:
             return cached
         _remove_stale(cache)
-        debs = _download(packages, cache / "debs")
+        debs = _archive(cache, KERNEL_SUITE).download(base, cache / "debs")
+        if interpreter is not None:
+            debs.update(_archive(cache, interpreter.suite).download(userland, cache / "debs"))
         with tempfile.TemporaryDirectory(dir=cache, prefix=".build-") as tmp:
             out = _build(
-                Path(tmp), debs, packages, kernel_package=kernel_package, wanted=wanted, python=python
-            )
+                Path(tmp), debs, packages, kernel_package=kernel_package, wanted=wanted,
+                interpreter=interpreter, tooling=tooling,
+            )  # fmt: skip
             info = json.loads((out / "build.json").read_text())
             info["fingerprint"] = fingerprint
             (out / "build.json").write_text(json.dumps(info, indent=1, sort_keys=True))
@@ -874,16 +1047,15 @@ def _build(
     *,
     kernel_package: str,
     wanted: Sequence[str],
-    python: bool,
+    interpreter: Interpreter | None,
+    tooling: Sequence[str],
 ) -> Path:
     """Unpack ``debs`` under ``work`` and write ``work/out/{vmlinuz,initrd.img,build.json}``."""
     release = kernel_package.removeprefix("linux-image-")
     staging = work / "staging"
-    groups = {kernel_package: "kernel", BUSYBOX_PACKAGE: "busybox"}
-    for name, deb in debs.items():
-        target = staging / groups.get(name, "python")
-        target.mkdir(parents=True, exist_ok=True)
-        _run(["dpkg-deb", "-x", str(deb), str(target)], what=f"unpacking {deb.name}")
+    for name, group in ((kernel_package, "kernel"), (BUSYBOX_PACKAGE, "busybox")):
+        (staging / group).mkdir(parents=True)
+        _run(["dpkg-deb", "-x", str(debs[name]), str(staging / group)], what=f"unpacking {debs[name].name}")
     kernel_root = staging / "kernel"
     vmlinuz = kernel_root / "boot" / f"vmlinuz-{release}"
     modules_root = kernel_root / "lib" / "modules" / release
@@ -894,20 +1066,27 @@ def _build(
         )
     ordered = module_dependencies(modules_root, wanted)
     init = _render_init([name for name, _ in ordered])
-    if python:
-        _precompile_python(staging / "python")
-    archive = _assemble(staging, packages, ordered, init, python)
+    info: dict[str, object] = {"kernel_release": release, "python": interpreter is not None}
+    if interpreter is not None:
+        tree = staging / "python"
+        userland = [debs[n] for n in packages if n not in (kernel_package, BUSYBOX_PACKAGE)]
+        _unpack_merged(userland, tree, work / "unpack")
+        (tree / "tmp").mkdir(exist_ok=True)
+        glibc = _glibc(packages)
+        info.update(interpreter=interpreter.name, glibc=list(glibc), preinstalled={}, precompiled=False)
+        prefix = _in_root(tree, f"/usr/bin/{interpreter.command}")
+        if prefix is not None:
+            if tooling:
+                wheels = _download_tooling(tooling, guest_target(interpreter, packages), work / "tooling")
+                info["preinstalled"] = _preinstall(tree, interpreter, wheels, prefix)
+            _precompile(tree, interpreter, prefix)
+            info["precompiled"] = True
+    archive = _assemble(staging, packages, ordered, init, interpreter)
     out = work / "out"
     out.mkdir()
     with open(out / "initrd.img", "wb") as raw, gzip.GzipFile(fileobj=raw, mode="wb", mtime=0) as gz:
         archive.write(gz)
     shutil.copyfile(vmlinuz, out / "vmlinuz")
-    info = {
-        "kernel_release": release,
-        "packages": dict(packages),
-        "modules": [name for name, _ in ordered],
-        "python": python,
-        "entries": len(archive),
-    }
+    info.update(packages=dict(packages), modules=[name for name, _ in ordered], entries=len(archive))
     (out / "build.json").write_text(json.dumps(info, indent=1, sort_keys=True))
     return out
