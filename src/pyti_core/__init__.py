@@ -35,7 +35,7 @@ from pyti_core.errors import (
     TaskManagerClosedError,
     UnsafeArchiveError,
 )
-from pyti_core.manager import GuestSystem, RunResult, run, run_prepared
+from pyti_core.manager import GuestSystem, RunMatrix, RunResult, run, run_prepared
 from pyti_core.packages import Distribution, GuestTarget, prepare_distribution
 from pyti_core.rawdata import RawDataRecord, Report, TestCounts, parse_record, parse_records
 from pyti_core.task_manager import TaskManager
@@ -67,6 +67,7 @@ __all__ = [
     "RawDataRecord",
     "Recipe",
     "Report",
+    "RunMatrix",
     "RunResult",
     "SchedulerLostError",
     "Task",

@@ -581,6 +581,7 @@ def run_prepared(
         _discard_vm(vm, work_dir)
         _remove_socket_dir(socket_dir, work_dir)
         phases["rollback"] = time.monotonic() - t0
+    records = _explain_missing_compiler(records, distribution)
     environment, records = _with_environment(records, accelerator)
     report = Report(distribution.requirement, tuple(records), environment)
     return RunResult(
@@ -629,6 +630,37 @@ def _event_relay(
             on_event(event)
 
     return relay
+
+
+_NO_COMPILER: Final = re.compile(
+    r"command '[\w./-]*(?:gcc|cc|g\+\+|clang)' failed|unable to execute '[\w./-]*(?:gcc|cc)'|"
+    r"(?:gcc|cc|c\+\+|g\+\+): (?:command )?not found|No such file or directory: '[\w./-]*(?:gcc|cc)'|"
+    r"[Cc]ould not find (?:a )?C compiler|Unknown compiler|no acceptable C compiler"
+)
+
+
+def _explain_missing_compiler(
+    records: list[RawDataRecord], distribution: Distribution
+) -> list[RawDataRecord]:
+    """An install that failed building an sdist for lack of a C compiler says so on its first line."""
+    sdists = [p.name for p in distribution.wheels if not p.name.endswith(".whl")]
+    note = (
+        f"[pyti: {', '.join(sdists)} has no wheel for this guest's Python, so pip built it from its sdist "
+        "in the guest, and that needs a C compiler, which the tiny guest does not have; use a version "
+        "that publishes wheels for this Python, or test it on a system disk with build tools "
+        "(pyti run --guest)]\n"
+    )
+
+    def explained(record: RawDataRecord) -> RawDataRecord:
+        failed_build = (
+            sdists
+            and record.task.startswith("install")
+            and record.status == "failed"
+            and (_NO_COMPILER.search(record.stderr) or _NO_COMPILER.search(record.stdout))
+        )
+        return attrs.evolve(record, stderr=note + record.stderr) if failed_build else record
+
+    return [explained(r) for r in records]
 
 
 def _accelerator(vm: VirtualMachine) -> str:

@@ -30,6 +30,7 @@ import shutil
 import subprocess
 import sys
 import tarfile
+import tomllib
 import zipfile
 from collections.abc import Iterable, Iterator, Sequence
 from contextlib import contextmanager
@@ -532,7 +533,13 @@ def _download_sdist(pip: _Pip, requirement: str, out: Path, what: str) -> Path:
 
 
 def _build_from_sdist(pip: _Pip, requirement: str, built: Path, target: GuestTarget) -> Path:
-    """Download ``requirement``'s sdist and build a wheel on the host; it must be pure Python."""
+    """Download ``requirement``'s sdist and build a wheel on the host.
+
+    A pure-Python wheel is used as it is. A compiled one fits only the host, so the sdist goes to the
+    guest, which builds it at install time: a stand-in wheel (the built wheel's metadata, no code,
+    tagged ``py3-none-any``) lets pip resolve its dependencies here, and :func:`_swap_stand_ins` puts
+    the sdist and its build requirements in the wheelhouse in its place.
+    """
     with _fresh_dir(built / ".sdist") as tmp:
         what = f"{requirement} has no wheel for the guest"
         try:
@@ -546,15 +553,83 @@ def _build_from_sdist(pip: _Pip, requirement: str, built: Path, target: GuestTar
                 stderr=exc.stderr,
             ) from exc
         wheel = pip.build_wheel(sdist, built, f"{requirement} has no wheel for the guest; building one")
-    if not target.supports(wheel) or not wheel.name.endswith("-none-any.whl"):
-        wheel.unlink()
-        raise PackageError(
-            f"{requirement} has no wheel for the guest and its sdist builds a compiled wheel "
-            f"({wheel.name}) on the host, which does not match the guest ({target.python_tag}, "
-            f"glibc {target.glibc[0]}.{target.glibc[1]}, {target.arch}); use a version that publishes "
-            "manylinux wheels, or provide a matching wheel with find_links"
+        if target.supports(wheel) and wheel.name.endswith("-none-any.whl"):
+            return wheel
+        kept = built / _GUEST_SDISTS / sdist.name
+        kept.parent.mkdir(parents=True, exist_ok=True)
+        shutil.move(sdist, kept)
+    stand_in = _stand_in_wheel(wheel, built)
+    wheel.unlink()
+    return stand_in
+
+
+_GUEST_SDISTS: Final = "guest-sdists"
+_STAND_IN_MARK: Final = "PYTI-BUILT-IN-THE-GUEST"
+
+
+def _stand_in_wheel(wheel: Path, out: Path) -> Path:
+    """A ``py3-none-any`` wheel with ``wheel``'s METADATA only: resolution sees the dependencies."""
+    name, version = wheel_metadata(wheel)
+    stem = f"{re.sub(r'[-_.]+', '_', name)}-{version}"
+    metadata = _read_wheel_member(wheel, "METADATA", required=True) or ""
+    record = _read_wheel_member(wheel, "RECORD", required=False) or ""  # for the import names
+    target = out / f"{stem}-py3-none-any.whl"
+    with zipfile.ZipFile(target, "w") as zf:
+        zf.writestr(f"{stem}.dist-info/METADATA", metadata)
+        zf.writestr(
+            f"{stem}.dist-info/WHEEL", "Wheel-Version: 1.0\nRoot-Is-Purelib: true\nTag: py3-none-any\n"
         )
-    return wheel
+        zf.writestr(f"{stem}.dist-info/{_STAND_IN_MARK}", "")
+        zf.writestr(f"{stem}.dist-info/RECORD", record)
+    return target
+
+
+def _is_stand_in(wheel: Path) -> bool:
+    try:
+        with zipfile.ZipFile(wheel) as zf:
+            return any(n.endswith(f".dist-info/{_STAND_IN_MARK}") for n in zf.namelist())
+    except (OSError, zipfile.BadZipFile):
+        return False
+
+
+def _build_requires(sdist: Path) -> list[str]:
+    """``[build-system] requires`` of an sdist's ``pyproject.toml`` (setuptools' default without one)."""
+    default = ["setuptools>=40.8.0", "wheel"]
+    try:
+        with tarfile.open(sdist) as tf:
+            member = next(
+                (m for m in tf.getmembers() if m.name.count("/") == 1 and m.name.endswith("/pyproject.toml")),
+                None,
+            )
+            if member is None or member.size > 1 << 20:
+                return default
+            fh = tf.extractfile(member)
+            data = tomllib.loads(fh.read().decode("utf-8", "replace")) if fh is not None else {}
+    except (OSError, tarfile.TarError, tomllib.TOMLDecodeError):
+        return default
+    requires = data.get("build-system", {}).get("requires")
+    return [str(r) for r in requires] if isinstance(requires, list) else default
+
+
+def _swap_stand_ins(
+    saved: list[Path], wheels: Path, built: Path, pip: _Pip, target: GuestTarget
+) -> list[Path]:
+    """Replace stand-in wheels in the wheelhouse by their sdists, plus those sdists' build requirements."""
+    out = [p for p in saved if not _is_stand_in(p)]
+    sdists = sorted((built / _GUEST_SDISTS).glob("*")) if (built / _GUEST_SDISTS).is_dir() else []
+    stand_ins = [p for p in saved if _is_stand_in(p)]
+    if not stand_ins:
+        return out
+    for stand_in in stand_ins:
+        stand_in.unlink()
+    requires: list[str] = []
+    for sdist in sdists:
+        shutil.copyfile(sdist, wheels / sdist.name)
+        out.append(wheels / sdist.name)
+        requires += _build_requires(sdist)
+    if requires:
+        out += _download(pip, sorted(set(requires)), wheels, built, target)
+    return sorted(set(out))
 
 
 def _fetch_sources(pip: _Pip, requirement: str, dest: Path) -> Path | None:
@@ -682,6 +757,10 @@ def prepare_distribution(
         )
     own_wheel = by_name[root_key]
     name, version = wheel_metadata(own_wheel)
+    import_names = import_names_of_wheel(own_wheel)
+    saved = _swap_stand_ins(saved, wheels, built, pip, target)  # sdists the guest builds itself
+    if not own_wheel.exists():
+        own_wheel = next(p for p in saved if normalize_name(p.name.split("-")[0]) == root_key)
     if kind == "requirement" and sources:
         source_dir = _fetch_sources(pip, f"{name}=={version}", dest / "src")
     return Distribution(
@@ -693,5 +772,5 @@ def prepare_distribution(
         pip_wheel=by_name["pip"],
         wheelhouse=wheels,
         sources=source_dir,
-        import_names=import_names_of_wheel(own_wheel),
+        import_names=import_names,
     )

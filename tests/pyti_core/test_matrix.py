@@ -7,9 +7,12 @@ import io
 import json
 import re
 import shutil
+import subprocess
+import sys
 import zipfile
 from pathlib import Path
 
+import attrs
 import pytest
 
 from pyti_core.cli import EXIT_FAILED, EXIT_USAGE, main
@@ -246,3 +249,82 @@ def test_one_run_across_every_guest(tmp_path: Path) -> None:
         )
         assert next(iter(raw)) == "distribution"
         assert list(raw)[1] == "environment"
+
+
+# -- no wheel for the guest, only an sdist ----------------------------------------------------------------
+
+CEXT_SETUP = """
+from setuptools import Extension, setup
+
+setup(name="cext", version="1.0", ext_modules=[Extension("cext", ["cext.c"])])
+"""
+CEXT_C = """
+#include <Python.h>
+static struct PyModuleDef m = {PyModuleDef_HEAD_INIT, "cext", NULL, -1, NULL};
+PyMODINIT_FUNC PyInit_cext(void) { return PyModule_Create(&m); }
+"""
+
+
+@pytest.mark.skipif(
+    shutil.which("gcc") is None, reason="the host builds the sdist once to learn its metadata"
+)
+def test_a_compiled_sdist_goes_to_the_guest_with_its_build_requirements(tmp_path: Path) -> None:
+    from tests.pyti_core.test_packages import make_sdist
+
+    index = tmp_path / "index"
+    got = subprocess.run(
+        [sys.executable, "-m", "pip", "download", "-q", "--only-binary=:all:", "--no-deps", "-d", str(index),
+         "setuptools>=70.1,<76", "wheel"],
+        capture_output=True, text=True, check=False,
+    )  # fmt: skip
+    if got.returncode != 0:
+        pytest.skip(f"setuptools cannot be fetched from PyPI here: {got.stderr[-300:]}")
+    cext = tmp_path / "src" / "cext-1.0"
+    cext.mkdir(parents=True)
+    (cext / "setup.py").write_text(CEXT_SETUP)
+    (cext / "cext.c").write_text(CEXT_C)
+    (cext / "pyproject.toml").write_text(
+        '[build-system]\nrequires = ["setuptools"]\nbuild-backend = "setuptools.build_meta"\n'
+    )
+    make_sdist(cext, index)
+    main_project = make_project(
+        tmp_path / "p", "usescext", "1.0", {"usescext/__init__.py": "import cext\n"},
+        packages=["usescext"], requires=["cext"],
+    )  # fmt: skip
+    dist = prepare_distribution(
+        main_project, tmp_path / "d", requirements=(), no_index=True, find_links=[index],
+        target=GuestTarget(python_version=(3, 9), glibc=(2, 31)), pip_wheel=_any_pip(tmp_path),
+    )  # fmt: skip
+    names = sorted(p.name for p in dist.wheels)
+    assert "cext-1.0.tar.gz" in names  # the guest builds it
+    assert not any(
+        n.startswith("cext-") and n.endswith(".whl") for n in names
+    )  # no host-built or stand-in wheel
+    assert any(n.startswith("setuptools-") for n in names)  # its build requirement, for an offline build
+    assert all((dist.wheelhouse / n).is_file() for n in names)
+
+
+def test_an_install_that_needs_a_compiler_says_so_plainly(tmp_path: Path) -> None:
+    from pyti_core.manager import _explain_missing_compiler
+    from pyti_core.packages import Distribution
+    from tests.pyti_core.test_tables import rec
+
+    wheelhouse = tmp_path / "wheels"
+    dist = Distribution(
+        name="usescext", version="1.0", wheel=wheelhouse / "usescext-1.0-py3-none-any.whl",
+        wheels=(wheelhouse / "usescext-1.0-py3-none-any.whl", wheelhouse / "cext-1.0.tar.gz"),
+        pip_wheel=wheelhouse / "pip-1-py3-none-any.whl", wheelhouse=wheelhouse, sources=None, import_names=(),
+    )  # fmt: skip
+    gcc = (
+        "building 'cext' extension\nerror: command 'x86_64-linux-gnu-gcc' failed: No such file or directory\n"
+    )
+    failed = rec("install", "failed", stderr=gcc)
+    other = rec("install", "failed", stderr="ERROR: No matching distribution found for nothing")
+    passed = rec("pytest", "failed", stderr=gcc)  # not an install
+    out = _explain_missing_compiler([failed, other, passed], dist)
+    assert out[0].stderr.startswith("[pyti: cext-1.0.tar.gz has no wheel for this guest's Python")
+    assert "needs a C compiler, which the tiny guest does not have" in out[0].stderr
+    assert out[0].stderr.endswith(gcc)
+    assert out[1:] == [other, passed]
+    # without an sdist in the wheelhouse the guest built nothing: nothing is added
+    assert _explain_missing_compiler([failed], attrs.evolve(dist, wheels=dist.wheels[:1])) == [failed]
