@@ -331,7 +331,8 @@ def _run_matrix(  # noqa: PLR0917 (the run command's parts, called once)
 
 def _job_name(spec: str | Path, python: str) -> str:
     stem = re.sub(r"[^A-Za-z0-9.-]+", "-", Path(spec).name if isinstance(spec, Path) else spec).strip("-.")
-    return f"pyti-{stem[:30] or 'dist'}-py{python}-{os.urandom(3).hex()}"
+    env = python if python.startswith("pypy") else f"py{python}"
+    return f"pyti-{stem[:30] or 'dist'}-{env}-{os.urandom(3).hex()}"
 
 
 def _spec(text: str) -> str | Path:

@@ -18,6 +18,8 @@ from __future__ import annotations
 
 import contextlib
 import fcntl
+import hashlib
+import json
 import os
 import re
 import subprocess
@@ -169,6 +171,14 @@ class Archive:
         """
         if not self.has_lists():
             self.update()
+        material = json.dumps([list(packages), sorted(exclude), self._stamp.stat().st_mtime_ns, self.mirror])
+        memo = self.root / "resolved" / (hashlib.sha256(material.encode()).hexdigest()[:24] + ".json")
+        try:  # resolved before from the same lists: apt would say the same, only slower (seconds)
+            cached = json.loads(memo.read_text())
+            if isinstance(cached, dict) and all(isinstance(v, str) for v in cached.values()):
+                return {str(k): v for k, v in cached.items()}
+        except (OSError, ValueError):
+            pass
         try:
             out = self._apt(
                 ["-s", "install", *packages], f"resolving {', '.join(packages)} in Debian {self.suite}"
@@ -186,7 +196,13 @@ class Archive:
         missing = [p for p in packages if p not in found]
         if missing:
             raise GuestImageError(f"Debian {self.suite} has no package {', '.join(missing)}", output=out)
-        return {name: version for name, version in found.items() if name not in exclude}
+        result = {name: version for name, version in found.items() if name not in exclude}
+        memo.parent.mkdir(parents=True, exist_ok=True)
+        fd, tmp = tempfile.mkstemp(dir=memo.parent, prefix=".resolved-")
+        with os.fdopen(fd, "w") as fh:
+            json.dump(result, fh)
+        os.replace(tmp, memo)  # atomic: concurrent resolvers never read half a file
+        return result
 
     def download(self, packages: Mapping[str, str], deb_dir: Path) -> dict[str, Path]:
         """Each package's ``.deb`` in ``deb_dir`` (shared by every suite), fetching the missing ones.
