@@ -266,9 +266,8 @@ def python_guest() -> TinyLinux:
 
 @pytest.mark.skipif(shutil.which("cpio") is None, reason="the cpio tool is not installed")
 def test_built_initramfs_contents(busybox_guest: TinyLinux, python_guest: TinyLinux) -> None:
-    import gzip
 
-    names = set(_cpio(["-it"], gzip.decompress(busybox_guest.initrd.read_bytes())).split())
+    names = set(_cpio(["-it"], busybox_guest.initrd.read_bytes()).split())
     # merged /usr, as Debian's own systems: /bin, /sbin, /lib, /lib64 are links into /usr
     assert {"init", "usr/bin/busybox", "usr/bin/sh", "usr/sbin/acpid", "dev/console"} <= names
     assert {"bin", "sbin", "lib", "lib64", "etc/acpi/PWRF/00000080"} <= names
@@ -280,7 +279,7 @@ def test_built_initramfs_contents(busybox_guest: TinyLinux, python_guest: TinyLi
     assert busybox_guest.kernel_release.endswith("cloud-amd64")
     assert busybox_guest.kernel.read_bytes()[0x202:0x206] == b"HdrS"  # an x86 bzImage
 
-    py_names = set(_cpio(["-it"], gzip.decompress(python_guest.initrd.read_bytes())).split())
+    py_names = set(_cpio(["-it"], python_guest.initrd.read_bytes()).split())
     assert {
         "usr/bin/python3",
         "usr/lib/python3.11/json/__init__.py",
@@ -298,7 +297,7 @@ def test_built_initramfs_contents(busybox_guest: TinyLinux, python_guest: TinyLi
     assert {"pip", "pytest", "pluggy"} <= set(python_guest.preinstalled)
     assert "usr/local/lib/python3.11/dist-packages/_pytest/__pycache__/main.cpython-311.pyc" in py_names
     assert python_guest.glibc >= (2, 36)
-    assert python_guest.initrd.stat().st_size < 40 * 1024 * 1024
+    assert python_guest.initrd.stat().st_size < 120 * 1024 * 1024  # uncompressed
 
 
 def test_build_is_cached(busybox_guest: TinyLinux) -> None:
@@ -331,9 +330,8 @@ def test_changed_init_rebuilds_and_concurrent_builders_agree(
     built = Path(outputs[0])
     assert built.parent.name != busybox_guest.initrd.parent.name
     assert [p.name for p in cache.iterdir() if p.name.startswith(".build-")] == []
-    import gzip
 
-    assert b"# changed guest" in gzip.decompress(built.read_bytes())
+    assert b"# changed guest" in built.read_bytes()
 
 
 def test_cached_build_is_used_when_apt_is_unavailable(
