@@ -264,7 +264,7 @@ class GuestSystem:
 
     kernel: Path | None = attrs.field(default=None, converter=_opt_path)
     initrd: Path | None = attrs.field(default=None, converter=_opt_path)
-    cmdline: str = "console=ttyS0 panic=-1 quiet"
+    cmdline: str = "console=ttyS0 panic=-1 quiet no_timer_check"
     system_disk: Path | None = attrs.field(default=None, converter=_opt_path)
     system_mount: str = "/mnt/system"
     memory: int = 512

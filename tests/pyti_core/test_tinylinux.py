@@ -225,7 +225,7 @@ def test_module_errors_are_clear(tmp_path: Path) -> None:
 def test_cmdline_with_run() -> None:
     guest = TinyLinux(kernel=Path("k"), initrd=Path("i"))
     assert guest.cmdline_with(run="/mnt/disk/run.sh", extra=["pyti.echo=0"]) == (
-        "console=ttyS0 panic=-1 quiet pyti.run=/mnt/disk/run.sh pyti.echo=0"
+        "console=ttyS0 panic=-1 quiet no_timer_check pyti.run=/mnt/disk/run.sh pyti.echo=0"
     )
     with pytest.raises(ValueError, match="whitespace"):
         guest.cmdline_with(run="/a b")
