@@ -331,25 +331,28 @@ def test_prepare_an_sdist_and_a_wheel(tmp_path: Path, pip_wheel: Path) -> None:
     assert again.wheels == from_wheel.wheels
 
 
-def test_a_compiled_sdist_only_dependency_is_a_clear_error(tmp_path: Path, pip_wheel: Path) -> None:
+def test_a_compiled_sdist_only_dependency_is_built_in_the_guest(tmp_path: Path, pip_wheel: Path) -> None:
+    """Its sdist builds a wheel that fits only the host: the sdist itself goes to the guest."""
     main, _ = tiny_pair(tmp_path / "projects")
     compiled = make_project(
         tmp_path / "c", "pytiny-dep", "1.0", {"pytiny_dep/__init__.py": ""}, tag="cp311-cp311-linux_x86_64"
     )
     index = tmp_path / "index"
     make_sdist(compiled, index)
-    with pytest.raises(PackageError, match=r"pytiny-dep.*compiled wheel.*does not match the guest") as info:
-        prepare_distribution(
-            main,
-            tmp_path / "out",
-            requirements=(),
-            no_index=True,
-            find_links=[index],
-            pip_wheel=pip_wheel,
-            build_isolation=False,
-        )
-    assert not list((tmp_path / "out" / "built").glob("pytiny_dep*"))
-    assert "pytiny_dep-1.0-cp311-cp311-linux_x86_64.whl" in str(info.value)
+    dist = prepare_distribution(
+        main,
+        tmp_path / "out",
+        requirements=(),
+        no_index=True,
+        find_links=[index],
+        pip_wheel=pip_wheel,
+        build_isolation=False,
+    )
+    names = sorted(p.name for p in dist.wheels)
+    assert "pytiny-dep-1.0.tar.gz" in names
+    assert not [n for n in names if n.startswith("pytiny_dep")]  # no host wheel, no stand-in
+    assert (dist.wheelhouse / "pytiny-dep-1.0.tar.gz").is_file()
+    assert dist.name == "pytiny"
 
 
 def test_a_missing_dependency_names_it_with_pip_stderr(tmp_path: Path, pip_wheel: Path) -> None:

@@ -97,7 +97,9 @@ class Archive:
             opts["APT::Sandbox::User"] = "root"
         return [f"-o{key}={value}" for key, value in opts.items()]
 
-    def _apt(self, args: Sequence[str], what: str, *, cwd: Path | None = None) -> str:
+    def _apt(
+        self, args: Sequence[str], what: str, *, cwd: Path | None = None, merge_stderr: bool = False
+    ) -> str:
         argv = ["apt-get", "-q", *self._options(), *args]
         try:
             proc = subprocess.run(
@@ -116,7 +118,7 @@ class Archive:
                 command=argv,
                 output=(proc.stderr + proc.stdout)[-4000:],
             )
-        return proc.stdout
+        return proc.stdout + proc.stderr if merge_stderr else proc.stdout
 
     def _prepare(self) -> None:
         for sub in ("state/lists/partial", "cache/archives/partial"):
@@ -151,7 +153,11 @@ class Archive:
             if self.has_lists() and not force and time.time() - self._stamp.stat().st_mtime < max_age:
                 return False
             try:
-                self._apt(["update"], f"fetching the package lists of Debian {self.suite} from {self.mirror}")
+                what = f"fetching the package lists of Debian {self.suite} from {self.mirror}"
+                out = self._apt(["update"], what, merge_stderr=True)
+                # apt-get update exits 0 when a source cannot be fetched; it says so in Err:/W: lines
+                if re.search(r"^(?:Err:|W: Failed to fetch|E: )", out, re.MULTILINE):
+                    raise GuestImageError(f"{what}: it failed", output=out[-4000:])
             except GuestImageError as exc:
                 if self.has_lists():
                     return False
