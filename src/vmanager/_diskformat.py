@@ -23,8 +23,12 @@ explicit ``format=`` instead:
 
 from __future__ import annotations
 
+import contextlib
+import errno
 import os
+import stat
 import struct
+from collections.abc import Iterator
 from pathlib import Path
 from typing import BinaryIO, Literal
 
@@ -42,9 +46,32 @@ _QCOW2_INCOMPAT_DATA_FILE = 1 << 2
 _DIFFERENCING = 4  # VDI image type and VHD disk type of a differencing image
 
 
+class NotAnImageError(OSError):
+    """The path is a FIFO, a character device, a socket or a directory: nothing to sniff."""
+
+
+@contextlib.contextmanager
+def _open_image(path: str | Path) -> Iterator[BinaryIO]:
+    """``path`` opened for reading, unless it is no regular file or block device: a FIFO would block
+    the open or the read, and a character device may act on being opened (a watchdog)."""
+    probe = os.open(path, os.O_PATH | os.O_CLOEXEC)  # no side effect on any file type
+    try:
+        seen = os.fstat(probe)
+    finally:
+        os.close(probe)
+    if not (stat.S_ISREG(seen.st_mode) or stat.S_ISBLK(seen.st_mode)):
+        raise NotAnImageError(errno.EINVAL, "not a regular file or a block device", str(path))
+    fd = os.open(path, os.O_RDONLY | os.O_NONBLOCK | os.O_NOCTTY | os.O_CLOEXEC)
+    with open(fd, "rb") as f:
+        now = os.fstat(fd)
+        if (now.st_dev, now.st_ino) != (seen.st_dev, seen.st_ino):
+            raise NotAnImageError(errno.EAGAIN, "the file changed while it was opened", str(path))
+        yield f
+
+
 def sniff_format(path: str | Path) -> DiskFormat:
     """The format of the image at ``path``; raises ``FileNotFoundError`` / ``OSError`` if unreadable."""
-    with open(path, "rb") as f:
+    with _open_image(path) as f:
         head = f.read(_HEAD)
         size = os.fstat(f.fileno()).st_size
         tail = b""
@@ -72,7 +99,7 @@ def names_other_files(path: str | Path, fmt: DiskFormat) -> str | None:
     does not. Raises ``OSError`` if unreadable."""
     if fmt == "raw":
         return None
-    with open(path, "rb") as f:
+    with _open_image(path) as f:
         head = f.read(_HEAD)
         size = os.fstat(f.fileno()).st_size
         if fmt == "qcow2":

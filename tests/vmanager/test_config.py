@@ -2,8 +2,10 @@
 
 from __future__ import annotations
 
+import os
 import shutil
 import subprocess
+import threading
 import xml.etree.ElementTree as ET
 from pathlib import Path
 
@@ -356,3 +358,20 @@ def test_differencing_vdi_and_vhd_headers_are_not_guessed(tmp_path: Path) -> Non
         path = tmp_path / name
         path.write_bytes(data)
         assert names_other_files(path, sniff_format(path)) is None
+
+
+def test_sniffing_never_blocks_on_a_fifo_or_opens_a_device(tmp_path: Path) -> None:
+    """domain_xml on a FIFO (or the test driver, which checks no paths) returns at once: raw, unread."""
+    fifo = tmp_path / "disk.fifo"
+    os.mkfifo(fifo)
+    config = VMConfig(name="f", hd_location=fifo, disks=[Disk("/dev/zero")])
+    done: list[str] = []
+    worker = threading.Thread(target=lambda: done.append(domain_xml(config, "qemu")), daemon=True)
+    worker.start()
+    worker.join(10)
+    if worker.is_alive():  # unblock the reader before failing, so no thread stays stuck
+        fd = os.open(fifo, os.O_WRONLY | os.O_NONBLOCK)
+        os.close(fd)
+        pytest.fail("sniffing the format blocked on a FIFO")
+    drivers = [d.get("type") for d in ET.fromstring(done[0]).iterfind("devices/disk/driver")]
+    assert drivers == ["raw", "raw"]
