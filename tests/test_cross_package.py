@@ -6,12 +6,14 @@ current state lives in an overlay over the read-only base, and DiskOperations.fo
 
 from __future__ import annotations
 
+import shutil
+import subprocess
 from pathlib import Path
 
 import pytest
 
-from diskhandler import DiskOperations, create_image, create_io_disk
-from vmanager import VirtualMachine, VMConfig
+from diskhandler import DiskOperations, create_image, create_io_disk, open_image
+from vmanager import Disk, VirtualMachine, VMConfig, domain_xml
 
 MiB = 1 << 20
 
@@ -102,3 +104,24 @@ def test_for_vm_sees_the_current_state_through_external_snapshots(tmp_path: Path
         vm.undefine()
     assert list((tmp_path / "layers").iterdir()) == []
     assert hashlib.sha256(disk.read_bytes()).hexdigest() == pristine
+
+
+@pytest.mark.skipif(shutil.which("qemu-img") is None, reason="qemu-img (qemu-utils) is needed")
+def test_for_vm_opens_a_disk_in_the_format_the_vm_declares(tmp_path: Path) -> None:
+    """A raw IO disk a guest rewrote as a qcow2 over a host file: for_vm opens it as the VM has it, raw."""
+    secret = tmp_path / "host-secret"
+    secret.write_bytes(b"host data\n" * 1000)
+    io = tmp_path / "io.img"
+    subprocess.run(
+        ["qemu-img", "create", "-q", "-f", "qcow2", "-u", "-b", str(secret), "-F", "raw", str(io), "64M"],
+        check=True,
+    )
+    system = create_io_disk(tmp_path / "system.qcow2", 32 * MiB, "qcow2", files=None)
+    config = VMConfig(name="decl", hd_location=system, disks=[Disk(io, snapshot=False, format="raw")])
+    xml = domain_xml(config, "qemu")
+    ops = DiskOperations.for_vm(xml, target="vdb")
+    assert (ops.image, ops.format) == (io, "raw")
+    with open_image(ops.image, format=ops.format) as disk:
+        assert disk.size == io.stat().st_size  # the qcow2 header's 64 MiB and its backing file unused
+    assert DiskOperations.for_vm(xml, target="vda").format == "qcow2"
+    assert DiskOperations.for_vm(xml, target="vdb", format="qcow2").format == "qcow2"  # the caller's wins

@@ -145,7 +145,12 @@ class DiskOperations:
 
         Further keyword arguments go to the constructor.
         """
-        return cls(_disk_of_vm(vm, target), **kwargs)
+        path = _disk_of_vm(vm, target)
+        if kwargs.get("format") is None:
+            # The format the VM declares, never one read from the disk's bytes: a guest owns those of
+            # a raw disk and could make it a qcow2 whose backing file is a host file.
+            kwargs["format"] = _declared_formats(vm).get(path)
+        return cls(path, **kwargs)
 
     # -- mounting -----------------------------------------------------------------------------------
 
@@ -1458,6 +1463,43 @@ def _disk_of_vm(vm: Any, target: str | int | None) -> Path:
         dev_name = dev.get("dev") if dev is not None else None
         mapping[dev_name or str(len(mapping))] = Path(file)
     return _pick(mapping, target, "the domain XML")
+
+
+#: libvirt's ``<driver type>`` names -> diskhandler's.
+_LIBVIRT_FORMATS = {
+    "raw": "raw",
+    "qcow2": "qcow2",
+    "vdi": "vdi",
+    "vmdk": "vmdk",
+    "vpc": "vhd",
+    "vhdx": "vhdx",
+}
+
+
+def _declared_formats(vm: Any) -> dict[Path, str]:
+    """The format a libvirt domain declares for each disk file (``<driver type>``); empty for a
+    ``.vbox`` file or an object without domain XML."""
+    xml_text: str | None = vm if isinstance(vm, str) and vm.lstrip().startswith("<") else None
+    for name in ("xml_desc", "XMLDesc", "xml"):
+        method = getattr(vm, name, None)
+        if xml_text is None and callable(method):
+            xml_text = str(method())
+    if xml_text is None:
+        return {}
+    import xml.etree.ElementTree as ET  # noqa: PLC0415  (lazy: only for_vm parses XML)
+
+    try:
+        domain = ET.fromstring(xml_text)
+    except ET.ParseError:
+        return {}
+    formats: dict[Path, str] = {}
+    for disk in domain.iterfind("./devices/disk"):
+        source, driver = disk.find("source"), disk.find("driver")
+        file = source.get("file") if source is not None else None
+        fmt = _LIBVIRT_FORMATS.get(driver.get("type", "")) if driver is not None else None
+        if file is not None and fmt is not None:
+            formats[Path(file)] = fmt
+    return formats
 
 
 def _pick(mapping: dict[str, Path], target: str | int | None, where: str) -> Path:
