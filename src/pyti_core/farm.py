@@ -276,6 +276,8 @@ class _Runtime:
         self.lock_fd: int | None = None
         self.connection: Connection | None = None
         self.guest: GuestSystem | None = plugin.guest
+        self.python_lock = threading.Lock()  # held while a guest builds: not the lock the sweep needs
+        self.python_guests: dict[str, GuestSystem] = {}
         self.running: dict[str, str] = {}  # Dask key -> VM name
         self.cancelled: set[str] = set()
 
@@ -409,6 +411,16 @@ class _Runtime:
                 self.guest = GuestSystem.default(cache / "guest" if cache is not None else None)
             return self.guest
 
+    def guest_for_python(self, python: str) -> GuestSystem:
+        """The tiny guest with ``python`` (built into the cache on first use, then reused)."""
+        with self.python_lock:
+            if python not in self.python_guests:
+                cache = self.plugin.cache_dir
+                self.python_guests[python] = GuestSystem.for_python(
+                    python, cache / "guest" if cache is not None else None
+                )
+            return self.python_guests[python]
+
 
 class FarmWorkerPlugin(WorkerPlugin):
     """pyti's set-up of a Dask worker: its slot, hypervisor check, guest cache, and VM cleanup.
@@ -518,9 +530,14 @@ def fetch_job(job: FarmJob) -> dict[str, Any] | None:
 def _guest_for(job: FarmJob, runtime: _Runtime) -> GuestSystem:
     guest = job.guest or runtime.default_guest()
     have = ".".join(map(str, guest.target.python_version))
-    if job.python is not None and have != job.python:
+    if job.python is None or have == job.python:
+        return guest
+    if job.guest is not None or runtime.plugin.guest is not None:  # a guest chosen by the user
         raise FarmError(f"this worker's guest runs Python {have}, not {job.python}")
-    return guest
+    try:
+        return runtime.guest_for_python(job.python)  # the tiny guest with that Python, as pyti run --python
+    except ValueError as exc:  # no Debian suite ships it
+        raise FarmError(f"no guest has Python {job.python}: {exc}") from None
 
 
 def _fetch(job: FarmJob, runtime: _Runtime, guest: GuestSystem, folder: Path) -> Distribution:
