@@ -134,6 +134,20 @@ MASKED_UNITS: Final = (
     "modprobe@loop.service",
     "systemd-update-utmp.service",
     "systemd-update-utmp-runlevel.service",
+    # these run whenever /usr is newer than /etc/.updated, i.e. at every boot of an image built once:
+    # rebuilding udev's hwdb and the journal catalog and running ldconfig cost seconds under emulation
+    "ldconfig.service",
+    "systemd-hwdb-update.service",
+    "systemd-journal-catalog-update.service",
+    "systemd-update-done.service",
+    "modprobe@configfs.service",
+    "modprobe@drm.service",
+    "sys-kernel-config.mount",
+    "sys-fs-fuse-connections.mount",
+    "proc-sys-fs-binfmt_misc.automount",
+    "systemd-binfmt.service",
+    "systemd-pstore.service",
+    "systemd-random-seed.service",
 )
 #: dpkg leaves these out of every package (the copyright files stay).
 DPKG_EXCLUDES: Final = (
@@ -235,7 +249,7 @@ root=$1
 work=$2
 size_kib=$3
 root_uuid=$4
-cp -a "$work/files/." "$root/"
+cp -R --preserve=mode,timestamps,links --no-dereference "$work/files/." "$root/"
 rm -rf "$root"/var/lib/apt/lists/* "$root"/var/cache/apt/*.bin "$root"/var/cache/apt/archives/*.deb
 rm -f "$root/var/lib/dbus/machine-id" "$root/etc/ssh/"ssh_host_*
 : > "$root/etc/machine-id"
@@ -254,7 +268,12 @@ exit $status
 def _files(release: DebianRelease, root_uuid: str) -> dict[str, tuple[bytes, int] | str]:
     """The files pyti puts into the tree: guest path -> (content, mode), or -> a symlink's target."""
     files: dict[str, tuple[bytes, int] | str] = {
-        "/etc/fstab": (f"UUID={root_uuid} / ext4 errors=remount-ro 0 1\n".encode(), 0o644),
+        # no device timeout: under a busy emulator udev may take longer than systemd's 90 s default;
+        # no fsck at boot: every boot starts from the same clean filesystem (a throwaway overlay)
+        "/etc/fstab": (
+            f"UUID={root_uuid} / ext4 errors=remount-ro,x-systemd.device-timeout=0 0 0\n".encode(),
+            0o644,
+        ),
         "/etc/hostname": (f"pyti-{release.name.replace('-', '')}\n".encode(), 0o644),
         "/etc/hosts": (
             f"127.0.0.1\tlocalhost\n127.0.1.1\tpyti-{release.name.replace('-', '')}\n"
@@ -268,6 +287,7 @@ def _files(release: DebianRelease, root_uuid: str) -> dict[str, tuple[bytes, int
             0o644,
         ),
     }
+    files["/etc/systemd/system/default.target"] = "/lib/systemd/system/multi-user.target"
     for unit in MASKED_UNITS:
         files[f"/etc/systemd/system/{unit}"] = "/dev/null"
     for file in hook_files("systemd", label=IO_LABEL):
@@ -461,7 +481,9 @@ def _build(work: Path, release: DebianRelease, size: int, key: str, report: Prog
     """Make ``work/out/{disk.raw,build.json}``."""
     started = time.monotonic()
     root_uuid = str(uuid.UUID(bytes=hashlib.sha256(key.encode()).digest()[:16], version=4))
-    os.chmod(work, 0o755)  # mmdebstrap's namespace root must reach the staged files
+    # mmdebstrap's namespace root must read the staged files and, run by an ordinary user, is another
+    # (subordinate) uid than the user: it writes the filesystem and lists here, so the folder is open
+    os.chmod(work, 0o755 if os.geteuid() == 0 else 0o777)
     _stage(work / "files", _files(release, root_uuid))
     _stage(work / "setup", _setup_files())
     (work / "customize.sh").write_text(_CUSTOMIZE % {"label": ROOT_LABEL})
@@ -473,7 +495,7 @@ def _build(work: Path, release: DebianRelease, size: int, key: str, report: Prog
         "--variant=minbase",
         f"--include={','.join(PACKAGES)}",
         *(f"--dpkgopt={o}" for o in DPKG_EXCLUDES),
-        f'--setup-hook=cp -a "{work}/setup/." "$1/"',
+        f'--setup-hook=cp -R --preserve=mode,links --no-dereference "{work}/setup/." "$1/"',
         f'--customize-hook=sh "{work}/customize.sh" "$1" "{work}" {fs_size // 1024} {root_uuid}',
         release.suite,
         "/dev/null",
