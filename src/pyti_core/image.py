@@ -131,18 +131,23 @@ try_mount() {{  # mount $1 on $MNT; succeed only when it holds a job
     return 1
 }}
 
-mkdir -p "$MNT"
-# under systemd, udev may still be naming disks: let its queue drain first (a no-op elsewhere)
-if command -v udevadm >/dev/null 2>&1 && [ -d /run/udev ]; then udevadm settle --timeout=30 2>/dev/null; fi
-found=
-dev=$(blkid -L "$LABEL" 2>/dev/null)
-if [ -z "$dev" ] && [ -e "/dev/disk/by-label/$LABEL" ]; then dev="/dev/disk/by-label/$LABEL"; fi
-if [ -n "$dev" ] && try_mount "$dev"; then found=$dev; fi
-if [ -z "$found" ]; then
+find_io() {{  # set $found to the IO disk's device, mounted on $MNT
+    dev=$(blkid -L "$LABEL" 2>/dev/null)
+    if [ -z "$dev" ] && [ -e "/dev/disk/by-label/$LABEL" ]; then dev="/dev/disk/by-label/$LABEL"; fi
+    if [ -n "$dev" ] && try_mount "$dev"; then found=$dev; return 0; fi
     for dev in /dev/vd[b-z]* /dev/sd[b-z]* /dev/xvd[b-z]* /dev/hd[b-z]*; do
         [ -b "$dev" ] || continue
-        if try_mount "$dev"; then found=$dev; break; fi
+        if try_mount "$dev"; then found=$dev; return 0; fi
     done
+    return 1
+}}
+
+mkdir -p "$MNT"
+found=
+if ! find_io && command -v udevadm >/dev/null 2>&1 && [ -d /run/udev ]; then
+    # udev may still be adding disks (a busy or slow machine): let its queue drain, look again
+    udevadm settle --timeout=60 2>/dev/null
+    find_io
 fi
 [ -n "$found" ] || exit 0
 

@@ -67,6 +67,7 @@ from pyti_core.image import IO_LABEL, hook_files
 __all__ = [
     "DEFAULT_SIZE",
     "FORMATS",
+    "MASKED_GENERATORS",
     "MASKED_UNITS",
     "PACKAGES",
     "RELEASES",
@@ -148,6 +149,21 @@ MASKED_UNITS: Final = (
     "systemd-binfmt.service",
     "systemd-pstore.service",
     "systemd-random-seed.service",
+    "systemd-journal-flush.service",
+    "systemd-sysusers.service",
+    "systemd-machine-id-commit.service",
+    "kmod-static-nodes.service",
+)
+#: systemd generators masked for the same reason: nothing on these disks for them to find.
+MASKED_GENERATORS: Final = (
+    "systemd-gpt-auto-generator",
+    "systemd-cryptsetup-generator",
+    "systemd-veritysetup-generator",
+    "systemd-integritysetup-generator",
+    "systemd-bless-boot-generator",
+    "systemd-hibernate-resume-generator",
+    "systemd-system-update-generator",
+    "systemd-run-generator",
 )
 #: dpkg leaves these out of every package (the copyright files stay).
 DPKG_EXCLUDES: Final = (
@@ -288,6 +304,10 @@ def _files(release: DebianRelease, root_uuid: str) -> dict[str, tuple[bytes, int
         ),
     }
     files["/etc/systemd/system/default.target"] = "/lib/systemd/system/multi-user.target"
+    # the journal stays in memory: writing it to the throwaway disk costs seconds and keeps nothing
+    files["/etc/systemd/journald.conf.d/pyti.conf"] = (b"[Journal]\nStorage=volatile\n", 0o644)
+    for generator in MASKED_GENERATORS:
+        files[f"/etc/systemd/system-generators/{generator}"] = "/dev/null"
     for unit in MASKED_UNITS:
         files[f"/etc/systemd/system/{unit}"] = "/dev/null"
     for file in hook_files("systemd", label=IO_LABEL):
