@@ -330,7 +330,7 @@ class GuestSystem:
         return recipe if missing == recipe.requirements else attrs.evolve(recipe, requirements=missing)
 
     @classmethod
-    def from_image(cls, image: str | os.PathLike[str], *, boot_timeout: float = 240.0) -> GuestSystem:
+    def from_image(cls, image: str | os.PathLike[str], *, boot_timeout: float = 300.0) -> GuestSystem:
         """A system disk that boots by itself through the BIOS: one ``pyti image build --os`` made, or
         any image ``pyti image prepare`` has put pyti's agent and boot hook into.
 
@@ -338,7 +338,7 @@ class GuestSystem:
         never run the job, so :class:`~pyti_core.errors.ImagePrepareError` says to run
         ``pyti image prepare IMAGE``; without ``python3`` it is refused too. The wheels of a run are
         chosen for the Python and glibc found in it. ``boot_timeout`` is generous: a whole system
-        with systemd boots in 20-60 s under TCG.
+        with systemd boots in 30 s to minutes under TCG, depending on the host's load.
         """
         from pyti_core.image import inspect_image  # noqa: PLC0415 (diskhandler's FUSE view)
 

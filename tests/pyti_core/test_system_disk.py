@@ -240,7 +240,14 @@ def test_pyti_run_on_the_debian_system_disk(vdi: Path, index: Path, tmp_path: Pa
         stderr=err,
     )  # fmt: skip
     assert code == EXIT_FAILED, out.getvalue() + err.getvalue()
-    records = {r["params"]["task"]: r["params"] for r in json.loads(report.read_text())["records"]}
+    data = json.loads(report.read_text())
+    environment = data["environment"]  # measured inside the guest
+    assert environment["init"] == "systemd"  # PID 1
+    assert (environment["os_name"], environment["os_version"]) == ("Debian GNU/Linux", "12")
+    assert environment["python_version"].startswith("3.11.")
+    assert environment["kernel"].endswith("-cloud-amd64")
+    records = {r["params"]["task"]: r["params"] for r in data["records"]}
+    assert all(r["environment"] == environment for r in records.values())
     assert records["install"]["status"] == "passed"
     assert records["import"]["status"] == "passed"
     pytest_record = records["pytest"]
