@@ -8,7 +8,8 @@ user's pyti cache, so later runs of this module only write it out (a few seconds
   the root filesystem, pyti's hook and GRUB's configuration in it;
 * :func:`pyti_core.image.inspect_image` reads its Python, glibc and release without booting it;
 * ``pyti run PROJECT --guest debian.vdi`` boots it through the BIOS (no direct kernel boot) with
-  systemd, runs the tiny package's tests and brings the records home; the VDI's bytes do not change;
+  systemd, runs the tiny package's tests and brings the records home, whose ``environment`` says
+  systemd is PID 1 on Debian 12; the VDI's bytes do not change;
 * a copy whose kernel is broken stops in GRUB: :class:`GuestBootError` with the serial console's tail;
 * an image without pyti's hook is refused before anything is downloaded or booted.
 """
@@ -235,6 +236,7 @@ def test_pyti_run_on_the_debian_system_disk(vdi: Path, index: Path, tmp_path: Pa
         [
             "run", str(project), "--guest", str(vdi), "--no-index", "--find-links", str(index),
             "--report", str(report), "--keep", "--work-dir", str(tmp_path / "work"), "--plain",
+            "--timeout", "1800",  # a whole system under TCG on a busy host: minutes, not seconds
         ],
         stdout=out,
         stderr=err,
