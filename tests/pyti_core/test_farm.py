@@ -20,6 +20,7 @@ from collections.abc import Iterator
 from datetime import UTC, datetime
 from pathlib import Path
 
+import attrs
 import pytest
 
 pytest.importorskip("distributed")
@@ -263,6 +264,29 @@ def test_an_unreachable_scheduler_is_a_clear_error(tmp_path: Path) -> None:
     assert done.returncode == 3, done.stderr
     assert f"pyti: error: cannot reach the Dask scheduler at {address}" in done.stderr
     assert "Traceback" not in done.stderr
+
+
+@pytest.mark.e2e  # builds the tiny guests with these Pythons when the cache has none (minutes)
+def test_a_worker_runs_each_python_in_the_guest_with_that_python(tmp_path: Path) -> None:
+    from pyti_core import farm
+    from pyti_core.errors import FarmError
+    from pyti_core.tasks import get_recipe
+
+    runtime = farm._Runtime(farm.FarmWorkerPlugin(build_guest=False))  # the user's guest cache
+    job = FarmJob(spec="x==1", recipe=get_recipe("default"))
+    for python, implementation, version in [("3.13", "cp", (3, 13)), ("pypy3", "pp", (3, 9))]:
+        guest = farm._guest_for(attrs.evolve(job, python=python), runtime)
+        assert (guest.name, guest.target.implementation, guest.target.python_version[:2]) == (
+            python,
+            implementation,
+            version,
+        )
+        assert farm._guest_for(attrs.evolve(job, python=python), runtime) is guest  # built once
+    with pytest.raises(FarmError, match=r"no guest has Python 3\.12"):
+        farm._guest_for(attrs.evolve(job, python="3.12"), runtime)
+    own = farm._Runtime(farm.FarmWorkerPlugin(guest=GuestSystem(kernel=tmp_path / "k"), build_guest=False))
+    with pytest.raises(FarmError, match=r"this worker's guest runs Python 3\.11, not 3\.13"):
+        farm._guest_for(attrs.evolve(job, python="3.13"), own)
 
 
 # -- real clusters (no guest) ------------------------------------------------------------------------
