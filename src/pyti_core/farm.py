@@ -548,7 +548,7 @@ def _fetch(job: FarmJob, runtime: _Runtime, guest: GuestSystem, folder: Path) ->
     return prepare_distribution(
         spec,
         folder,
-        requirements=job.recipe.requirements,
+        requirements=guest.recipe_for(job.recipe).requirements,  # not what the guest has preinstalled
         target=guest.target,
         cache_dir=cache / "pip" if cache is not None else None,
         index_url=job.index_url,
@@ -645,7 +645,7 @@ def _run_in_vm(  # noqa: PLR0917 (private helper called once)
         raise FarmError("cancelled before its VM started")
     result = run_prepared(
         distribution,
-        job.recipe,
+        guest.recipe_for(job.recipe),
         guest=guest,
         timeout=job.timeout,
         work_dir=folder / "run",
