@@ -55,6 +55,7 @@ import threading
 import time
 import traceback
 import uuid
+import warnings
 from collections.abc import Callable, Iterable, Iterator, Mapping, Sequence
 from datetime import UTC, datetime
 from pathlib import Path
@@ -934,7 +935,9 @@ class _Batch:
         settings: dict[str, Any] = {}
         if self.allowed_failures is not None:
             settings["distributed.scheduler.allowed-failures"] = self.allowed_failures
-        with dask.config.set(settings):
+        with dask.config.set(settings), warnings.catch_warnings():
+            # its HTTP server (on 127.0.0.1) takes another port when 8787 is in use: nothing to report
+            warnings.filterwarnings("ignore", message="Port .* is already in use", category=UserWarning)
             cluster = LocalCluster(
                 n_workers=n_workers,
                 threads_per_worker=2,  # one VM, and one thread fetching the next job meanwhile
