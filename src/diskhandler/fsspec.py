@@ -37,6 +37,7 @@ import errno
 import os
 import posixpath
 import stat
+import warnings
 import weakref
 from typing import Any, ClassVar
 
@@ -45,8 +46,8 @@ from fsspec.callbacks import DEFAULT_CALLBACK, Callback
 from fsspec.implementations.local import LocalFileSystem
 from fsspec.utils import stringify_path
 
-from diskhandler.errors import FilesystemError
-from diskhandler.operations import DiskOperations
+from diskhandler.errors import FilesystemError, ImageWarning
+from diskhandler.operations import MAX_WALK_DEPTH, DiskOperations
 
 __all__ = ["DiskImageFileSystem"]
 
@@ -148,7 +149,7 @@ class DiskImageFileSystem(AbstractFileSystem):  # type: ignore[misc]  # fsspec i
         if maxdepth is not None and maxdepth < 1:
             raise ValueError("maxdepth must be at least 1")
         detail = kwargs.pop("detail", False)
-        yield from self._walk(self._strip_protocol(path), maxdepth, topdown, on_error, detail, set())
+        yield from self._walk(self._strip_protocol(path), maxdepth, topdown, on_error, detail, set(), 0)
 
     def _walk(  # noqa: PLR0917  (private; the walk's state)
         self,
@@ -158,7 +159,17 @@ class DiskImageFileSystem(AbstractFileSystem):  # type: ignore[misc]  # fsspec i
         on_error: str | Any,
         detail: bool,
         entered: set[tuple[int, int]],
+        level: int,
     ) -> Any:
+        if level > MAX_WALK_DEPTH:  # as DiskOperations.walk: a crafted filesystem nests 2000 deep
+            warnings.warn(
+                ImageWarning(
+                    f"{path}: nested deeper than {MAX_WALK_DEPTH} folders below the walk's start"
+                    " (a crafted filesystem?); walked past it"
+                ),
+                stacklevel=3,
+            )
+            return
         try:
             listing = self.ls(path, detail=True)
             st = self.ops.stat(path)
@@ -193,7 +204,13 @@ class DiskImageFileSystem(AbstractFileSystem):  # type: ignore[misc]  # fsspec i
                 if (key.st_dev, key.st_ino) in entered:
                     continue  # a folder this walk entered already (a loop, or a second link): shown only
                 yield from self._walk(
-                    sub, None if maxdepth is None else maxdepth - 1, topdown, on_error, detail, entered
+                    sub,
+                    None if maxdepth is None else maxdepth - 1,
+                    topdown,
+                    on_error,
+                    detail,
+                    entered,
+                    level + 1,
                 )
         if not topdown:
             yield path, shown_dirs, shown_files

@@ -49,10 +49,14 @@ from diskhandler.formats import DiskImage, ParentPolicy, open_image
 if TYPE_CHECKING:
     from diskhandler.vdfuse import VDFuseMount
 
-__all__ = ["MAX_SYMLINK_HOPS", "DiskOperations", "ProgressCallback", "no_progress"]
+__all__ = ["MAX_SYMLINK_HOPS", "MAX_WALK_DEPTH", "DiskOperations", "ProgressCallback", "no_progress"]
 
 ProgressCallback = Callable[[int, int], None]
 MAX_SYMLINK_HOPS = 40
+MAX_WALK_DEPTH = 128
+"""Folders more than this many levels below where a walk (``walk``, ``find``, ``glob``, ``download``)
+starts are not entered: a crafted filesystem can nest 2000 (PATH_MAX allows it), past Python's
+recursion limit and into paths the kernel looks up slower at every level."""
 _CHUNK = 1 << 20
 _NO_SPACE = (errno.ENOSPC, errno.EDQUOT)
 
@@ -468,6 +472,15 @@ class DiskOperations:
     ) -> Iterator[tuple[str, list[str], list[str]]]:
         dirs: list[str] = []
         files: list[str] = []
+        if depth - 1 > MAX_WALK_DEPTH:
+            warnings.warn(
+                ImageWarning(
+                    f"{guest}: nested deeper than {MAX_WALK_DEPTH} folders below the walk's start"
+                    " (a crafted filesystem?); walked past it"
+                ),
+                stacklevel=3,
+            )
+            return
         try:
             with os.scandir(host) as it:
                 for entry in it:
@@ -1085,6 +1098,9 @@ def _walk_guest(top: Path) -> tuple[list[tuple[str, str, int]], list[tuple[str, 
             elif stat.S_ISDIR(st.st_mode):
                 if (st.st_dev, st.st_ino) in seen:
                     skipped.append((sub, "a directory already copied: the filesystem loops"))
+                    continue
+                if sub.count("/") + 1 > MAX_WALK_DEPTH:
+                    skipped.append((sub, f"a directory nested deeper than {MAX_WALK_DEPTH} levels"))
                     continue
                 seen.add((st.st_dev, st.st_ino))
                 entries.append((sub, "dir", 0))

@@ -54,3 +54,26 @@ def test_links_doubling_at_every_level_are_walked_once(tmp_path: Path) -> None:
         assert sum(1 for p in out.rglob("f")) == LEVELS + 1
     finally:
         fs.close()
+
+
+def test_folders_nested_past_the_walk_limit_end_the_walk(tmp_path: Path) -> None:
+    """1500 nested folders made the recursive walk a ``RecursionError``; it stops at the limit."""
+    from diskhandler import ImageWarning
+    from diskhandler.operations import MAX_WALK_DEPTH
+
+    image = tmp_path / "deep.raw"
+    with image.open("wb") as f:
+        f.truncate(32 << 20)
+    run("mke2fs", "-q", "-F", "-t", "ext4", image)
+    (tmp_path / "leaf").write_bytes(b"leaf\n")
+    commands = tmp_path / "deep.cmds"
+    commands.write_text("mkdir a\ncd a\n" * 1500 + f"write {tmp_path / 'leaf'} leaf\n")
+    run("debugfs", "-w", "-f", commands, image)
+    fs = DiskImageFileSystem(fo=str(image), skip_instance_cache=True)
+    try:
+        with pytest.warns(ImageWarning, match=f"deeper than {MAX_WALK_DEPTH}"):
+            found = fs.find("/a", withdirs=True)
+        assert found[-1] == "/a" * (MAX_WALK_DEPTH + 2)  # listed in its parent, not entered
+        assert len(found) == MAX_WALK_DEPTH + 2
+    finally:
+        fs.close()

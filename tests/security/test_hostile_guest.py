@@ -445,3 +445,36 @@ def test_a_second_download_never_turns_a_link_outward(
         if path.is_symlink() and os.path.exists(path):
             assert Path(os.path.realpath(path)).is_relative_to(real_out), f"{path} -> {os.readlink(path)}"
     assert sorted(p.name for p in top.iterdir()) == ["out"]
+
+
+def test_folders_nested_past_the_walk_limit_end_the_walk_not_the_host(tmp_path: Path) -> None:
+    """1500 nested folders (debugfs makes them; PATH_MAX allows 2000): walks used to recurse once per
+    level into a ``RecursionError``, and a download to spend minutes on paths walked from the root."""
+    from diskhandler.operations import MAX_WALK_DEPTH
+
+    host = Host(tmp_path / "host-secrets")
+    image = tmp_path / "deep.raw"
+    with image.open("wb") as f:
+        f.truncate(32 * MiB)
+    run("mke2fs", "-q", "-F", "-t", "ext4", image)
+    (tmp_path / "leaf").write_bytes(b"leaf\n")
+    commands = tmp_path / "deep.cmds"
+    commands.write_text("mkdir a\ncd a\n" * 1500 + f"write {tmp_path / 'leaf'} leaf\n")
+    run("debugfs", "-w", "-f", commands, image)
+    out = tmp_path / "out"
+    with DiskOperations(image, readonly=True) as d:
+        with pytest.warns(ImageWarning, match=f"deeper than {MAX_WALK_DEPTH}"):
+            walked = [top for top, _dirs, _files in d.walk("/a")]
+        assert len(walked) == MAX_WALK_DEPTH + 1
+        with pytest.warns(ImageWarning, match="deeper than"):
+            assert d.find("/a") == []
+        with pytest.warns(GuestLinkWarning) as caught:
+            d.download("/a", out)
+    warning = caught[0].message
+    assert isinstance(warning, GuestLinkWarning)
+    [(where, why)] = warning.skipped.items()
+    assert where == "/a" * (MAX_WALK_DEPTH + 2)
+    assert f"deeper than {MAX_WALK_DEPTH}" in why
+    assert (out / "/".join(["a"] * MAX_WALK_DEPTH)).is_dir()
+    assert not (out / "/".join(["a"] * (MAX_WALK_DEPTH + 1))).exists()
+    host.assert_untouched()
