@@ -405,7 +405,15 @@ class DiskOperations:
             raise FileNotFoundError(errno.ENOENT, "no such file in the guest", path) from None
         if stat.S_ISDIR(st.st_mode):
             if recursive:
-                shutil.rmtree(host)
+                try:
+                    shutil.rmtree(host)
+                except RecursionError:  # shutil recurses once per level (Python < 3.13)
+                    raise FilesystemError(
+                        errno.ELOOP,
+                        "the guest tree loops or is nested too deep to remove (a crafted filesystem?);"
+                        " part of it may be gone: check the filesystem (e2fsck) and remove the rest",
+                        path,
+                    ) from None
             else:
                 os.rmdir(host)
         else:

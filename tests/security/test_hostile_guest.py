@@ -478,3 +478,20 @@ def test_folders_nested_past_the_walk_limit_end_the_walk_not_the_host(tmp_path: 
     assert (out / "/".join(["a"] * MAX_WALK_DEPTH)).is_dir()
     assert not (out / "/".join(["a"] * (MAX_WALK_DEPTH + 1))).exists()
     host.assert_untouched()
+
+
+def test_removing_a_folder_linked_into_itself_is_a_typed_error(tmp_path: Path) -> None:
+    """``shutil.rmtree`` (Python 3.11, 3.12) recurses once per level: a folder hard-linked into itself,
+    or nested 1500 deep, was a ``RecursionError`` out of ``remove``."""
+    image = tmp_path / "loop.raw"
+    with image.open("wb") as f:
+        f.truncate(32 * MiB)
+    run("mke2fs", "-q", "-F", "-t", "ext4", image)
+    commands = tmp_path / "loop.cmds"
+    commands.write_text("mkdir loopdir\nln /loopdir /loopdir/again\nmkdir keep\n")
+    run("debugfs", "-w", "-f", commands, image)
+    with DiskOperations(image) as d:
+        with pytest.raises(FilesystemError, match="loops or is nested too deep") as info:
+            d.remove("/loopdir", recursive=True)
+        assert info.value.errno == errno.ELOOP
+        assert "keep" in d.listdir("/")
