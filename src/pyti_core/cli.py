@@ -308,14 +308,18 @@ def _run_matrix(  # noqa: PLR0917 (the run command's parts, called once)
             no_index=args.no_index,
             index_url=args.index_url,
         ) as manager:
-            futures = [
-                manager.submit(
-                    spec, recipe=recipe, timeout=timeout, guest=guest, name=_job_name(spec, guest.name)
+            # the slowest guests (PyPy under emulation) first, so the others fill the other VM slots
+            # meanwhile; the table keeps the order asked for
+            pairs = [(spec, guest) for spec in specs for guest in guests]
+            order = sorted(range(len(pairs)), key=lambda i: pairs[i][1].target.implementation != "pp")
+            futures = {
+                i: manager.submit(
+                    pairs[i][0], recipe=recipe, timeout=timeout, guest=pairs[i][1],
+                    name=_job_name(pairs[i][0], pairs[i][1].name),
                 )
-                for spec in specs
-                for guest in guests
-            ]
-            matrix = RunMatrix([f.result() for f in futures])
+                for i in order
+            }  # fmt: skip
+            matrix = RunMatrix([futures[i].result() for i in range(len(pairs))])
     finally:
         display.close()
     out.write(str(matrix))
