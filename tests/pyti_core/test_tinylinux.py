@@ -16,6 +16,7 @@ import time
 from collections.abc import Callable, Iterator, Sequence
 from pathlib import Path
 
+import attrs
 import pytest
 
 from pyti_core.guest import tinylinux
@@ -30,6 +31,7 @@ from pyti_core.guest.tinylinux import (
     default_cache_dir,
     module_dependencies,
 )
+from pyti_core.manager import GuestSystem
 
 HAVE_APT = all(shutil.which(t) for t in ("apt-get", "apt-cache", "dpkg-deb"))
 HAVE_QEMU = shutil.which("qemu-system-x86_64") is not None
@@ -355,13 +357,18 @@ def test_unknown_module_is_named(busybox_guest: TinyLinux) -> None:
 # --------------------------------------------------------------------------------------------------
 
 
+# pyti's own guests run with this much memory; a Python guest's uncompressed initramfs (75-125 MB)
+# does not unpack in 256 MiB ("Initramfs unpacking failed: write error").
+GUEST_MEMORY_MIB: int = attrs.fields(GuestSystem).memory.default
+
+
 class Serial:
     """A QEMU process with its serial console on stdin/stdout and a QMP socket."""
 
     def __init__(self, guest: TinyLinux, cmdline: str, disks: Sequence[Path], tmp_path: Path) -> None:
         self.qmp_path = tmp_path / "qmp.sock"
         argv = [
-            "qemu-system-x86_64", "-accel", "tcg", "-m", "256", "-nographic", "-no-reboot",
+            "qemu-system-x86_64", "-accel", "tcg", "-m", str(GUEST_MEMORY_MIB), "-nographic", "-no-reboot",
             "-kernel", str(guest.kernel), "-initrd", str(guest.initrd), "-append", cmdline,
             "-qmp", f"unix:{self.qmp_path},server=on,wait=off",
         ]  # fmt: skip
