@@ -44,9 +44,7 @@ builders wait for one another and nobody sees half a build.
 
 from __future__ import annotations
 
-import contextlib
 import errno
-import fcntl
 import hashlib
 import json
 import os
@@ -55,13 +53,14 @@ import subprocess
 import tempfile
 import time
 import uuid
-from collections.abc import Callable, Iterator, Mapping
+from collections.abc import Callable, Mapping
 from pathlib import Path, PurePosixPath
 from typing import Final
 
 import attrs
 
 from pyti_core.errors import GuestImageError
+from pyti_core.guest._locking import locked
 from pyti_core.image import IO_LABEL, hook_files
 
 __all__ = [
@@ -394,16 +393,6 @@ def _cache_key(release: DebianRelease, size: int, tools: Mapping[str, str]) -> s
 # -- the build --------------------------------------------------------------------------------------------
 
 
-@contextlib.contextmanager
-def _locked(lock_path: Path) -> Iterator[None]:
-    with open(lock_path, "a+b") as lock:
-        fcntl.flock(lock, fcntl.LOCK_EX)
-        try:
-            yield
-        finally:
-            fcntl.flock(lock, fcntl.LOCK_UN)
-
-
 def _load(build_dir: Path, release: DebianRelease) -> SystemDisk | None:
     try:
         info = json.loads((build_dir / "build.json").read_text())
@@ -469,7 +458,7 @@ def build_system_disk(
     if not rebuild and (cached := _load(build_dir, release)) is not None:
         return cached
     cache.mkdir(parents=True, exist_ok=True)
-    with _locked(cache / f".lock-{key}"):
+    with locked(cache / f".lock-{key}"):
         if not rebuild and (cached := _load(build_dir, release)) is not None:
             return cached  # another process built it while this one waited
         for stale in cache.glob(f".build-{key}-*"):  # left by a builder that died

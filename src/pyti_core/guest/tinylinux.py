@@ -39,8 +39,6 @@ it ends, or gives a root shell on the serial console (``pyti.echo=0``: without e
 
 from __future__ import annotations
 
-import contextlib
-import fcntl
 import gzip
 import hashlib
 import json
@@ -60,6 +58,7 @@ import attrs
 
 from pyti_core.errors import CpioEntryError, GuestImageError, PackageError
 from pyti_core.guest import protocol
+from pyti_core.guest._locking import locked
 from pyti_core.guest.debian import DEFAULT_MIRROR, Archive
 from pyti_core.guest.protocol import READY_MARKER, RUN_EXIT_MARKER
 from pyti_core.packages import GuestTarget, download_wheels
@@ -912,16 +911,6 @@ def _load(build_dir: Path) -> TinyLinux | None:
         return None
 
 
-@contextlib.contextmanager
-def _locked(lock_path: Path) -> Iterator[None]:
-    with open(lock_path, "a+b") as lock:
-        fcntl.flock(lock, fcntl.LOCK_EX)
-        try:
-            yield
-        finally:
-            fcntl.flock(lock, fcntl.LOCK_UN)
-
-
 def _fingerprint(interpreter: Interpreter | None, wanted: Sequence[str], tooling: Sequence[str]) -> str:
     """What a build is asked for, apart from package versions: used to find it again offline."""
     material = {
@@ -1011,7 +1000,7 @@ def build_tiny_linux(
     if cached is not None:
         return cached
     cache.mkdir(parents=True, exist_ok=True)
-    with _locked(cache / ".lock"):
+    with locked(cache / ".lock"):
         cached = _load(build_dir)
         if cached is not None:
             return cached
